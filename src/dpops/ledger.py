@@ -1,0 +1,516 @@
+"""The privacy-budget ledger: the system of record for privacy spend.
+
+Semantics (see DESIGN.md, "The ledger"):
+
+* A **dataset** is registered once with its unit of privacy, delta and epsilon cap. New data
+  versions bring no new budget.
+* A **charge** is one use of the data by a mechanism, stored fully enough to recompute its privacy
+  loss (:class:`~dpops.accounting.SubsampledGaussian` + clipping bound + lineage). Charge rows are
+  written once and never updated.
+* A charge's **state** is the last of its events: ``reserved`` (admitted, no data read) ->
+  ``running`` (written before the first private record is read) -> ``committed`` (charged for the
+  steps actually run), or ``failed_charged`` (the run died after reading data: charged in full).
+  Only a ``reserved`` charge may be ``released``.
+* The cumulative epsilon of a dataset is recomputed from its charges by the RDP privacy filter of
+  :mod:`dpops.accounting`; per-run epsilons are never added.
+* **Admission** is one write transaction holding the dataset's lock (``BEGIN IMMEDIATE`` on
+  SQLite, ``SELECT ... FOR UPDATE`` on PostgreSQL), so concurrent flows cannot overspend.
+* Every state change is an **event** appended to a per-dataset hash chain; :meth:`Ledger.verify`
+  detects an edited, deleted or reordered row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Iterator, Optional
+
+from sqlalchemy import (
+    Double,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+    select,
+)
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+from dpops import accounting
+from dpops.accounting import SubsampledGaussian
+from dpops.errors import BudgetExceededError, ConfigError, LedgerError
+
+RESERVED = "reserved"
+RUNNING = "running"
+COMMITTED = "committed"
+FAILED_CHARGED = "failed_charged"
+RELEASED = "released"
+
+#: Allowed state changes. Anything else raises LedgerError.
+TRANSITIONS: dict[str, set[str]] = {
+    RESERVED: {RUNNING, RELEASED},
+    RUNNING: {COMMITTED, FAILED_CHARGED},
+    COMMITTED: set(),
+    FAILED_CHARGED: set(),
+    RELEASED: set(),
+}
+
+GENESIS = "0" * 64
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class DatasetRow(Base):
+    __tablename__ = "datasets"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    unit: Mapped[str] = mapped_column(String(20))
+    delta: Mapped[float] = mapped_column(Double)
+    epsilon_cap: Mapped[float] = mapped_column(Double)
+    accountant: Mapped[str] = mapped_column(String(50))
+    created_at: Mapped[str] = mapped_column(String(40))
+    # Head of the event chain: lets verify() notice a truncated tail.
+    head_seq: Mapped[int] = mapped_column(Integer, default=0)
+    head_hash: Mapped[str] = mapped_column(String(64), default=GENESIS)
+
+
+class ChargeRow(Base):
+    """One use of a dataset. Written once at reservation, never updated."""
+
+    __tablename__ = "charges"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id"))
+    kind: Mapped[str] = mapped_column(String(50))
+    sampler: Mapped[str] = mapped_column(String(20))
+    noise_multiplier: Mapped[float] = mapped_column(Double)
+    sample_rate: Mapped[float] = mapped_column(Double)
+    steps_planned: Mapped[int] = mapped_column(Integer)
+    max_grad_norm: Mapped[float] = mapped_column(Double)
+    unit: Mapped[str] = mapped_column(String(20))
+    n_records: Mapped[int] = mapped_column(Integer)
+    job: Mapped[str] = mapped_column(String(200))
+    data_version: Mapped[str] = mapped_column(String(200))
+    flow_run_id: Mapped[Optional[str]] = mapped_column(String(100), nullable=True)
+    code_version: Mapped[Optional[str]] = mapped_column(String(100), nullable=True)
+    created_at: Mapped[str] = mapped_column(String(40))
+
+
+class EventRow(Base):
+    """Append-only, hash-chained log of every state change, per dataset."""
+
+    __tablename__ = "events"
+    __table_args__ = (UniqueConstraint("dataset_id", "seq"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id"))
+    seq: Mapped[int] = mapped_column(Integer)
+    charge_id: Mapped[Optional[str]] = mapped_column(String(36), nullable=True)
+    kind: Mapped[str] = mapped_column(String(40))
+    payload: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[str] = mapped_column(String(40))
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64))
+
+
+# --------------------------------------------------------------------------- value objects
+
+
+@dataclass(frozen=True)
+class Charge:
+    """A charge and its current state, as read from the ledger."""
+
+    id: str
+    dataset: str
+    state: str
+    mechanism: SubsampledGaussian
+    steps_run: Optional[int]
+    max_grad_norm: float
+    unit: str
+    n_records: int
+    job: str
+    data_version: str
+    flow_run_id: Optional[str]
+    code_version: Optional[str]
+    created_at: str
+    mlflow_run_id: Optional[str] = None
+
+    @property
+    def charged(self) -> Optional[SubsampledGaussian]:
+        """The mechanism this charge counts as, or None when it counts nothing (released)."""
+        if self.state == RELEASED:
+            return None
+        if self.state == COMMITTED and self.steps_run is not None:
+            return SubsampledGaussian(self.mechanism.noise_multiplier, self.mechanism.sample_rate, self.steps_run)
+        return self.mechanism
+
+
+@dataclass(frozen=True)
+class DatasetBudget:
+    name: str
+    unit: str
+    delta: float
+    epsilon_cap: float
+    spent: float
+    charges: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def remaining(self) -> float:
+        return max(0.0, self.epsilon_cap - self.spent)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+
+
+def _event_hash(dataset: str, seq: int, kind: str, charge_id: Optional[str], payload: str, created_at: str, prev: str) -> str:
+    body = json.dumps([dataset, seq, kind, charge_id, payload, created_at, prev], separators=(",", ":"))
+    return hashlib.sha256(body.encode("utf-8")).hexdigest()
+
+
+def _charge_payload(row: ChargeRow) -> dict[str, Any]:
+    """The immutable fields of a charge row, copied into its `reserved` event for verify()."""
+    return {
+        "kind": row.kind,
+        "sampler": row.sampler,
+        "noise_multiplier": row.noise_multiplier,
+        "sample_rate": row.sample_rate,
+        "steps_planned": row.steps_planned,
+        "max_grad_norm": row.max_grad_norm,
+        "unit": row.unit,
+        "n_records": row.n_records,
+        "job": row.job,
+        "data_version": row.data_version,
+        "flow_run_id": row.flow_run_id,
+        "code_version": row.code_version,
+    }
+
+
+# --------------------------------------------------------------------------- the ledger
+
+
+class Ledger:
+    """The ledger behind a SQLAlchemy URL (``sqlite:///path`` or ``postgresql+psycopg://...``).
+
+    Args:
+        url: database URL.
+        create: create missing tables (idempotent).
+    """
+
+    def __init__(self, url: str, *, create: bool = True) -> None:
+        self.url = url
+        self.engine = self._make_engine(url)
+        if create:
+            Base.metadata.create_all(self.engine)
+
+    @staticmethod
+    def _make_engine(url: str) -> Engine:
+        if url.startswith("sqlite"):
+            engine = create_engine(url, connect_args={"timeout": 120})
+
+            @event.listens_for(engine, "connect")
+            def _connect(dbapi_conn: Any, _record: Any) -> None:
+                # Let SQLAlchemy, not pysqlite, decide when transactions begin ...
+                dbapi_conn.isolation_level = None
+                dbapi_conn.execute("PRAGMA foreign_keys=ON")
+
+            @event.listens_for(engine, "begin")
+            def _begin(conn: Connection) -> None:
+                # ... and make every transaction take the write lock up front, so a
+                # read-check-write admission cannot interleave with another one.
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+            return engine
+        return create_engine(url, pool_pre_ping=True)
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    # ----------------------------------------------------------------- internals
+
+    def _lock_dataset(self, session: Session, name: str) -> DatasetRow:
+        stmt = select(DatasetRow).where(DatasetRow.name == name)
+        if self.engine.dialect.name == "postgresql":
+            stmt = stmt.with_for_update()
+        row = session.scalars(stmt).one_or_none()
+        if row is None:
+            raise LedgerError(f"dataset {name!r} is not registered in the ledger")
+        return row
+
+    def _append(self, session: Session, ds: DatasetRow, kind: str, charge_id: Optional[str], payload: dict[str, Any]) -> EventRow:
+        seq = ds.head_seq + 1
+        created = _now()
+        body = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+        digest = _event_hash(ds.name, seq, kind, charge_id, body, created, ds.head_hash)
+        ev = EventRow(
+            dataset_id=ds.id, seq=seq, charge_id=charge_id, kind=kind, payload=body,
+            created_at=created, prev_hash=ds.head_hash, hash=digest,
+        )
+        session.add(ev)
+        ds.head_seq = seq
+        ds.head_hash = digest
+        return ev
+
+    def _charges(self, session: Session, ds: DatasetRow) -> list[Charge]:
+        rows = session.scalars(select(ChargeRow).where(ChargeRow.dataset_id == ds.id).order_by(ChargeRow.created_at)).all()
+        events = session.scalars(
+            select(EventRow).where(EventRow.dataset_id == ds.id, EventRow.charge_id.is_not(None)).order_by(EventRow.seq)
+        ).all()
+        state: dict[str, str] = {}
+        steps_run: dict[str, int] = {}
+        mlflow_run: dict[str, str] = {}
+        for ev in events:
+            payload = json.loads(ev.payload)
+            if ev.kind == "annotated":
+                if "mlflow_run_id" in payload:
+                    mlflow_run[ev.charge_id] = payload["mlflow_run_id"]
+                continue
+            state[ev.charge_id] = ev.kind
+            if "steps_run" in payload:
+                steps_run[ev.charge_id] = int(payload["steps_run"])
+        return [
+            Charge(
+                id=r.id, dataset=ds.name, state=state.get(r.id, RESERVED),
+                mechanism=SubsampledGaussian(r.noise_multiplier, r.sample_rate, r.steps_planned),
+                steps_run=steps_run.get(r.id), max_grad_norm=r.max_grad_norm, unit=r.unit,
+                n_records=r.n_records, job=r.job, data_version=r.data_version, flow_run_id=r.flow_run_id,
+                code_version=r.code_version, created_at=r.created_at, mlflow_run_id=mlflow_run.get(r.id),
+            )
+            for r in rows
+        ]
+
+    @staticmethod
+    def _spent(charges: list[Charge], delta: float) -> float:
+        events = [c.charged for c in charges if c.charged is not None]
+        return accounting.filter_epsilon(events, delta=delta)
+
+    # ----------------------------------------------------------------- datasets
+
+    def register_dataset(self, *, name: str, unit: str, delta: float, epsilon_cap: float) -> None:
+        """Register a dataset, or check that the registered one has the same terms.
+
+        Raises:
+            ConfigError: the dataset exists with a different unit, delta or cap. The ledger is the
+                source of truth; a config file cannot silently raise a cap.
+        """
+        if not (epsilon_cap > 0):
+            raise ConfigError(f"dataset {name!r}: field 'privacy.epsilon_cap' must be > 0. Found {epsilon_cap}.")
+        if not (0 < delta < 1):
+            raise ConfigError(f"dataset {name!r}: field 'privacy.delta' must be in (0, 1). Found {delta}.")
+        with Session(self.engine) as session, session.begin():
+            row = session.scalars(select(DatasetRow).where(DatasetRow.name == name)).one_or_none()
+            if row is not None:
+                differs = [
+                    f"{k}: ledger {a!r}, config {b!r}"
+                    for k, a, b in (("unit", row.unit, unit), ("delta", row.delta, delta), ("epsilon_cap", row.epsilon_cap, epsilon_cap))
+                    if a != b
+                ]
+                if differs:
+                    raise ConfigError(
+                        f"dataset {name!r} is registered in the ledger with other terms ({'; '.join(differs)}). "
+                        "The ledger is the source of truth; a cap is not changed by editing a config."
+                    )
+                return
+            row = DatasetRow(name=name, unit=unit, delta=delta, epsilon_cap=epsilon_cap,
+                             accountant=accounting.FILTER_NAME, created_at=_now(), head_seq=0, head_hash=GENESIS)
+            session.add(row)
+            session.flush()
+            self._append(session, row, "registered", None,
+                         {"unit": unit, "delta": delta, "epsilon_cap": epsilon_cap, "accountant": accounting.FILTER_NAME})
+
+    def datasets(self) -> list[str]:
+        with Session(self.engine) as session:
+            return list(session.scalars(select(DatasetRow.name).order_by(DatasetRow.name)))
+
+    # ----------------------------------------------------------------- charges
+
+    def reserve(
+        self,
+        *,
+        dataset: str,
+        mechanism: SubsampledGaussian,
+        max_grad_norm: float,
+        n_records: int,
+        job: str,
+        data_version: str,
+        flow_run_id: Optional[str] = None,
+        code_version: Optional[str] = None,
+    ) -> Charge:
+        """Admit ``mechanism`` on ``dataset`` if the privacy filter still holds with it.
+
+        One write transaction holding the dataset's lock: read charges, check, append.
+
+        Raises:
+            BudgetExceededError: the charge would take the dataset past its cap. Nothing is written.
+            ConfigError: delta is not below 1/n for this data version.
+        """
+        with Session(self.engine) as session, session.begin():
+            ds = self._lock_dataset(session, dataset)
+            if not (ds.delta < 1.0 / n_records):
+                raise ConfigError(
+                    f"dataset {dataset!r}: delta {ds.delta} must be below 1/n = {1.0 / n_records:.3g} (n = {n_records} records)"
+                )
+            charges = self._charges(session, ds)
+            spent = self._spent(charges, ds.delta)
+            after = accounting.filter_epsilon(
+                [c.charged for c in charges if c.charged is not None] + [mechanism], delta=ds.delta
+            )
+            if after > ds.epsilon_cap:
+                requested = accounting.epsilon([mechanism], delta=ds.delta)
+                raise BudgetExceededError(
+                    f"dataset {dataset!r}: refused. spent {spent:.3f} of cap {ds.epsilon_cap:g}; this run requests "
+                    f"epsilon {requested:.3f}, which would bring the cumulative epsilon to {after:.3f} > cap "
+                    f"{ds.epsilon_cap:g}. Nothing was trained."
+                )
+            row = ChargeRow(
+                id=str(uuid.uuid4()), dataset_id=ds.id, kind=accounting.KIND_SUBSAMPLED_GAUSSIAN,
+                sampler=accounting.SAMPLER_POISSON, noise_multiplier=float(mechanism.noise_multiplier),
+                sample_rate=float(mechanism.sample_rate), steps_planned=int(mechanism.steps),
+                max_grad_norm=float(max_grad_norm), unit=ds.unit, n_records=int(n_records), job=job,
+                data_version=data_version, flow_run_id=flow_run_id, code_version=code_version, created_at=_now(),
+            )
+            session.add(row)
+            session.flush()
+            self._append(session, ds, RESERVED, row.id, _charge_payload(row))
+            charge_id = row.id
+        return self.charge(charge_id)
+
+    def _transition(self, charge_id: str, new_state: str, payload: dict[str, Any]) -> Charge:
+        with Session(self.engine) as session, session.begin():
+            row = session.get(ChargeRow, charge_id)
+            if row is None:
+                raise LedgerError(f"charge {charge_id!r} does not exist")
+            ds = session.get(DatasetRow, row.dataset_id)
+            ds = self._lock_dataset(session, ds.name)
+            current = next(c for c in self._charges(session, ds) if c.id == charge_id)
+            if new_state not in TRANSITIONS[current.state]:
+                raise LedgerError(
+                    f"charge {charge_id}: cannot go from {current.state!r} to {new_state!r}"
+                    + (" (data was read: the spend is real and is never released)" if new_state == RELEASED else "")
+                )
+            self._append(session, ds, new_state, charge_id, payload)
+        return self.charge(charge_id)
+
+    def start(self, charge_id: str) -> Charge:
+        """Mark a charge ``running``. Call this, durably, before the first private record is read."""
+        return self._transition(charge_id, RUNNING, {})
+
+    def commit(self, charge_id: str, *, steps_run: int) -> Charge:
+        """Settle a running charge at the steps actually run (at most the steps reserved)."""
+        charge = self.charge(charge_id)
+        if not (0 <= steps_run <= charge.mechanism.steps):
+            raise LedgerError(
+                f"charge {charge_id}: steps_run must be in [0, {charge.mechanism.steps}] (the reserved steps). Found {steps_run}."
+            )
+        return self._transition(charge_id, COMMITTED, {"steps_run": int(steps_run)})
+
+    def fail(self, charge_id: str, *, reason: str) -> Charge:
+        """A running charge whose run died: it stays charged at its reserved size."""
+        return self._transition(charge_id, FAILED_CHARGED, {"reason": reason})
+
+    def release(self, charge_id: str, *, reason: str) -> Charge:
+        """Release a reservation that never read data. Refused once the charge is running."""
+        if not reason.strip():
+            raise LedgerError("a release needs a reason")
+        return self._transition(charge_id, RELEASED, {"reason": reason})
+
+    def annotate(self, charge_id: str, **fields: Any) -> None:
+        """Append lineage learnt later (e.g. ``mlflow_run_id``) as an event; the charge row stays as written."""
+        with Session(self.engine) as session, session.begin():
+            row = session.get(ChargeRow, charge_id)
+            if row is None:
+                raise LedgerError(f"charge {charge_id!r} does not exist")
+            ds = self._lock_dataset(session, session.get(DatasetRow, row.dataset_id).name)
+            self._append(session, ds, "annotated", charge_id, fields)
+
+    def record_decision(self, dataset: str, *, decision: dict[str, Any]) -> None:
+        """Append a gate decision to the dataset's chain."""
+        with Session(self.engine) as session, session.begin():
+            ds = self._lock_dataset(session, dataset)
+            self._append(session, ds, "gate_decision", decision.get("charge_id"), decision)
+
+    # ----------------------------------------------------------------- reads
+
+    def charge(self, charge_id: str) -> Charge:
+        with Session(self.engine) as session:
+            row = session.get(ChargeRow, charge_id)
+            if row is None:
+                raise LedgerError(f"charge {charge_id!r} does not exist")
+            ds = session.get(DatasetRow, row.dataset_id)
+            return next(c for c in self._charges(session, ds) if c.id == charge_id)
+
+    def charges(self, dataset: str) -> list[Charge]:
+        with Session(self.engine) as session:
+            ds = session.scalars(select(DatasetRow).where(DatasetRow.name == dataset)).one_or_none()
+            if ds is None:
+                raise LedgerError(f"dataset {dataset!r} is not registered in the ledger")
+            return self._charges(session, ds)
+
+    def budget(self, dataset: str) -> DatasetBudget:
+        with Session(self.engine) as session:
+            ds = session.scalars(select(DatasetRow).where(DatasetRow.name == dataset)).one_or_none()
+            if ds is None:
+                raise LedgerError(f"dataset {dataset!r} is not registered in the ledger")
+            charges = self._charges(session, ds)
+            counts: dict[str, int] = {}
+            for c in charges:
+                counts[c.state] = counts.get(c.state, 0) + 1
+            return DatasetBudget(ds.name, ds.unit, ds.delta, ds.epsilon_cap, self._spent(charges, ds.delta), counts)
+
+    def budgets(self) -> list[DatasetBudget]:
+        return [self.budget(name) for name in self.datasets()]
+
+    def verify(self) -> list[str]:
+        """Check every dataset's hash chain and every charge row against its `reserved` event.
+
+        Returns:
+            A list of problems; empty when the ledger verifies.
+        """
+        problems: list[str] = []
+        with Session(self.engine) as session:
+            for ds in session.scalars(select(DatasetRow).order_by(DatasetRow.id)):
+                prev, expected_seq = GENESIS, 1
+                reserved_payload: dict[str, dict[str, Any]] = {}
+                for ev in session.scalars(select(EventRow).where(EventRow.dataset_id == ds.id).order_by(EventRow.seq)):
+                    if ev.seq != expected_seq:
+                        problems.append(f"dataset {ds.name!r}: event seq {ev.seq} found where {expected_seq} was expected (deleted or reordered)")
+                    if ev.prev_hash != prev:
+                        problems.append(f"dataset {ds.name!r}: event {ev.seq} does not link to the previous event")
+                    digest = _event_hash(ds.name, ev.seq, ev.kind, ev.charge_id, ev.payload, ev.created_at, ev.prev_hash)
+                    if digest != ev.hash:
+                        problems.append(f"dataset {ds.name!r}: event {ev.seq} was edited (hash mismatch)")
+                    if ev.kind == RESERVED and ev.charge_id:
+                        reserved_payload[ev.charge_id] = json.loads(ev.payload)
+                    prev, expected_seq = ev.hash, ev.seq + 1
+                if ds.head_seq != expected_seq - 1 or ds.head_hash != prev:
+                    problems.append(f"dataset {ds.name!r}: chain head is seq {ds.head_seq} but the log ends at {expected_seq - 1} (truncated or edited)")
+                for row in session.scalars(select(ChargeRow).where(ChargeRow.dataset_id == ds.id)):
+                    if reserved_payload.get(row.id) != _charge_payload(row):
+                        problems.append(f"dataset {ds.name!r}: charge {row.id} differs from its reserved event (edited)")
+                    reserved_payload.pop(row.id, None)
+                for charge_id in reserved_payload:
+                    problems.append(f"dataset {ds.name!r}: charge {charge_id} has events but no row (deleted)")
+        return problems
+
+    def history(self, dataset: str) -> Iterator[dict[str, Any]]:
+        with Session(self.engine) as session:
+            ds = session.scalars(select(DatasetRow).where(DatasetRow.name == dataset)).one_or_none()
+            if ds is None:
+                raise LedgerError(f"dataset {dataset!r} is not registered in the ledger")
+            for ev in session.scalars(select(EventRow).where(EventRow.dataset_id == ds.id).order_by(EventRow.seq)):
+                yield {"seq": ev.seq, "at": ev.created_at, "kind": ev.kind, "charge": ev.charge_id, **json.loads(ev.payload)}
+
+
+def charge_to_dict(charge: Charge) -> dict[str, Any]:
+    d = asdict(charge)
+    d["mechanism"] = asdict(charge.mechanism)
+    return d

@@ -1,0 +1,49 @@
+"""Human-readable summaries of a run and of the budgets. Figures only, never records."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+from dpops.ledger import DatasetBudget
+
+
+def _rows(summary: dict[str, Any], ui_command: str = "") -> list[tuple[str, str]]:
+    audit = "PASS" if summary["audit_passed"] else "FAIL"
+    rows = [
+        ("dataset", f"{summary['dataset']} ({summary['data_version'][:19]}...)"),
+        ("epsilon this run", f"{summary['epsilon_run']:.3f} at delta {summary['delta']:g} (RDP accountant; sigma {summary['noise_multiplier']:.3f}, q {summary['sample_rate']:.2e}, {summary['steps']} steps)"),
+        ("cumulative epsilon / cap", f"{summary['cumulative_epsilon']:.3f} / {summary['epsilon_cap']:g} (adaptive-composition guarantee from the ledger)"),
+        ("accuracy (eval)", f"{summary['accuracy']:.4f} (majority class {summary['majority_baseline']:.4f})"),
+        ("audit", f"{audit} (MIA AUC {summary['mia_auc']:.3f}, epsilon lower bound {summary['mia_epsilon_lower_bound']:.3f})"),
+        ("gate", summary["decision"] + (f" -> alias '{summary['alias']}'" if summary["decision"] == "PROMOTED" else f": {'; '.join(summary['reasons'])}")),
+        ("model", f"{summary['model']} (MLflow run {summary['mlflow_run_id']})"),
+    ]
+    if ui_command:
+        rows.append(("open the MLflow UI", ui_command))
+    return rows
+
+
+def table(summary: dict[str, Any], ui_command: str = "") -> str:
+    rows = _rows(summary, ui_command)
+    width = max(len(k) for k, _ in rows)
+    line = "-" * (width + 3 + max(len(v) for _, v in rows))
+    return "\n".join([line, *(f"{k.ljust(width)} | {v}" for k, v in rows), line])
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    body = "\n".join(f"| {k} | {v} |" for k, v in _rows(summary))
+    return "# dpops private fine-tune\n\n| | |\n| --- | --- |\n" + body + "\n"
+
+
+def budget_table(budgets: Iterable[DatasetBudget]) -> str:
+    header = ("dataset", "unit", "delta", "cap", "spent", "remaining", "charges")
+    rows = [
+        (b.name, b.unit, f"{b.delta:g}", f"{b.epsilon_cap:g}", f"{b.spent:.3f}", f"{b.remaining:.3f}",
+         ", ".join(f"{k} {v}" for k, v in sorted(b.charges.items())) or "none")
+        for b in budgets
+    ]
+    if not rows:
+        return "no datasets registered in the ledger"
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    fmt = "  ".join("{:<%d}" % w for w in widths)
+    return "\n".join([fmt.format(*header), *(fmt.format(*r) for r in rows)])

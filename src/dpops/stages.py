@@ -1,0 +1,184 @@
+"""One function per stage of a private fine-tune, taking and returning plain values.
+
+Prefect tasks (``tasks/``) and the CLI call these. Every function receives the job file's path
+and references (dicts of paths, hashes, counts, ids) and returns references: private records are
+read inside a stage and never returned, so an orchestrator cannot persist them.
+"""
+
+from __future__ import annotations
+
+import traceback
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Optional
+
+from dpops import audit as auditing
+from dpops import config as cfgmod
+from dpops import data as datamod
+from dpops import evaluation, gate, privacy, tracking, training
+from dpops.accounting import SubsampledGaussian
+from dpops.ledger import Ledger
+from dpops.settings import Workspace, workspace
+
+
+def _load(job_path: str) -> tuple[cfgmod.JobConfig, cfgmod.DatasetConfig]:
+    job = cfgmod.load_job_config(job_path)
+    return job, cfgmod.dataset_config_for(job, job_path)
+
+
+def _ref(ref: dict[str, Any]) -> datamod.DataRef:
+    return datamod.DataRef(**{k: ref[k] for k in ("dataset", "repo", "rev", "path", "sha256", "dvc_md5", "n_records")})
+
+
+def _ledger(ws: Optional[Workspace] = None) -> Ledger:
+    ws = ws or workspace()
+    if ws.ledger_url.startswith("sqlite:///"):
+        Path(ws.ledger_url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    return Ledger(ws.ledger_url)
+
+
+def resolve(job_path: str, repo: Optional[str] = None) -> dict[str, Any]:
+    """Stage 1: dataset name + DVC revision -> content hash and record count."""
+    job, ds = _load(job_path)
+    root = datamod.find_repo_root(repo or Path(job_path).resolve().parent)
+    ref = datamod.resolve(ds, repo=root, rev=job.data_rev, max_records=job.train_max_records)
+    return {**asdict(ref), "version": ref.version}
+
+
+def validate(job_path: str, ref: dict[str, Any]) -> dict[str, Any]:
+    """Stage 2: the dataset's expectation suite; raises before any budget is touched."""
+    _, ds = _load(job_path)
+    report = datamod.validate(_ref(ref), ds)
+    return {"success": report.success, "n_records": report.n_records, "checks": len(report.checks)}
+
+
+def plan(job_path: str, ref: dict[str, Any]) -> dict[str, Any]:
+    """Stage 3: noise multiplier calibrated to the job's target epsilon."""
+    job, ds = _load(job_path)
+    return privacy.plan(dataset=ds, dp=job.dp, n_records=int(ref["n_records"])).to_dict()
+
+
+def _plan_obj(p: dict[str, Any]) -> privacy.Plan:
+    return privacy.Plan(**p)
+
+
+def reserve(job_path: str, ref: dict[str, Any], p: dict[str, Any], *, flow_run_id: Optional[str] = None) -> str:
+    """Stage 4: register the dataset if new, then admit the planned charge atomically."""
+    job, ds = _load(job_path)
+    ledger = _ledger()
+    try:
+        ledger.register_dataset(name=ds.name, unit=ds.unit, delta=ds.privacy.delta, epsilon_cap=ds.privacy.epsilon_cap)
+        charge = privacy.reserve(
+            ledger, _plan_obj(p), job=job.name, data_version=ref["version"], flow_run_id=flow_run_id,
+            code_version=tracking.git_commit(ref["repo"]),
+        )
+        return charge.id
+    finally:
+        ledger.dispose()
+
+
+def train(job_path: str, ref: dict[str, Any], p: dict[str, Any], charge_id: str) -> dict[str, Any]:
+    """Stage 5: mark the charge running (durably, before reading data), then DP fine-tune.
+
+    If anything fails after the charge is running, it becomes ``failed_charged``: data was read,
+    so the spend is real.
+    """
+    job, ds = _load(job_path)
+    ws = workspace()
+    ledger = _ledger(ws)
+    try:
+        ledger.start(charge_id)
+        try:
+            df = datamod.load_split(_ref(ref), ds, max_records=job.train_max_records)
+            result = training.train(job, _plan_obj(p), df, labels=list(ds.labels), output_dir=ws.runs / charge_id / "model")
+        except BaseException as exc:
+            ledger.fail(charge_id, reason=f"{type(exc).__name__} during training")
+            raise
+        return asdict(result)
+    finally:
+        ledger.dispose()
+
+
+def settle(charge_id: str, steps_run: int) -> dict[str, Any]:
+    """Stage 6: commit the charge at the steps actually run; return the dataset's budget."""
+    ledger = _ledger()
+    try:
+        charge = privacy.settle(ledger, charge_id, steps_run=steps_run)
+        b = ledger.budget(charge.dataset)
+        return {"dataset": b.name, "spent": b.spent, "remaining": b.remaining, "epsilon_cap": b.epsilon_cap, "delta": b.delta}
+    finally:
+        ledger.dispose()
+
+
+def evaluate(job_path: str, ref: dict[str, Any], model_dir: str) -> dict[str, float]:
+    """Stage 7: utility on the held-out evaluation split."""
+    job, ds = _load(job_path)
+    df = datamod.load_split(_ref(ref), ds, path=ds.files.eval, max_records=job.eval_max_records)
+    return evaluation.evaluate(model_dir, df, batch_size=job.eval_batch_size)
+
+
+def audit(job_path: str, ref: dict[str, Any], p: dict[str, Any], model_dir: str, steps_run: int) -> dict[str, Any]:
+    """Stage 8: loss-threshold membership inference + accounting cross-check."""
+    job, ds = _load(job_path)
+    members = datamod.load_split(_ref(ref), ds, max_records=job.train_max_records)
+    members = members.sample(n=min(job.audit.members, len(members)), random_state=job.seed)
+    holdout = datamod.load_split(_ref(ref), ds, path=ds.files.holdout)
+    holdout = holdout.sample(n=min(job.audit.non_members, len(holdout)), random_state=job.seed)
+    m_loss, _ = evaluation.per_example_loss(model_dir, members, batch_size=job.eval_batch_size)
+    n_loss, _ = evaluation.per_example_loss(model_dir, holdout, batch_size=job.eval_batch_size)
+    mech = SubsampledGaussian(p["noise_multiplier"], p["sample_rate"], steps_run)
+    return auditing.run_audit(member_losses=m_loss.tolist(), non_member_losses=n_loss.tolist(), mechanism=mech, delta=p["delta"]).to_dict()
+
+
+def record(
+    job_path: str, ref: dict[str, Any], p: dict[str, Any], charge_id: str, train_out: dict[str, Any],
+    metrics: dict[str, float], audit_out: dict[str, Any], *, flow_run_id: Optional[str] = None,
+) -> dict[str, Any]:
+    """Stage 9: MLflow run + model version; the ledger learns the MLflow run id."""
+    job, _ = _load(job_path)
+    ws = workspace()
+    ledger = _ledger(ws)
+    try:
+        charge = ledger.charge(charge_id)
+        b = ledger.budget(charge.dataset)
+        budget = {"dataset": b.name, "spent": b.spent, "remaining": b.remaining, "epsilon_cap": b.epsilon_cap}
+        plan_out = {**p, "epsilon_spent": audit_out["accountant_epsilon"], "steps_run": train_out["steps_run"]}
+        train_view = {k: train_out[k] for k in ("epsilon_by_step", "loss_by_step", "steps_run", "seconds", "grad_sample_mode", "trainable_parameters")}
+        data_view = {k: ref[k] for k in ("dataset", "rev", "path", "sha256", "dvc_md5", "n_records", "version")}
+        res = tracking.record(
+            ws, job=job.model_dump(), plan=plan_out, data=data_view, charge_id=charge_id, train=train_view,
+            metrics=metrics, audit=audit_out, dataset_budget=budget, model_dir=train_out["model_dir"], repo=ref["repo"],
+            flow_run_id=flow_run_id,
+        )
+        ledger.annotate(charge_id, mlflow_run_id=res.run_id, model=f"{res.model_name}/{res.model_version}")
+        return {**asdict(res), "budget": budget}
+    finally:
+        ledger.dispose()
+
+
+def gate_decision(
+    policy_path: str, charge_id: str, metrics: dict[str, float], audit_out: dict[str, Any], rec: dict[str, Any]
+) -> dict[str, Any]:
+    """Stage 10: check the policy against the ledger; promote or refuse; record the decision."""
+    policy = cfgmod.load_policy(policy_path)
+    ws = workspace()
+    ledger = _ledger(ws)
+    try:
+        decision = gate.decide(ledger, charge_id=charge_id, accuracy=metrics["accuracy"], audit_passed=bool(audit_out["passed"]), policy=policy)
+        tracking.apply_decision(
+            ws, model_name=rec["model_name"], version=rec["model_version"], run_id=rec["run_id"],
+            promote=decision.promote, reasons=decision.reasons, alias=policy.alias,
+        )
+        charge = ledger.charge(charge_id)
+        ledger.record_decision(charge.dataset, decision={
+            "charge_id": charge_id, "model": f"{rec['model_name']}/{rec['model_version']}",
+            "decision": decision.label, "reasons": decision.reasons, "alias": policy.alias if decision.promote else None,
+        })
+        return {"promote": decision.promote, "decision": decision.label, "reasons": decision.reasons, "alias": policy.alias}
+    finally:
+        ledger.dispose()
+
+
+def describe_failure(exc: BaseException) -> str:
+    """One line for a failed stage, without the traceback's local values."""
+    return "".join(traceback.format_exception_only(type(exc), exc)).strip()

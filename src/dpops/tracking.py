@@ -1,0 +1,156 @@
+"""MLflow record (stage 9): params, epsilon per step, metrics, privacy report, model version.
+
+MLflow shows the figures; the ledger decides. Nothing logged here contains a record: only
+counts, hashes, configs and metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import dpops
+from dpops.settings import Workspace
+
+
+@dataclass(frozen=True)
+class RecordResult:
+    run_id: str
+    experiment_id: str
+    model_name: str
+    model_version: str
+
+
+def git_commit(path: str | Path) -> Optional[str]:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=str(path), capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _client(ws: Workspace):
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    import mlflow
+
+    mlflow.set_tracking_uri(ws.tracking_uri)
+    return mlflow, mlflow.MlflowClient(tracking_uri=ws.tracking_uri)
+
+
+def _experiment(mlflow: Any, client: Any, name: str, ws: Workspace) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if ws.tracking_uri.startswith("sqlite"):
+        ws.artifacts.mkdir(parents=True, exist_ok=True)
+        location = (ws.artifacts / name).as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
+def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
+    elif isinstance(value, (list, tuple)):
+        out[prefix] = ",".join(str(v) for v in value)
+    else:
+        out[prefix] = value
+
+
+def record(
+    ws: Workspace,
+    *,
+    job: dict[str, Any],
+    plan: dict[str, Any],
+    data: dict[str, Any],
+    charge_id: str,
+    train: dict[str, Any],
+    metrics: dict[str, float],
+    audit: dict[str, Any],
+    dataset_budget: dict[str, Any],
+    model_dir: str,
+    repo: str,
+    flow_run_id: Optional[str] = None,
+) -> RecordResult:
+    """Log one private fine-tune to MLflow and register its model version with privacy tags."""
+    mlflow, client = _client(ws)
+    from dpops.model import PyfuncClassifier
+
+    experiment_id = _experiment(mlflow, client, job["name"], ws)
+    name = job["registered_model"]
+    dataset = data["dataset"]
+    tags = {
+        "dpops.version": dpops.__version__,
+        "dpops.git_commit": git_commit(repo) or "unknown",
+        "dpops.dataset": dataset,
+        "dpops.data_version": data["version"],
+        "dpops.data_rev": str(data.get("rev")),
+        "dpops.charge_id": charge_id,
+        "dpops.flow_run_id": str(flow_run_id),
+        "dpops.epsilon": f"{plan['epsilon_spent']:.6f}",
+        "dpops.delta": f"{plan['delta']:g}",
+        "dpops.accountant": "rdp",
+        "dpops.sampler": plan["sampler"],
+    }
+    with mlflow.start_run(experiment_id=experiment_id, run_name=f"{job['name']}-{charge_id[:8]}", tags=tags) as run:
+        params: dict[str, Any] = {}
+        _flatten("job", job, params)
+        _flatten("plan", {k: plan[k] for k in ("noise_multiplier", "sample_rate", "steps", "max_grad_norm", "n_records", "expected_batch_size", "target_epsilon")}, params)
+        params["data.sha256"] = data["sha256"]
+        params["data.dvc_md5"] = str(data.get("dvc_md5"))
+        params["data.n_records"] = data["n_records"]
+        params["train.grad_sample_mode"] = train["grad_sample_mode"]
+        params["train.trainable_parameters"] = train["trainable_parameters"]
+        mlflow.log_params({k: ("None" if v is None else v) for k, v in params.items()})
+        for step, eps in train["epsilon_by_step"]:
+            mlflow.log_metric("epsilon", eps, step=step)
+        for step, loss in train["loss_by_step"]:
+            mlflow.log_metric("train_loss", loss, step=step)
+        mlflow.log_metrics({
+            "epsilon_run": plan["epsilon_spent"],
+            "steps_run": train["steps_run"],
+            "train_seconds": train["seconds"],
+            **metrics,
+            **{f"audit_{k}": float(v) for k, v in audit.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
+            "audit_passed": float(audit["passed"]),
+            f"dataset_{dataset}_cumulative_epsilon": dataset_budget["spent"],
+            f"dataset_{dataset}_remaining_epsilon": dataset_budget["remaining"],
+            f"dataset_{dataset}_epsilon_cap": dataset_budget["epsilon_cap"],
+        })
+        report = {
+            "dataset": dataset, "data": data, "charge_id": charge_id, "plan": plan,
+            "dataset_budget": dataset_budget, "audit": audit, "metrics": metrics,
+            "note": "cumulative epsilon is the ledger's adaptive-composition guarantee (RDP filter); "
+                    "the run epsilon is the RDP accountant for this run alone",
+        }
+        mlflow.log_dict(report, "privacy_report.json")
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=PyfuncClassifier(),
+            artifacts={"weights": model_dir},
+            registered_model_name=name,
+            pip_requirements=[f"dpops=={dpops.__version__}"],
+        )
+        run_id = run.info.run_id
+    version = str(info.registered_model_version)
+    for key, value in {**tags, "dpops.cumulative_epsilon": f"{dataset_budget['spent']:.6f}",
+                       "dpops.epsilon_cap": f"{dataset_budget['epsilon_cap']:g}",
+                       "dpops.audit": "PASS" if audit["passed"] else "FAIL",
+                       "dpops.accuracy": f"{metrics.get('accuracy', float('nan')):.4f}"}.items():
+        client.set_model_version_tag(name, version, key, value)
+    return RecordResult(run_id=run_id, experiment_id=experiment_id, model_name=name, model_version=version)
+
+
+def apply_decision(ws: Workspace, *, model_name: str, version: str, run_id: str, promote: bool, reasons: list[str], alias: str) -> None:
+    """Mirror a gate decision into MLflow: version tags, run tag, and the alias when promoted."""
+    _, client = _client(ws)
+    client.set_model_version_tag(model_name, version, "dpops.gate", "PROMOTED" if promote else "REFUSED")
+    client.set_model_version_tag(model_name, version, "dpops.gate_reasons", json.dumps(reasons))
+    client.set_tag(run_id, "dpops.gate", "PROMOTED" if promote else "REFUSED")
+    if promote:
+        client.set_registered_model_alias(model_name, alias, version)
