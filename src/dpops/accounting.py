@@ -20,17 +20,19 @@ Two figures exist, and the code and the UI keep them apart:
 Example:
     >>> run = SubsampledGaussian(noise_multiplier=1.0, sample_rate=0.01, steps=1000)
     >>> round(epsilon([run], delta=1e-5), 3)
-    1.93
+    2.101
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import math
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
-from opacus.accountants.analysis.rdp import compute_rdp
 
 #: Orders of the run accountant: the default grid of Opacus's RDP accountant.
 RDP_ORDERS: tuple[float, ...] = tuple([1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)))
@@ -75,19 +77,45 @@ class SubsampledGaussian:
             raise ValueError(f"steps must be a non-negative integer. Found {self.steps}.")
 
     def rdp(self, orders: Sequence[float]) -> np.ndarray:
-        """RDP curve of this event at ``orders`` (exact for Poisson subsampling, integer and
-        fractional orders, as in Mironov, Talwar & Zhang 2019)."""
+        """RDP curve of this event at ``orders`` (Mironov, Talwar & Zhang 2019).
+
+        Two independent implementations are evaluated and the larger value is kept at every
+        order: Google's ``dp_accounting`` and Opacus's. They agree to rounding at integer orders;
+        at fractional orders Opacus's is lower (measured: 13 % lower at order 1.1 for sigma 0.6,
+        q 0.0019), so in practice the figure is ``dp_accounting``'s, and a bug in either one
+        can only make dpops more conservative.
+        """
         if self.steps == 0:
             return np.zeros(len(orders))
-        return np.asarray(
-            compute_rdp(
-                q=self.sample_rate,
-                noise_multiplier=self.noise_multiplier,
-                steps=int(self.steps),
-                orders=list(orders),
-            ),
+        from dp_accounting.rdp.rdp_privacy_accountant import _compute_rdp_poisson_subsampled_gaussian
+
+        compute_rdp = _opacus_compute_rdp()
+
+        google = np.asarray(
+            _compute_rdp_poisson_subsampled_gaussian(self.sample_rate, self.noise_multiplier, list(orders)), dtype=float
+        ) * int(self.steps)
+        opacus = np.asarray(
+            compute_rdp(q=self.sample_rate, noise_multiplier=self.noise_multiplier, steps=int(self.steps), orders=list(orders)),
             dtype=float,
         )
+        return np.maximum(google, opacus)
+
+
+@functools.lru_cache(maxsize=1)
+def _opacus_compute_rdp() -> Callable[..., Any]:
+    """Opacus's ``compute_rdp``, loaded from its pure numpy/scipy module file.
+
+    Importing ``opacus.accountants.analysis.rdp`` the usual way runs ``opacus/__init__`` and
+    loads torch (seconds per process); the ledger's many short-lived clients need only this math.
+    """
+    spec = importlib.util.find_spec("opacus")
+    if spec is None or spec.origin is None:
+        raise ImportError("opacus is not installed")
+    path = Path(spec.origin).parent / "accountants" / "analysis" / "rdp.py"
+    mod_spec = importlib.util.spec_from_file_location("dpops._opacus_rdp", path)
+    module = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(module)
+    return module.compute_rdp
 
 
 def _check_delta(delta: float) -> None:
@@ -120,7 +148,8 @@ def rdp_to_epsilon(rdp: np.ndarray, orders: Sequence[float], delta: float) -> tu
 def epsilon(events: Iterable[SubsampledGaussian], *, delta: float) -> float:
     """Run epsilon: RDP composition of a fixed sequence of events at ``delta``.
 
-    This equals Opacus's ``RDPAccountant.get_epsilon`` for the same history.
+    This equals ``dp_accounting``'s ``RdpAccountant`` over :data:`RDP_ORDERS` (to 1e-6 relative)
+    and is never below Opacus's ``RDPAccountant.get_epsilon`` for the same history.
     """
     events = list(events)
     total = np.zeros(len(RDP_ORDERS))

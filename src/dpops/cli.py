@@ -31,6 +31,9 @@ def run(
 ) -> None:
     """Run one private fine-tune through every stage (Prefect flow, in-process by default)."""
     apply_quiet_env()
+    import logging
+
+    logging.getLogger("dpops").setLevel(logging.INFO)
     ws = workspace()
     ws.root.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PREFECT_HOME", str(ws.prefect_home))

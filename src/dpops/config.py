@@ -72,7 +72,7 @@ class ModelConfig(_Strict):
         description="Python package that ships the pretrained model directory (exposes get_model_path()).",
     )
     path: Optional[str] = Field(default=None, description="A local model directory; overrides `package`.")
-    max_length: int = Field(default=48, ge=8, le=512, description="Tokens kept per text (longer texts are truncated).")
+    max_length: int = Field(default=32, ge=8, le=512, description="Tokens kept per text (longer texts are truncated).")
 
 
 class LoraSettings(_Strict):

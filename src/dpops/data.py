@@ -73,6 +73,8 @@ def read_bytes(repo: str | Path, path: str, rev: Optional[str] = None) -> tuple[
         raise DataValidationError(
             f"{path}: file not found {where} of {repo} (run `dvc pull` and `dvc repro`?)"
         ) from None
+    except Exception as exc:  # dvc's RevError, missing cache objects, ...
+        raise DataValidationError(f"{path}: cannot read revision {rev!r} of {repo}: {exc}") from None
     md5 = (info.get("dvc_info") or {}).get("md5") or info.get("md5")
     return data, md5
 

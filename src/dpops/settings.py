@@ -24,6 +24,11 @@ QUIET_ENV = {
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    # Prefect shows dpops's own log lines (progress, figures; never records) in its run logs.
+    "PREFECT_LOGGING_EXTRA_LOGGERS": "dpops",
 }
 
 

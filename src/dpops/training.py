@@ -9,6 +9,7 @@ state between steps).
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -24,6 +25,8 @@ from dpops.accounting import SubsampledGaussian
 from dpops.config import JobConfig
 from dpops.errors import PrivacyError
 from dpops.privacy import Plan
+
+log = logging.getLogger("dpops.training")
 
 
 @dataclass
@@ -86,7 +89,7 @@ def train(
     net.train()
 
     ids, mask = modeling.encode(tokenizer, train_df["text"].tolist(), job.model.max_length)
-    dataset = TensorDataset(ids, mask, torch.as_tensor(train_df["label"].to_numpy(), dtype=torch.long))
+    dataset = TensorDataset(ids, mask, torch.tensor(train_df["label"].to_numpy(), dtype=torch.long))
     loader = _dp_loader(dataset, plan, generator)
 
     gsm = GradSampleModule(net, batch_first=True, loss_reduction="mean", strict=True)
@@ -139,6 +142,8 @@ def train(
                 result.epsilon_by_step.append((step, eps))
                 if not math.isnan(loss_value):
                     result.loss_by_step.append((step, loss_value))
+                log.info("step %d/%d  epsilon %.3f  loss %.4f  batch %d  %.1fs",
+                         step, plan.steps, eps, loss_value, len(y), time.perf_counter() - start)
     result.steps_run = step
     result.seconds = time.perf_counter() - start
 

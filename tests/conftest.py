@@ -1,0 +1,78 @@
+"""Shared fixtures. Every output path goes to tmp_path; services are real and local."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+
+from dpops.settings import apply_quiet_env
+
+ROOT = Path(__file__).resolve().parent.parent
+PG_URL = os.environ.get("DPOPS_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+apply_quiet_env()
+
+
+@pytest.fixture
+def project_root() -> Path:
+    return ROOT
+
+
+@pytest.fixture
+def workspace_env(tmp_path, monkeypatch):
+    """A fresh dpops workspace (ledger, MLflow store, runs) under tmp_path."""
+    home = tmp_path / "dpops-home"
+    monkeypatch.setenv("DPOPS_HOME", str(home))
+    monkeypatch.delenv("DPOPS_LEDGER_URL", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return home
+
+
+def _pg_available() -> bool:
+    try:
+        import psycopg
+
+        with psycopg.connect("host=127.0.0.1 port=5432 user=postgres dbname=test", connect_timeout=3):
+            return True
+    except Exception:
+        return False
+
+
+@pytest.fixture(scope="session")
+def pg_database():
+    """A throwaway PostgreSQL database on the local server, dropped afterwards.
+
+    Outside CI, the PostgreSQL tests skip when no server answers; in CI (CI=true) they fail.
+    """
+    if not _pg_available():
+        if os.environ.get("CI"):
+            pytest.fail("PostgreSQL is not reachable at 127.0.0.1:5432 (CI must start it)")
+        pytest.skip("PostgreSQL is not reachable at 127.0.0.1:5432")
+    import psycopg
+
+    name = f"dpops_test_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect("host=127.0.0.1 port=5432 user=postgres dbname=test", autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    with psycopg.connect("host=127.0.0.1 port=5432 user=postgres dbname=test", autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def ledger_url(request, tmp_path):
+    """The same ledger contract runs on SQLite and on PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'ledger.db'}"
+    base = request.getfixturevalue("pg_database")
+    # one schema-less database per session: give each test clean tables
+    from sqlalchemy import create_engine
+
+    from dpops.ledger import Base
+
+    engine = create_engine(base)
+    Base.metadata.drop_all(engine)
+    engine.dispose()
+    return base

@@ -1,0 +1,26 @@
+"""Architecture rules that a test can check."""
+
+import subprocess
+import sys
+
+
+def test_importing_the_library_never_loads_prefect():
+    code = (
+        "import importlib, pkgutil, sys, dpops\n"
+        "for m in pkgutil.iter_modules(dpops.__path__):\n"
+        "    importlib.import_module('dpops.' + m.name)\n"
+        "print('prefect' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_ledger_clients_do_not_load_torch():
+    code = (
+        "import sys\n"
+        "from dpops import accounting, ledger\n"
+        "accounting.epsilon([accounting.SubsampledGaussian(1.0, 0.01, 10)], delta=1e-5)\n"
+        "print('torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

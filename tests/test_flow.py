@@ -1,0 +1,106 @@
+"""The whole flow on a tiny subset: real Prefect (test harness), MLflow (SQLite in tmp), DVC,
+Great Expectations and Opacus. Nothing mocked."""
+
+import shutil
+
+import pytest
+import yaml
+
+from dpops import accounting, config, privacy
+from dpops.errors import BudgetExceededError
+from dpops.ledger import COMMITTED, Ledger
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture
+def configs(tmp_path, project_root):
+    if not (project_root / "data/prepared/sst2/train.tsv").exists():
+        pytest.fail("data/prepared/sst2 is missing: run `make data` (dvc pull + dvc repro) first")
+    dst = tmp_path / "configs"
+    shutil.copytree(project_root / "configs", dst)
+    return dst
+
+
+def _edit(path, fn):
+    data = yaml.safe_load(path.read_text())
+    fn(data)
+    path.write_text(yaml.safe_dump(data))
+
+
+def _run(configs, project_root):
+    from flows.private_finetune import private_finetune
+
+    return private_finetune(
+        job_path=str(configs / "jobs/sst2_smoke.yaml"), policy_path=str(configs / "policy.yaml"), repo=str(project_root)
+    )
+
+
+def _one_run_filter_epsilon(configs, n=2000):
+    job = config.load_job_config(configs / "jobs/sst2_smoke.yaml")
+    ds = config.dataset_config_for(job, configs / "jobs/sst2_smoke.yaml")
+    p = privacy.plan(dataset=ds, dp=job.dp, n_records=n)
+    return p, ds
+
+
+def test_flow_end_to_end_records_ledger_mlflow_and_promotes(prefect_harness, workspace_env, configs, project_root):
+    _edit(configs / "policy.yaml", lambda d: d.update(min_accuracy=0.0))
+    summary = _run(configs, project_root)
+
+    plan, ds = _one_run_filter_epsilon(configs)
+    ledger = Ledger(f"sqlite:///{workspace_env / 'ledger.db'}")
+    charge = ledger.charge(summary["charge_id"])
+    assert charge.state == COMMITTED and charge.steps_run == plan.steps == 5
+    assert charge.mechanism.sample_rate == plan.sample_rate and charge.n_records == 2000
+    assert charge.data_version.startswith("sha256:") and charge.flow_run_id
+    assert ledger.budget("sst2").spent == pytest.approx(accounting.filter_epsilon([plan.mechanism], delta=ds.privacy.delta))
+    assert ledger.verify() == []
+    kinds = [e["kind"] for e in ledger.history("sst2")]
+    assert kinds == ["registered", "reserved", "running", "committed", "annotated", "gate_decision"]
+
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{workspace_env / 'mlflow.db'}")
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.data.tags["dpops.charge_id"] == charge.id
+    assert run.data.metrics["epsilon_run"] == pytest.approx(summary["epsilon_run"])
+    assert run.data.metrics["dataset_sst2_cumulative_epsilon"] == pytest.approx(ledger.budget("sst2").spent)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "epsilon")] == [5]
+    version = client.get_model_version_by_alias("sst2-sentiment-smoke", "production")
+    assert version.tags["dpops.charge_id"] == charge.id and version.tags["dpops.gate"] == "PROMOTED"
+    assert float(version.tags["dpops.epsilon"]) == pytest.approx(summary["epsilon_run"], rel=1e-5)
+
+    mlflow.set_tracking_uri(f"sqlite:///{workspace_env / 'mlflow.db'}")
+    import pandas as pd
+
+    model = mlflow.pyfunc.load_model("models:/sst2-sentiment-smoke@production")
+    pred = model.predict(pd.DataFrame({"text": ["a wonderful film", "a dull mess"]}))
+    assert set(pred["label"]) <= {"0", "1"} and len(pred) == 2
+
+
+def test_next_run_over_cap_is_refused_before_training(prefect_harness, workspace_env, configs, project_root):
+    plan, ds = _one_run_filter_epsilon(configs)
+    one = accounting.filter_epsilon([plan.mechanism], delta=ds.privacy.delta)
+    two = accounting.filter_epsilon([plan.mechanism] * 2, delta=ds.privacy.delta)
+    _edit(configs / "datasets/sst2.yaml", lambda d: d["privacy"].update(epsilon_cap=(one + two) / 2))
+
+    first = _run(configs, project_root)
+    assert first["decision"] == "REFUSED"  # the policy's 0.70 accuracy is out of reach in 5 steps
+    with pytest.raises(BudgetExceededError, match=r"'sst2'.*spent.*requests.*cap"):
+        _run(configs, project_root)
+
+    ledger = Ledger(f"sqlite:///{workspace_env / 'ledger.db'}")
+    assert ledger.budget("sst2").charges == {"committed": 1}
+    assert len(list((workspace_env / "runs").iterdir())) == 1  # nothing trained for the refused run
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{workspace_env / 'mlflow.db'}")
+    assert [v.version for v in client.search_model_versions("name='sst2-sentiment-smoke'")] == ["1"]
