@@ -63,7 +63,7 @@ def test_flow_end_to_end_records_ledger_mlflow_and_promotes(prefect_harness, wor
     assert charge.data_version.startswith("sha256:") and charge.flow_run_id
     assert ledger.budget("sst2").spent == pytest.approx(accounting.filter_epsilon([plan.mechanism], delta=ds.privacy.delta))
     assert ledger.verify() == []
-    kinds = [e["kind"] for e in ledger.history("sst2")]
+    kinds = [e["event"] for e in ledger.history("sst2")]
     assert kinds == ["registered", "reserved", "running", "committed", "annotated", "gate_decision"]
 
     import mlflow
@@ -103,4 +103,4 @@ def test_next_run_over_cap_is_refused_before_training(prefect_harness, workspace
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{workspace_env / 'mlflow.db'}")
-    assert [v.version for v in client.search_model_versions("name='sst2-sentiment-smoke'")] == ["1"]
+    assert [str(v.version) for v in client.search_model_versions("name='sst2-sentiment-smoke'")] == ["1"]

@@ -274,6 +274,8 @@ class Ledger:
                 if "mlflow_run_id" in payload:
                     mlflow_run[ev.charge_id] = payload["mlflow_run_id"]
                 continue
+            if ev.kind not in TRANSITIONS:  # e.g. gate decisions: lineage, not a state change
+                continue
             state[ev.charge_id] = ev.kind
             if "steps_run" in payload:
                 steps_run[ev.charge_id] = int(payload["steps_run"])
@@ -507,7 +509,7 @@ class Ledger:
             if ds is None:
                 raise LedgerError(f"dataset {dataset!r} is not registered in the ledger")
             for ev in session.scalars(select(EventRow).where(EventRow.dataset_id == ds.id).order_by(EventRow.seq)):
-                yield {"seq": ev.seq, "at": ev.created_at, "kind": ev.kind, "charge": ev.charge_id, **json.loads(ev.payload)}
+                yield {"seq": ev.seq, "at": ev.created_at, "event": ev.kind, "charge": ev.charge_id, "payload": json.loads(ev.payload)}
 
 
 def charge_to_dict(charge: Charge) -> dict[str, Any]:
