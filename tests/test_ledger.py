@@ -108,7 +108,7 @@ def test_verify_passes_then_detects_edit_delete_and_truncation(ledger_url):
     a = _reserve(ledger)
     ledger.start(a.id)
     ledger.commit(a.id, steps_run=100)
-    b = _reserve(ledger)
+    _reserve(ledger)
     assert ledger.verify() == []
 
     with ledger.engine.begin() as conn:  # edit a charge row in place

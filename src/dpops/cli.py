@@ -28,6 +28,7 @@ def _fail(exc: BaseException, code: int = 2) -> None:
 def run(
     job: Path = typer.Argument(..., help="Job config, e.g. configs/jobs/sst2_lora.yaml"),
     policy: Optional[Path] = typer.Option(None, help="Gate policy (default: configs/policy.yaml beside the job's configs)."),
+    summary_json: Optional[Path] = typer.Option(None, help="Also write the run summary (figures only) to this JSON file."),
 ) -> None:
     """Run one private fine-tune through every stage (Prefect flow, in-process by default)."""
     apply_quiet_env()
@@ -47,6 +48,8 @@ def run(
     except DpopsError as exc:
         _fail(exc, 3)
         return
+    if summary_json:
+        summary_json.write_text(json.dumps(summary, indent=2))
     typer.echo(report.table(summary, ws.ui_command()))
 
 

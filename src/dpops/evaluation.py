@@ -16,7 +16,7 @@ def per_example_loss(model_dir: str | Path, df: pd.DataFrame, *, batch_size: int
     logits = modeling.predict_logits(
         net, tokenizer, df["text"].tolist(), max_length=meta["model"]["max_length"], batch_size=batch_size
     )
-    y = torch.as_tensor(df["label"].to_numpy(), dtype=torch.long)
+    y = torch.tensor(df["label"].to_numpy(), dtype=torch.long)
     losses = torch.nn.functional.cross_entropy(logits, y, reduction="none")
     return losses, logits.argmax(dim=-1)
 
@@ -26,7 +26,7 @@ def evaluate(model_dir: str | Path, eval_df: pd.DataFrame, *, batch_size: int = 
     if len(eval_df) == 0:
         raise ValueError("the evaluation split is empty")
     losses, pred = per_example_loss(model_dir, eval_df, batch_size=batch_size)
-    y = torch.as_tensor(eval_df["label"].to_numpy())
+    y = torch.tensor(eval_df["label"].to_numpy())
     majority = float(eval_df["label"].value_counts(normalize=True).max())
     return {
         "accuracy": float((pred == y).float().mean()),

@@ -11,7 +11,7 @@ import importlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -141,10 +141,10 @@ try:  # the MLflow flavour; mlflow is a dependency of the library, but keep this
     class PyfuncClassifier(mlflow.pyfunc.PythonModel):
         """MLflow pyfunc wrapper: input a DataFrame with a ``text`` column, output label and probability."""
 
-        def load_context(self, context: Any) -> None:
+        def load_context(self, context):  # no type hints: MLflow would try to infer a schema from them
             self.model, self.tokenizer, self.meta = load(Path(context.artifacts["weights"]))
 
-        def predict(self, context: Any, model_input: Any, params: Optional[dict[str, Any]] = None) -> Any:
+        def predict(self, context, model_input, params=None):
             import pandas as pd
 
             texts = list(model_input["text"].astype(str))

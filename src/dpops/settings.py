@@ -12,6 +12,7 @@ variable               meaning                                         default
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,7 +52,10 @@ class Workspace:
         return self.root / "prefect"
 
     def ui_command(self) -> str:
-        return f"mlflow ui --backend-store-uri {self.tracking_uri} --port 5000"
+        """The exact command that opens the MLflow UI on this workspace's runs."""
+        mlflow = Path(sys.executable).parent / "mlflow"
+        exe = str(mlflow) if mlflow.exists() else "mlflow"
+        return f"{exe} ui --backend-store-uri {self.tracking_uri} --port 5000"
 
 
 def workspace() -> Workspace:

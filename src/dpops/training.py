@@ -20,7 +20,8 @@ import pandas as pd
 import torch
 from torch.utils.data import TensorDataset
 
-from dpops import accounting, model as modeling
+from dpops import accounting
+from dpops import model as modeling
 from dpops.accounting import SubsampledGaussian
 from dpops.config import JobConfig
 from dpops.errors import PrivacyError
@@ -131,7 +132,7 @@ def train(
             optimizer.step()
             step += 1
             if step == 1:
-                moved = any(not torch.equal(b, p.detach()) for b, p in zip(before, params))
+                moved = any(not torch.equal(b, p.detach()) for b, p in zip(before, params, strict=False))
                 if not moved:
                     raise PrivacyError("trainable weights did not change after the first step")
                 del before

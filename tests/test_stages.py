@@ -1,0 +1,42 @@
+"""Stage functions without Prefect: the charge of a run that dies after reading data stays."""
+
+import shutil
+
+import pytest
+import yaml
+
+from dpops import stages
+from dpops.errors import DataValidationError
+from dpops.ledger import FAILED_CHARGED, Ledger
+
+
+@pytest.fixture
+def smoke_job(tmp_path, project_root):
+    shutil.copytree(project_root / "configs", tmp_path / "configs")
+    return tmp_path / "configs" / "jobs" / "sst2_smoke.yaml"
+
+
+def _edit(path, fn):
+    data = yaml.safe_load(path.read_text())
+    fn(data)
+    path.write_text(yaml.safe_dump(data))
+
+
+def test_run_that_dies_after_reading_data_stays_charged(workspace_env, smoke_job, project_root):
+    _edit(smoke_job, lambda d: d.update(lora={"target_modules": ["no_such_module"]}))
+    ref = stages.resolve(str(smoke_job), str(project_root))
+    plan = stages.plan(str(smoke_job), ref)
+    charge_id = stages.reserve(str(smoke_job), ref, plan)
+    with pytest.raises(ValueError, match="no_such_module"):
+        stages.train(str(smoke_job), ref, plan, charge_id)
+    ledger = Ledger(f"sqlite:///{workspace_env / 'ledger.db'}")
+    assert ledger.charge(charge_id).state == FAILED_CHARGED
+    assert ledger.budget("sst2").spent > 0
+
+
+def test_validation_failure_stops_before_any_charge(workspace_env, smoke_job, project_root):
+    _edit(smoke_job.parent.parent / "datasets/sst2.yaml", lambda d: d.update(max_text_chars=5))
+    ref = stages.resolve(str(smoke_job), str(project_root))
+    with pytest.raises(DataValidationError, match="expect_column_value_lengths_to_be_between\\(text\\)"):
+        stages.validate(str(smoke_job), ref)
+    assert not (workspace_env / "ledger.db").exists()
