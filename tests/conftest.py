@@ -74,5 +74,7 @@ def ledger_url(request, tmp_path):
 
     engine = create_engine(base)
     Base.metadata.drop_all(engine)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("DROP TABLE IF EXISTS alembic_version")
     engine.dispose()
     return base

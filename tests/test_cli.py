@@ -37,3 +37,32 @@ def test_budget_prints_cap_spent_remaining_and_charges(workspace_env):
 
     unknown = runner.invoke(app, ["budget", "nope"])
     assert unknown.exit_code == 2 and "'nope' is not registered" in unknown.output
+
+
+def test_register_history_verify_release(workspace_env, project_root):
+    reg = runner.invoke(app, ["dataset", "register", str(project_root / "configs/datasets/sst2.yaml")])
+    assert reg.exit_code == 0, reg.output
+    ledger = Ledger(f"sqlite:///{workspace_env / 'ledger.db'}")
+    mech = SubsampledGaussian(1.0, 0.001, 100)
+    unused = ledger.reserve(dataset="sst2", mechanism=mech, max_grad_norm=1.0, n_records=60_000, job="j", data_version="v")
+    read = ledger.reserve(dataset="sst2", mechanism=mech, max_grad_norm=1.0, n_records=60_000, job="j", data_version="v")
+    ledger.start(read.id)
+
+    released = runner.invoke(app, ["ledger", "release", unused.id, "--reason", "cancelled"])
+    assert released.exit_code == 0 and "released" in released.output
+    refused = runner.invoke(app, ["ledger", "release", read.id, "--reason", "please"])
+    assert refused.exit_code == 2 and "never released" in refused.output
+
+    history = runner.invoke(app, ["ledger", "history", "sst2"])
+    events = [line.split()[2] for line in history.output.strip().splitlines()]
+    assert events == ["registered", "reserved", "reserved", "running", "released"]
+
+    ok = runner.invoke(app, ["ledger", "verify"])
+    assert ok.exit_code == 0 and "verifies" in ok.output
+    with ledger.engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE charges SET steps_planned = 1")
+    bad = runner.invoke(app, ["ledger", "verify"])
+    assert bad.exit_code == 1 and "edited" in bad.output
+
+    budget = runner.invoke(app, ["budget", "sst2"])
+    assert "pld estimate" in budget.output and "guaranteed" in budget.output

@@ -19,7 +19,7 @@ from dpops.settings import apply_quiet_env, workspace
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Recurring DP fine-tunes with a privacy-budget ledger.")
 
 
-def _fail(exc: BaseException, code: int = 2) -> None:
+def _fail(exc: BaseException | str, code: int = 2) -> None:
     typer.secho(f"dpops: {exc}", err=True, fg=typer.colors.RED)
     raise typer.Exit(code)
 
@@ -53,6 +53,101 @@ def run(
     typer.echo(report.table(summary, ws.ui_command()))
 
 
+dataset_app = typer.Typer(no_args_is_help=True, help="Datasets in the ledger.")
+ledger_app = typer.Typer(no_args_is_help=True, help="The privacy ledger: history, verification, releases.")
+app.add_typer(dataset_app, name="dataset")
+app.add_typer(ledger_app, name="ledger")
+
+
+def _open_ledger(must_exist: bool = True):
+    from dpops.ledger import Ledger
+
+    ws = workspace()
+    if ws.ledger_url.startswith("sqlite:///"):
+        path = Path(ws.ledger_url[len("sqlite:///"):])
+        if not path.exists():
+            if must_exist:
+                return None
+            path.parent.mkdir(parents=True, exist_ok=True)
+    return Ledger(ws.ledger_url)
+
+
+@dataset_app.command("register")
+def dataset_register(
+    config: Path = typer.Argument(..., help="Dataset config, e.g. configs/datasets/sst2.yaml"),
+) -> None:
+    """Register a dataset's unit, delta and cap in the ledger (no-op if registered with the same terms)."""
+    from dpops.config import load_dataset_config
+
+    try:
+        cfg = load_dataset_config(config)
+        ledger = _open_ledger(must_exist=False)
+        ledger.register_dataset(name=cfg.name, unit=cfg.unit, delta=cfg.privacy.delta, epsilon_cap=cfg.privacy.epsilon_cap)
+    except DpopsError as exc:
+        _fail(exc)
+        return
+    typer.echo(f"dataset {cfg.name!r}: unit {cfg.unit}, delta {cfg.privacy.delta:g}, cap {cfg.privacy.epsilon_cap:g}")
+
+
+@ledger_app.command("history")
+def ledger_history(
+    dataset: str = typer.Argument(..., help="Dataset name."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per event."),
+) -> None:
+    """Every event of a dataset's chain, oldest first."""
+    ledger = _open_ledger()
+    if ledger is None:
+        _fail("no ledger yet")
+        return
+    try:
+        events = list(ledger.history(dataset))
+    except DpopsError as exc:
+        _fail(exc)
+        return
+    for ev in events:
+        if as_json:
+            typer.echo(json.dumps(ev))
+        else:
+            p = ev["payload"]
+            detail = ", ".join(f"{k}={v}" for k, v in p.items() if k in (
+                "noise_multiplier", "sample_rate", "steps_planned", "steps_run", "job", "reason", "decision",
+                "mlflow_run_id", "epsilon_cap", "delta"))
+            typer.echo(f"{ev['seq']:>5}  {ev['at']}  {ev['event']:<15} {ev['charge'] or '-':<36}  {detail}")
+
+
+@ledger_app.command("verify")
+def ledger_verify() -> None:
+    """Check every hash chain and charge row; exit 1 on any edited, deleted or reordered row."""
+    ledger = _open_ledger()
+    if ledger is None:
+        typer.echo("no ledger yet")
+        return
+    problems = ledger.verify()
+    if problems:
+        for p in problems:
+            typer.secho(p, err=True, fg=typer.colors.RED)
+        raise typer.Exit(1)
+    typer.echo(f"ledger verifies: {len(ledger.datasets())} dataset(s), every chain intact")
+
+
+@ledger_app.command("release")
+def ledger_release(
+    charge: str = typer.Argument(..., help="Charge id."),
+    reason: str = typer.Option(..., "--reason", help="Why the reservation is released."),
+) -> None:
+    """Release a reservation that never read data (refused once the charge is running)."""
+    ledger = _open_ledger()
+    if ledger is None:
+        _fail("no ledger yet")
+        return
+    try:
+        c = ledger.release(charge, reason=reason)
+    except DpopsError as exc:
+        _fail(exc)
+        return
+    typer.echo(f"charge {c.id} released ({reason})")
+
+
 @app.command()
 def budget(
     dataset: Optional[str] = typer.Argument(None, help="One dataset (default: all)."),
@@ -60,15 +155,13 @@ def budget(
 ) -> None:
     """Each dataset's cap, spent, remaining and charges, from the ledger."""
     from dpops import report
-    from dpops.ledger import Ledger
 
-    ws = workspace()
-    if ws.ledger_url.startswith("sqlite:///") and not Path(ws.ledger_url[len("sqlite:///"):]).exists():
+    ledger = _open_ledger()
+    if ledger is None:
         typer.echo("no ledger yet (no run has reserved budget)")
         return
-    ledger = Ledger(ws.ledger_url)
     try:
-        budgets = [ledger.budget(dataset)] if dataset else ledger.budgets()
+        budgets = [ledger.budget(dataset, estimate=True)] if dataset else ledger.budgets(estimate=True)
     except DpopsError as exc:
         _fail(exc)
         return

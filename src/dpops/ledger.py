@@ -24,8 +24,9 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
-from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from sqlalchemy import (
@@ -51,17 +52,49 @@ RUNNING = "running"
 COMMITTED = "committed"
 FAILED_CHARGED = "failed_charged"
 RELEASED = "released"
+EXPIRED = "expired"
 
 #: Allowed state changes. Anything else raises LedgerError.
 TRANSITIONS: dict[str, set[str]] = {
-    RESERVED: {RUNNING, RELEASED},
+    RESERVED: {RUNNING, RELEASED, EXPIRED},
     RUNNING: {COMMITTED, FAILED_CHARGED},
     COMMITTED: set(),
     FAILED_CHARGED: set(),
     RELEASED: set(),
+    EXPIRED: set(),
 }
 
+#: States that count nothing: the data was never read.
+UNCHARGED = {RELEASED, EXPIRED}
+
+#: Neighbouring relation of Poisson-subsampled DP-SGD accounting: add or remove one unit.
+ADD_REMOVE = "add_remove"
+
 GENESIS = "0" * 64
+
+#: A reservation that has not started within this many seconds expires (counts nothing).
+DEFAULT_LEASE_SECONDS = 3600.0
+
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+_PG_MIGRATION_LOCK = 7_274_001
+
+
+def upgrade(engine: Engine) -> None:
+    """Bring the ledger's schema to the newest Alembic revision (idempotent, safe to race).
+
+    The migration runs in one transaction holding a database-wide lock: ``BEGIN IMMEDIATE`` on
+    SQLite, an advisory transaction lock on PostgreSQL.
+    """
+    from alembic import command
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    with engine.begin() as conn:
+        if engine.dialect.name == "postgresql":
+            conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_PG_MIGRATION_LOCK})")
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "head")
 
 
 class Base(DeclarativeBase):
@@ -74,6 +107,7 @@ class DatasetRow(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(200), unique=True)
     unit: Mapped[str] = mapped_column(String(20))
+    contribution_bound: Mapped[Optional[int]] = mapped_column(Integer, nullable=True)
     delta: Mapped[float] = mapped_column(Double)
     epsilon_cap: Mapped[float] = mapped_column(Double)
     accountant: Mapped[str] = mapped_column(String(50))
@@ -97,12 +131,14 @@ class ChargeRow(Base):
     steps_planned: Mapped[int] = mapped_column(Integer)
     max_grad_norm: Mapped[float] = mapped_column(Double)
     unit: Mapped[str] = mapped_column(String(20))
+    neighbouring: Mapped[str] = mapped_column(String(20))
     n_records: Mapped[int] = mapped_column(Integer)
     job: Mapped[str] = mapped_column(String(200))
     data_version: Mapped[str] = mapped_column(String(200))
     flow_run_id: Mapped[Optional[str]] = mapped_column(String(100), nullable=True)
     code_version: Mapped[Optional[str]] = mapped_column(String(100), nullable=True)
     created_at: Mapped[str] = mapped_column(String(40))
+    lease_expires_at: Mapped[str] = mapped_column(String(40))
 
 
 class EventRow(Base):
@@ -136,18 +172,20 @@ class Charge:
     steps_run: Optional[int]
     max_grad_norm: float
     unit: str
+    neighbouring: str
     n_records: int
     job: str
     data_version: str
     flow_run_id: Optional[str]
     code_version: Optional[str]
     created_at: str
+    lease_expires_at: str
     mlflow_run_id: Optional[str] = None
 
     @property
     def charged(self) -> Optional[SubsampledGaussian]:
-        """The mechanism this charge counts as, or None when it counts nothing (released)."""
-        if self.state == RELEASED:
+        """The mechanism this charge counts as, or None when it counts nothing (released, expired)."""
+        if self.state in UNCHARGED:
             return None
         if self.state == COMMITTED and self.steps_run is not None:
             return SubsampledGaussian(self.mechanism.noise_multiplier, self.mechanism.sample_rate, self.steps_run)
@@ -162,14 +200,16 @@ class DatasetBudget:
     epsilon_cap: float
     spent: float
     charges: dict[str, int] = field(default_factory=dict)
+    #: Tight PLD estimate for the same charges as a fixed sequence: reported, never enforced.
+    pld_estimate: Optional[float] = None
 
     @property
     def remaining(self) -> float:
         return max(0.0, self.epsilon_cap - self.spent)
 
 
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+def _now(offset_seconds: float = 0.0) -> str:
+    return (datetime.now(timezone.utc) + timedelta(seconds=offset_seconds)).isoformat(timespec="microseconds")
 
 
 def _event_hash(dataset: str, seq: int, kind: str, charge_id: Optional[str], payload: str, created_at: str, prev: str) -> str:
@@ -187,11 +227,14 @@ def _charge_payload(row: ChargeRow) -> dict[str, Any]:
         "steps_planned": row.steps_planned,
         "max_grad_norm": row.max_grad_norm,
         "unit": row.unit,
+        "neighbouring": row.neighbouring,
         "n_records": row.n_records,
         "job": row.job,
         "data_version": row.data_version,
         "flow_run_id": row.flow_run_id,
         "code_version": row.code_version,
+        "created_at": row.created_at,
+        "lease_expires_at": row.lease_expires_at,
     }
 
 
@@ -206,11 +249,12 @@ class Ledger:
         create: create missing tables (idempotent).
     """
 
-    def __init__(self, url: str, *, create: bool = True) -> None:
+    def __init__(self, url: str, *, create: bool = True, lease_seconds: float = DEFAULT_LEASE_SECONDS) -> None:
         self.url = url
+        self.lease_seconds = lease_seconds
         self.engine = self._make_engine(url)
         if create:
-            Base.metadata.create_all(self.engine)
+            upgrade(self.engine)
 
     @staticmethod
     def _make_engine(url: str) -> Engine:
@@ -284,11 +328,23 @@ class Ledger:
                 id=r.id, dataset=ds.name, state=state.get(r.id, RESERVED),
                 mechanism=SubsampledGaussian(r.noise_multiplier, r.sample_rate, r.steps_planned),
                 steps_run=steps_run.get(r.id), max_grad_norm=r.max_grad_norm, unit=r.unit,
-                n_records=r.n_records, job=r.job, data_version=r.data_version, flow_run_id=r.flow_run_id,
-                code_version=r.code_version, created_at=r.created_at, mlflow_run_id=mlflow_run.get(r.id),
+                neighbouring=r.neighbouring, n_records=r.n_records, job=r.job, data_version=r.data_version,
+                flow_run_id=r.flow_run_id, code_version=r.code_version, created_at=r.created_at,
+                lease_expires_at=r.lease_expires_at, mlflow_run_id=mlflow_run.get(r.id),
             )
             for r in rows
         ]
+
+    def _expire_stale(self, session: Session, ds: DatasetRow, charges: list[Charge]) -> list[Charge]:
+        """Append ``expired`` for reservations past their lease (caller holds the dataset lock)."""
+        now = _now()
+        out = []
+        for c in charges:
+            if c.state == RESERVED and c.lease_expires_at < now:
+                self._append(session, ds, EXPIRED, c.id, {"reason": "lease expired before the run started"})
+                c = replace(c, state=EXPIRED)
+            out.append(c)
+        return out
 
     @staticmethod
     def _spent(charges: list[Charge], delta: float) -> float:
@@ -297,7 +353,9 @@ class Ledger:
 
     # ----------------------------------------------------------------- datasets
 
-    def register_dataset(self, *, name: str, unit: str, delta: float, epsilon_cap: float) -> None:
+    def register_dataset(
+        self, *, name: str, unit: str, delta: float, epsilon_cap: float, contribution_bound: Optional[int] = None
+    ) -> None:
         """Register a dataset, or check that the registered one has the same terms.
 
         Raises:
@@ -308,12 +366,19 @@ class Ledger:
             raise ConfigError(f"dataset {name!r}: field 'privacy.epsilon_cap' must be > 0. Found {epsilon_cap}.")
         if not (0 < delta < 1):
             raise ConfigError(f"dataset {name!r}: field 'privacy.delta' must be in (0, 1). Found {delta}.")
+        if unit not in ("record", "user"):
+            raise ConfigError(f"dataset {name!r}: field 'unit' must be 'record' or 'user'. Found {unit!r}.")
+        if unit == "user" and not (contribution_bound and contribution_bound >= 1):
+            raise ConfigError(f"dataset {name!r}: unit 'user' needs field 'contribution_bound' >= 1. Found {contribution_bound}.")
+        if unit == "record":
+            contribution_bound = None
         with Session(self.engine) as session, session.begin():
             row = session.scalars(select(DatasetRow).where(DatasetRow.name == name)).one_or_none()
             if row is not None:
                 differs = [
                     f"{k}: ledger {a!r}, config {b!r}"
-                    for k, a, b in (("unit", row.unit, unit), ("delta", row.delta, delta), ("epsilon_cap", row.epsilon_cap, epsilon_cap))
+                    for k, a, b in (("unit", row.unit, unit), ("contribution_bound", row.contribution_bound, contribution_bound),
+                                    ("delta", row.delta, delta), ("epsilon_cap", row.epsilon_cap, epsilon_cap))
                     if a != b
                 ]
                 if differs:
@@ -322,12 +387,13 @@ class Ledger:
                         "The ledger is the source of truth; a cap is not changed by editing a config."
                     )
                 return
-            row = DatasetRow(name=name, unit=unit, delta=delta, epsilon_cap=epsilon_cap,
+            row = DatasetRow(name=name, unit=unit, contribution_bound=contribution_bound, delta=delta, epsilon_cap=epsilon_cap,
                              accountant=accounting.FILTER_NAME, created_at=_now(), head_seq=0, head_hash=GENESIS)
             session.add(row)
             session.flush()
             self._append(session, row, "registered", None,
-                         {"unit": unit, "delta": delta, "epsilon_cap": epsilon_cap, "accountant": accounting.FILTER_NAME})
+                         {"unit": unit, "contribution_bound": contribution_bound, "delta": delta,
+                          "epsilon_cap": epsilon_cap, "accountant": accounting.FILTER_NAME})
 
     def datasets(self) -> list[str]:
         with Session(self.engine) as session:
@@ -361,7 +427,7 @@ class Ledger:
                 raise ConfigError(
                     f"dataset {dataset!r}: delta {ds.delta} must be below 1/n = {1.0 / n_records:.3g} (n = {n_records} records)"
                 )
-            charges = self._charges(session, ds)
+            charges = self._expire_stale(session, ds, self._charges(session, ds))
             spent = self._spent(charges, ds.delta)
             after = accounting.filter_epsilon(
                 [c.charged for c in charges if c.charged is not None] + [mechanism], delta=ds.delta
@@ -377,8 +443,9 @@ class Ledger:
                 id=str(uuid.uuid4()), dataset_id=ds.id, kind=accounting.KIND_SUBSAMPLED_GAUSSIAN,
                 sampler=accounting.SAMPLER_POISSON, noise_multiplier=float(mechanism.noise_multiplier),
                 sample_rate=float(mechanism.sample_rate), steps_planned=int(mechanism.steps),
-                max_grad_norm=float(max_grad_norm), unit=ds.unit, n_records=int(n_records), job=job,
-                data_version=data_version, flow_run_id=flow_run_id, code_version=code_version, created_at=_now(),
+                max_grad_norm=float(max_grad_norm), unit=ds.unit, neighbouring=ADD_REMOVE, n_records=int(n_records),
+                job=job, data_version=data_version, flow_run_id=flow_run_id, code_version=code_version,
+                created_at=_now(), lease_expires_at=_now(offset_seconds=self.lease_seconds),
             )
             session.add(row)
             session.flush()
@@ -393,13 +460,19 @@ class Ledger:
                 raise LedgerError(f"charge {charge_id!r} does not exist")
             ds = session.get(DatasetRow, row.dataset_id)
             ds = self._lock_dataset(session, ds.name)
-            current = next(c for c in self._charges(session, ds) if c.id == charge_id)
-            if new_state not in TRANSITIONS[current.state]:
+            current = next(c for c in self._expire_stale(session, ds, self._charges(session, ds)) if c.id == charge_id)
+            if current.state == EXPIRED and new_state == RUNNING:
+                expired = True  # commit the expiry event, then refuse below
+            elif new_state not in TRANSITIONS[current.state]:
                 raise LedgerError(
                     f"charge {charge_id}: cannot go from {current.state!r} to {new_state!r}"
                     + (" (data was read: the spend is real and is never released)" if new_state == RELEASED else "")
                 )
-            self._append(session, ds, new_state, charge_id, payload)
+            else:
+                expired = False
+                self._append(session, ds, new_state, charge_id, payload)
+        if expired:
+            raise LedgerError(f"charge {charge_id}: the reservation expired at {current.lease_expires_at}; plan and reserve again")
         return self.charge(charge_id)
 
     def start(self, charge_id: str) -> Charge:
@@ -457,7 +530,12 @@ class Ledger:
                 raise LedgerError(f"dataset {dataset!r} is not registered in the ledger")
             return self._charges(session, ds)
 
-    def budget(self, dataset: str) -> DatasetBudget:
+    def budget(self, dataset: str, *, estimate: bool = False) -> DatasetBudget:
+        """Cap, spent (the filter's guaranteed epsilon) and charge counts of ``dataset``.
+
+        Args:
+            estimate: also compute the tight PLD estimate (slower; for reports, not admission).
+        """
         with Session(self.engine) as session:
             ds = session.scalars(select(DatasetRow).where(DatasetRow.name == dataset)).one_or_none()
             if ds is None:
@@ -466,10 +544,14 @@ class Ledger:
             counts: dict[str, int] = {}
             for c in charges:
                 counts[c.state] = counts.get(c.state, 0) + 1
-            return DatasetBudget(ds.name, ds.unit, ds.delta, ds.epsilon_cap, self._spent(charges, ds.delta), counts)
+            pld = None
+            if estimate:
+                charged = [c.charged for c in charges if c.charged is not None]
+                pld = accounting.pld_epsilon(charged, delta=ds.delta) if charged else 0.0
+            return DatasetBudget(ds.name, ds.unit, ds.delta, ds.epsilon_cap, self._spent(charges, ds.delta), counts, pld)
 
-    def budgets(self) -> list[DatasetBudget]:
-        return [self.budget(name) for name in self.datasets()]
+    def budgets(self, *, estimate: bool = False) -> list[DatasetBudget]:
+        return [self.budget(name, estimate=estimate) for name in self.datasets()]
 
     def verify(self) -> list[str]:
         """Check every dataset's hash chain and every charge row against its `reserved` event.

@@ -36,9 +36,10 @@ def markdown(summary: dict[str, Any]) -> str:
 
 
 def budget_table(budgets: Iterable[DatasetBudget]) -> str:
-    header = ("dataset", "unit", "delta", "cap", "spent", "remaining", "charges")
+    header = ("dataset", "unit", "delta", "cap", "spent", "remaining", "pld estimate", "charges")
     rows = [
         (b.name, b.unit, f"{b.delta:g}", f"{b.epsilon_cap:g}", f"{b.spent:.3f}", f"{b.remaining:.3f}",
+         "-" if b.pld_estimate is None else f"{b.pld_estimate:.3f}",
          ", ".join(f"{k} {v}" for k, v in sorted(b.charges.items())) or "none")
         for b in budgets
     ]
@@ -46,4 +47,6 @@ def budget_table(budgets: Iterable[DatasetBudget]) -> str:
         return "no datasets registered in the ledger"
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     fmt = "  ".join("{:<%d}" % w for w in widths)
-    return "\n".join([fmt.format(*header), *(fmt.format(*r) for r in rows)])
+    legend = ("spent: guaranteed epsilon under adaptive composition (RDP filter), what admission uses; "
+              "pld estimate: tighter figure for the same charges as a fixed sequence, reported only")
+    return "\n".join([fmt.format(*header), *(fmt.format(*r) for r in rows), "", legend])
