@@ -175,10 +175,8 @@ def test_killed_run_stays_charged_in_full(ledger_url, tmp_path):
         ledger.release(charge_id, reason="it died")
 
 
-def test_postgres_columns_are_double_precision(ledger_url):
-    ledger = _ledger(ledger_url)
-    if ledger.engine.dialect.name != "postgresql":
-        pytest.skip("a PostgreSQL schema check")
+def test_postgres_columns_are_double_precision(pg_database):
+    ledger = Ledger(pg_database)
     with ledger.engine.connect() as conn:
         types = dict(conn.execute(text(
             "SELECT column_name, data_type FROM information_schema.columns "
@@ -280,3 +278,52 @@ def test_negative_control_naive_read_check_write_overspends(ledger_url):
     _ledger(ledger_url, k=K).dispose()
     results = _race(ledger_url, _naive_worker)
     assert results.count("granted") > K, results
+
+
+def test_blocks_compose_in_parallel_and_recurring_runs_move_to_fresh_blocks(ledger_url):
+    """Sage-style blocks: each block has its own filter; a run is charged to the blocks it reads."""
+    ledger = Ledger(ledger_url)
+    cap = _cap_for(2)
+    ledger.register_dataset(name="tickets", unit="record", delta=DELTA, epsilon_cap=cap)
+    for month in ("2026-09", "2026-10"):
+        ledger.add_block("tickets", name=month, n_records=10_000)
+
+    def run(blocks):
+        return ledger.reserve(dataset="tickets", mechanism=RUN, max_grad_norm=1.0, n_records=10_000 * len(blocks),
+                              job="monthly", data_version="v", blocks=blocks)
+
+    run(["2026-09"])
+    run(["2026-09", "2026-10"])
+    assert ledger.fresh_blocks("tickets", RUN) == ["2026-10"]  # September is exhausted
+    with pytest.raises(BudgetExceededError, match="block '2026-09'"):
+        run(["2026-09", "2026-10"])
+    run(["2026-10"])
+    assert ledger.fresh_blocks("tickets", RUN) == []
+    ledger.add_block("tickets", name="2026-11", n_records=10_000)  # new people bring new budget
+    assert ledger.fresh_blocks("tickets", RUN) == ["2026-11"]
+    run(ledger.fresh_blocks("tickets", RUN))
+
+    b = ledger.budget("tickets")
+    spent = {x.name: x.spent for x in b.blocks}
+    two = accounting.filter_epsilon([RUN, RUN], delta=DELTA)
+    assert spent == pytest.approx({"2026-09": two, "2026-10": two, "2026-11": accounting.filter_epsilon([RUN], delta=DELTA)})
+    assert b.spent == pytest.approx(two)
+    assert ledger.charges("tickets")[1].blocks == ("2026-09", "2026-10")
+    assert ledger.verify() == []
+
+    with ledger.engine.begin() as conn:  # moving a charge to another block is detected
+        conn.execute(text("DELETE FROM charge_blocks WHERE block_id = (SELECT id FROM blocks WHERE name = '2026-11')"))
+    assert any("edited" in p for p in ledger.verify())
+
+
+def test_partitioned_dataset_needs_named_blocks(ledger_url):
+    ledger = _ledger(ledger_url)
+    with pytest.raises(ConfigError, match="no blocks"):
+        ledger.reserve(dataset="notes", mechanism=RUN, max_grad_norm=1.0, n_records=10_000, job="j", data_version="v", blocks=["x"])
+    ledger.add_block("notes", name="2026-11", n_records=10_000)
+    with pytest.raises(ConfigError, match="name the blocks"):
+        _reserve(ledger)
+    with pytest.raises(LedgerError, match="no block"):
+        ledger.reserve(dataset="notes", mechanism=RUN, max_grad_norm=1.0, n_records=10_000, job="j", data_version="v", blocks=["1999-01"])
+    with pytest.raises(LedgerError, match="append-only"):
+        ledger.add_block("notes", name="2026-11", n_records=5)

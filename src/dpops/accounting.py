@@ -87,18 +87,17 @@ class SubsampledGaussian:
         """
         if self.steps == 0:
             return np.zeros(len(orders))
-        from dp_accounting.rdp.rdp_privacy_accountant import _compute_rdp_poisson_subsampled_gaussian
+        return np.asarray(_rdp_one_step(float(self.noise_multiplier), float(self.sample_rate), tuple(orders))) * int(self.steps)
 
-        compute_rdp = _opacus_compute_rdp()
 
-        google = np.asarray(
-            _compute_rdp_poisson_subsampled_gaussian(self.sample_rate, self.noise_multiplier, list(orders)), dtype=float
-        ) * int(self.steps)
-        opacus = np.asarray(
-            compute_rdp(q=self.sample_rate, noise_multiplier=self.noise_multiplier, steps=int(self.steps), orders=list(orders)),
-            dtype=float,
-        )
-        return np.maximum(google, opacus)
+@functools.lru_cache(maxsize=4096)
+def _rdp_one_step(sigma: float, q: float, orders: tuple[float, ...]) -> tuple[float, ...]:
+    """RDP of one step, the larger of ``dp_accounting``'s and Opacus's (RDP is linear in steps)."""
+    from dp_accounting.rdp.rdp_privacy_accountant import _compute_rdp_poisson_subsampled_gaussian
+
+    google = np.asarray(_compute_rdp_poisson_subsampled_gaussian(q, sigma, list(orders)), dtype=float)
+    opacus = np.asarray(_opacus_compute_rdp()(q=q, noise_multiplier=sigma, steps=1, orders=list(orders)), dtype=float)
+    return tuple(np.maximum(google, opacus))
 
 
 @functools.lru_cache(maxsize=1)

@@ -166,7 +166,7 @@ def budget(
         _fail(exc)
         return
     if as_json:
-        typer.echo(json.dumps([{**b.__dict__, "remaining": b.remaining} for b in budgets], indent=2))
+        typer.echo(json.dumps([report.budget_dict(b) for b in budgets], indent=2))
     else:
         typer.echo(report.budget_table(budgets))
 

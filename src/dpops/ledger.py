@@ -21,6 +21,7 @@ Semantics (see DESIGN.md, "The ledger"):
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import uuid
@@ -141,6 +142,34 @@ class ChargeRow(Base):
     lease_expires_at: Mapped[str] = mapped_column(String(40))
 
 
+class BlockRow(Base):
+    """An append-only partition of a dataset (e.g. one month's arrivals) with its own cap.
+
+    Every record lives in exactly one block, so charges on disjoint blocks compose in parallel
+    (Sage, Lecuyer et al. 2019): a run is charged to each block it reads, and each block has its
+    own privacy filter.
+    """
+
+    __tablename__ = "blocks"
+    __table_args__ = (UniqueConstraint("dataset_id", "name"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id"))
+    name: Mapped[str] = mapped_column(String(200))
+    epsilon_cap: Mapped[float] = mapped_column(Double)
+    n_records: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[str] = mapped_column(String(40))
+
+
+class ChargeBlockRow(Base):
+    """Which blocks a charge reads. A charge with no rows here read the whole dataset."""
+
+    __tablename__ = "charge_blocks"
+
+    charge_id: Mapped[str] = mapped_column(ForeignKey("charges.id"), primary_key=True)
+    block_id: Mapped[int] = mapped_column(ForeignKey("blocks.id"), primary_key=True)
+
+
 class EventRow(Base):
     """Append-only, hash-chained log of every state change, per dataset."""
 
@@ -181,6 +210,8 @@ class Charge:
     created_at: str
     lease_expires_at: str
     mlflow_run_id: Optional[str] = None
+    #: Blocks read; empty means the whole dataset (then it counts against every block).
+    blocks: tuple[str, ...] = ()
 
     @property
     def charged(self) -> Optional[SubsampledGaussian]:
@@ -202,10 +233,29 @@ class DatasetBudget:
     charges: dict[str, int] = field(default_factory=dict)
     #: Tight PLD estimate for the same charges as a fixed sequence: reported, never enforced.
     pld_estimate: Optional[float] = None
+    #: Per-block budgets when the dataset is partitioned; ``spent`` is then their maximum.
+    blocks: list["BlockBudget"] = field(default_factory=list)
 
     @property
     def remaining(self) -> float:
         return max(0.0, self.epsilon_cap - self.spent)
+
+
+@dataclass(frozen=True)
+class BlockBudget:
+    name: str
+    epsilon_cap: float
+    n_records: int
+    spent: float
+
+    @property
+    def remaining(self) -> float:
+        return max(0.0, self.epsilon_cap - self.spent)
+
+
+@functools.lru_cache(maxsize=65536)
+def _mechanism(sigma: float, q: float, steps: int) -> SubsampledGaussian:
+    return SubsampledGaussian(sigma, q, steps)  # validated once per distinct value
 
 
 def _now(offset_seconds: float = 0.0) -> str:
@@ -305,28 +355,44 @@ class Ledger:
         return ev
 
     def _charges(self, session: Session, ds: DatasetRow) -> list[Charge]:
-        rows = session.scalars(select(ChargeRow).where(ChargeRow.dataset_id == ds.id).order_by(ChargeRow.created_at)).all()
-        events = session.scalars(
-            select(EventRow).where(EventRow.dataset_id == ds.id, EventRow.charge_id.is_not(None)).order_by(EventRow.seq)
+        # Plain column tuples (no ORM objects): this runs inside every admission.
+        c = ChargeRow.__table__.c
+        rows = session.execute(
+            select(c.id, c.noise_multiplier, c.sample_rate, c.steps_planned, c.max_grad_norm, c.unit, c.neighbouring,
+                   c.n_records, c.job, c.data_version, c.flow_run_id, c.code_version, c.created_at, c.lease_expires_at)
+            .where(c.dataset_id == ds.id).order_by(c.created_at)
+        ).all()
+        e = EventRow.__table__.c
+        events = session.execute(
+            select(e.charge_id, e.kind, e.payload)
+            .where(e.dataset_id == ds.id, e.charge_id.is_not(None), e.kind.in_([*TRANSITIONS, "annotated"]))
+            .order_by(e.seq)
         ).all()
         state: dict[str, str] = {}
         steps_run: dict[str, int] = {}
         mlflow_run: dict[str, str] = {}
-        for ev in events:
-            payload = json.loads(ev.payload)
-            if ev.kind == "annotated":
-                if "mlflow_run_id" in payload:
-                    mlflow_run[ev.charge_id] = payload["mlflow_run_id"]
+        for charge_id, kind, payload in events:
+            if kind == "annotated":
+                run_id = json.loads(payload).get("mlflow_run_id")
+                if run_id:
+                    mlflow_run[charge_id] = run_id
                 continue
-            if ev.kind not in TRANSITIONS:  # e.g. gate decisions: lineage, not a state change
-                continue
-            state[ev.charge_id] = ev.kind
-            if "steps_run" in payload:
-                steps_run[ev.charge_id] = int(payload["steps_run"])
+            state[charge_id] = kind
+            if kind == COMMITTED:
+                steps_run[charge_id] = int(json.loads(payload)["steps_run"])
+        links: dict[str, list[str]] = {}
+        for charge_id, block_name in session.execute(
+            select(ChargeBlockRow.charge_id, BlockRow.name)
+            .join(BlockRow, BlockRow.id == ChargeBlockRow.block_id)
+            .where(BlockRow.dataset_id == ds.id)
+            .order_by(BlockRow.name)
+        ):
+            links.setdefault(charge_id, []).append(block_name)
         return [
             Charge(
+                blocks=tuple(links.get(r.id, ())),
                 id=r.id, dataset=ds.name, state=state.get(r.id, RESERVED),
-                mechanism=SubsampledGaussian(r.noise_multiplier, r.sample_rate, r.steps_planned),
+                mechanism=_mechanism(r.noise_multiplier, r.sample_rate, r.steps_planned),
                 steps_run=steps_run.get(r.id), max_grad_norm=r.max_grad_norm, unit=r.unit,
                 neighbouring=r.neighbouring, n_records=r.n_records, job=r.job, data_version=r.data_version,
                 flow_run_id=r.flow_run_id, code_version=r.code_version, created_at=r.created_at,
@@ -347,9 +413,28 @@ class Ledger:
         return out
 
     @staticmethod
-    def _spent(charges: list[Charge], delta: float) -> float:
-        events = [c.charged for c in charges if c.charged is not None]
+    def _spent(charges: list[Charge], delta: float, block: Optional[str] = None) -> float:
+        """Guaranteed epsilon of ``charges``; with ``block``, of those that read it (a charge
+        that read the whole dataset counts against every block)."""
+        events = [
+            c.charged for c in charges
+            if c.charged is not None and (block is None or not c.blocks or block in c.blocks)
+        ]
         return accounting.filter_epsilon(events, delta=delta)
+
+    def _blocks(self, session: Session, ds: DatasetRow, names: Optional[list[str]] = None, lock: bool = False) -> list[BlockRow]:
+        stmt = select(BlockRow).where(BlockRow.dataset_id == ds.id)
+        if names is not None:
+            stmt = stmt.where(BlockRow.name.in_(names))
+        stmt = stmt.order_by(BlockRow.id)  # always lock in the same (sorted) order: no deadlocks
+        if lock and self.engine.dialect.name == "postgresql":
+            stmt = stmt.with_for_update()
+        rows = list(session.scalars(stmt))
+        if names is not None:
+            missing = sorted(set(names) - {b.name for b in rows})
+            if missing:
+                raise LedgerError(f"dataset {ds.name!r} has no block(s) {missing}")
+        return rows
 
     # ----------------------------------------------------------------- datasets
 
@@ -399,6 +484,37 @@ class Ledger:
         with Session(self.engine) as session:
             return list(session.scalars(select(DatasetRow.name).order_by(DatasetRow.name)))
 
+    def add_block(self, dataset: str, *, name: str, n_records: int, epsilon_cap: Optional[float] = None) -> None:
+        """Append a block (new people's records) to ``dataset``, with its own cap (default: the dataset's).
+
+        Blocks are for new arrivals only: a new version of records already in a block is not a
+        new block and brings no new budget.
+        """
+        if n_records < 1:
+            raise ConfigError(f"block {name!r}: n_records must be >= 1. Found {n_records}.")
+        with Session(self.engine) as session, session.begin():
+            ds = self._lock_dataset(session, dataset)
+            cap = ds.epsilon_cap if epsilon_cap is None else float(epsilon_cap)
+            if not cap > 0:
+                raise ConfigError(f"block {name!r}: epsilon_cap must be > 0. Found {cap}.")
+            if session.scalars(select(BlockRow).where(BlockRow.dataset_id == ds.id, BlockRow.name == name)).first():
+                raise LedgerError(f"dataset {dataset!r} already has a block {name!r}; blocks are append-only")
+            session.add(BlockRow(dataset_id=ds.id, name=name, epsilon_cap=cap, n_records=int(n_records), created_at=_now()))
+            self._append(session, ds, "block_added", None, {"block": name, "epsilon_cap": cap, "n_records": int(n_records)})
+
+    def fresh_blocks(self, dataset: str, mechanism: SubsampledGaussian) -> list[str]:
+        """Blocks that could still admit ``mechanism`` (oldest first): where a recurring
+        fine-tune keeps training once older blocks are exhausted."""
+        with Session(self.engine) as session:
+            ds = session.scalars(select(DatasetRow).where(DatasetRow.name == dataset)).one()
+            charges = self._charges(session, ds)
+            out = []
+            for b in self._blocks(session, ds):
+                relevant = [c.charged for c in charges if c.charged is not None and (not c.blocks or b.name in c.blocks)]
+                if accounting.filter_epsilon(relevant + [mechanism], delta=ds.delta) <= b.epsilon_cap:
+                    out.append(b.name)
+            return out
+
     # ----------------------------------------------------------------- charges
 
     def reserve(
@@ -412,13 +528,20 @@ class Ledger:
         data_version: str,
         flow_run_id: Optional[str] = None,
         code_version: Optional[str] = None,
+        blocks: Optional[list[str]] = None,
     ) -> Charge:
         """Admit ``mechanism`` on ``dataset`` if the privacy filter still holds with it.
 
-        One write transaction holding the dataset's lock: read charges, check, append.
+        One write transaction holding the dataset's lock (and, for a partitioned dataset, the
+        rows of the blocks read, in sorted order): read charges, check, append.
+
+        Args:
+            blocks: for a dataset partitioned into blocks, the blocks this run reads; each must
+                admit the charge. ``n_records`` is then the size of their union.
 
         Raises:
-            BudgetExceededError: the charge would take the dataset past its cap. Nothing is written.
+            BudgetExceededError: the charge would take the dataset (or a block) past its cap.
+                Nothing is written.
             ConfigError: delta is not below 1/n for this data version.
         """
         with Session(self.engine) as session, session.begin():
@@ -428,17 +551,27 @@ class Ledger:
                     f"dataset {dataset!r}: delta {ds.delta} must be below 1/n = {1.0 / n_records:.3g} (n = {n_records} records)"
                 )
             charges = self._expire_stale(session, ds, self._charges(session, ds))
-            spent = self._spent(charges, ds.delta)
-            after = accounting.filter_epsilon(
-                [c.charged for c in charges if c.charged is not None] + [mechanism], delta=ds.delta
-            )
-            if after > ds.epsilon_cap:
-                requested = accounting.epsilon([mechanism], delta=ds.delta)
-                raise BudgetExceededError(
-                    f"dataset {dataset!r}: refused. spent {spent:.3f} of cap {ds.epsilon_cap:g}; this run requests "
-                    f"epsilon {requested:.3f}, which would bring the cumulative epsilon to {after:.3f} > cap "
-                    f"{ds.epsilon_cap:g}. Nothing was trained."
-                )
+            partitioned = bool(self._blocks(session, ds))
+            if partitioned and not blocks:
+                raise ConfigError(f"dataset {dataset!r} is partitioned into blocks: name the blocks this run reads")
+            if blocks and not partitioned:
+                raise ConfigError(f"dataset {dataset!r} has no blocks; reserve without naming any")
+            scopes = [(b.name, b.epsilon_cap) for b in self._blocks(session, ds, sorted(set(blocks)), lock=True)] if blocks else [(None, ds.epsilon_cap)]
+            for block, cap in scopes:
+                relevant = [
+                    c.charged for c in charges
+                    if c.charged is not None and (block is None or not c.blocks or block in c.blocks)
+                ]
+                after = accounting.filter_epsilon(relevant + [mechanism], delta=ds.delta)
+                if after > cap:
+                    spent = accounting.filter_epsilon(relevant, delta=ds.delta)
+                    requested = accounting.epsilon([mechanism], delta=ds.delta)
+                    where = f"dataset {dataset!r}" + (f" block {block!r}" if block else "")
+                    raise BudgetExceededError(
+                        f"{where}: refused. spent {spent:.3f} of cap {cap:g}; this run requests "
+                        f"epsilon {requested:.3f}, which would bring the cumulative epsilon to {after:.3f} > cap "
+                        f"{cap:g}. Nothing was trained."
+                    )
             row = ChargeRow(
                 id=str(uuid.uuid4()), dataset_id=ds.id, kind=accounting.KIND_SUBSAMPLED_GAUSSIAN,
                 sampler=accounting.SAMPLER_POISSON, noise_multiplier=float(mechanism.noise_multiplier),
@@ -449,9 +582,16 @@ class Ledger:
             )
             session.add(row)
             session.flush()
-            self._append(session, ds, RESERVED, row.id, _charge_payload(row))
-            charge_id = row.id
-        return self.charge(charge_id)
+            block_rows = self._blocks(session, ds, sorted(set(blocks))) if blocks else []
+            for b in block_rows:
+                session.add(ChargeBlockRow(charge_id=row.id, block_id=b.id))
+            self._append(session, ds, RESERVED, row.id, {**_charge_payload(row), "blocks": sorted(b.name for b in block_rows)})
+            return Charge(
+                id=row.id, dataset=ds.name, state=RESERVED, mechanism=mechanism, steps_run=None,
+                max_grad_norm=row.max_grad_norm, unit=row.unit, neighbouring=row.neighbouring, n_records=row.n_records,
+                job=row.job, data_version=row.data_version, flow_run_id=row.flow_run_id, code_version=row.code_version,
+                created_at=row.created_at, lease_expires_at=row.lease_expires_at, blocks=tuple(sorted(b.name for b in block_rows)),
+            )
 
     def _transition(self, charge_id: str, new_state: str, payload: dict[str, Any]) -> Charge:
         with Session(self.engine) as session, session.begin():
@@ -548,7 +688,13 @@ class Ledger:
             if estimate:
                 charged = [c.charged for c in charges if c.charged is not None]
                 pld = accounting.pld_epsilon(charged, delta=ds.delta) if charged else 0.0
-            return DatasetBudget(ds.name, ds.unit, ds.delta, ds.epsilon_cap, self._spent(charges, ds.delta), counts, pld)
+            blocks = [
+                BlockBudget(b.name, b.epsilon_cap, b.n_records, self._spent(charges, ds.delta, block=b.name))
+                for b in self._blocks(session, ds)
+            ]
+            spent = max(b.spent for b in blocks) if blocks else self._spent(charges, ds.delta)
+            cap = max(b.epsilon_cap for b in blocks) if blocks else ds.epsilon_cap
+            return DatasetBudget(ds.name, ds.unit, ds.delta, cap, spent, counts, pld, blocks)
 
     def budgets(self, *, estimate: bool = False) -> list[DatasetBudget]:
         return [self.budget(name, estimate=estimate) for name in self.datasets()]
@@ -578,7 +724,11 @@ class Ledger:
                 if ds.head_seq != expected_seq - 1 or ds.head_hash != prev:
                     problems.append(f"dataset {ds.name!r}: chain head is seq {ds.head_seq} but the log ends at {expected_seq - 1} (truncated or edited)")
                 for row in session.scalars(select(ChargeRow).where(ChargeRow.dataset_id == ds.id)):
-                    if reserved_payload.get(row.id) != _charge_payload(row):
+                    linked = sorted(session.scalars(
+                        select(BlockRow.name).join(ChargeBlockRow, ChargeBlockRow.block_id == BlockRow.id)
+                        .where(ChargeBlockRow.charge_id == row.id)
+                    ))
+                    if reserved_payload.get(row.id) != {**_charge_payload(row), "blocks": linked}:
                         problems.append(f"dataset {ds.name!r}: charge {row.id} differs from its reserved event (edited)")
                     reserved_payload.pop(row.id, None)
                 for charge_id in reserved_payload:

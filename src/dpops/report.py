@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any, Iterable
 
 from dpops.ledger import DatasetBudget
@@ -35,14 +36,22 @@ def markdown(summary: dict[str, Any]) -> str:
     return "# dpops private fine-tune\n\n| | |\n| --- | --- |\n" + body + "\n"
 
 
+def budget_dict(b: DatasetBudget) -> dict[str, Any]:
+    d = asdict(b)
+    d["remaining"] = b.remaining
+    d["blocks"] = [{**asdict(x), "remaining": x.remaining} for x in b.blocks]
+    return d
+
+
 def budget_table(budgets: Iterable[DatasetBudget]) -> str:
     header = ("dataset", "unit", "delta", "cap", "spent", "remaining", "pld estimate", "charges")
-    rows = [
-        (b.name, b.unit, f"{b.delta:g}", f"{b.epsilon_cap:g}", f"{b.spent:.3f}", f"{b.remaining:.3f}",
-         "-" if b.pld_estimate is None else f"{b.pld_estimate:.3f}",
-         ", ".join(f"{k} {v}" for k, v in sorted(b.charges.items())) or "none")
-        for b in budgets
-    ]
+    rows = []
+    for b in budgets:
+        rows.append((b.name, b.unit, f"{b.delta:g}", f"{b.epsilon_cap:g}", f"{b.spent:.3f}", f"{b.remaining:.3f}",
+                     "-" if b.pld_estimate is None else f"{b.pld_estimate:.3f}",
+                     ", ".join(f"{k} {v}" for k, v in sorted(b.charges.items())) or "none"))
+        for x in b.blocks:
+            rows.append((f"  block {x.name}", "", "", f"{x.epsilon_cap:g}", f"{x.spent:.3f}", f"{x.remaining:.3f}", "", f"{x.n_records} records"))
     if not rows:
         return "no datasets registered in the ledger"
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]

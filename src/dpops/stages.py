@@ -140,8 +140,9 @@ def record(
     ledger = _ledger(ws)
     try:
         charge = ledger.charge(charge_id)
-        b = ledger.budget(charge.dataset)
-        budget = {"dataset": b.name, "spent": b.spent, "remaining": b.remaining, "epsilon_cap": b.epsilon_cap}
+        b = ledger.budget(charge.dataset, estimate=True)
+        budget = {"dataset": b.name, "spent": b.spent, "remaining": b.remaining, "epsilon_cap": b.epsilon_cap,
+                  "pld_estimate": b.pld_estimate}
         plan_out = {**p, "epsilon_spent": audit_out["accountant_epsilon"], "steps_run": train_out["steps_run"]}
         train_view = {k: train_out[k] for k in ("epsilon_by_step", "loss_by_step", "steps_run", "seconds", "grad_sample_mode", "trainable_parameters")}
         data_view = {k: ref[k] for k in ("dataset", "rev", "path", "sha256", "dvc_md5", "n_records", "version")}

@@ -121,6 +121,8 @@ def record(
             f"dataset_{dataset}_cumulative_epsilon": dataset_budget["spent"],
             f"dataset_{dataset}_remaining_epsilon": dataset_budget["remaining"],
             f"dataset_{dataset}_epsilon_cap": dataset_budget["epsilon_cap"],
+            # a tighter figure for the same charges as a fixed sequence: reported, never enforced
+            f"dataset_{dataset}_cumulative_epsilon_pld_estimate": dataset_budget.get("pld_estimate") or 0.0,
         })
         report = {
             "dataset": dataset, "data": data, "charge_id": charge_id, "plan": plan,
