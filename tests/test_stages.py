@@ -40,3 +40,19 @@ def test_validation_failure_stops_before_any_charge(workspace_env, smoke_job, pr
     with pytest.raises(DataValidationError, match="expect_column_value_lengths_to_be_between\\(text\\)"):
         stages.validate(str(smoke_job), ref)
     assert not (workspace_env / "ledger.db").exists()
+
+
+def test_same_job_seed_still_draws_fresh_noise_each_run(workspace_env, smoke_job, project_root):
+    """Two runs of one job must not share sampling or noise: shared noise cancels in differences."""
+    from safetensors.torch import load_file
+
+    _edit(smoke_job, lambda d: d.update(train_max_records=64, dp={**d["dp"], "steps": 1, "expected_batch_size": 16}))
+    weights = []
+    for _ in range(2):
+        ref = stages.resolve(str(smoke_job), str(project_root))
+        plan = stages.plan(str(smoke_job), ref)
+        charge_id = stages.reserve(str(smoke_job), ref, plan)
+        out = stages.train(str(smoke_job), ref, plan, charge_id)
+        weights.append(load_file(f"{out['model_dir']}/trainable.safetensors"))
+    assert weights[0].keys() == weights[1].keys()
+    assert any(not (weights[0][k] == weights[1][k]).all() for k in weights[0])

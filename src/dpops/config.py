@@ -107,7 +107,11 @@ class JobConfig(_Strict):
     data_rev: Optional[str] = Field(default=None, description="Git revision of the data to read (None: the working tree).")
     registered_model: str = Field(description="MLflow registered-model name for the result.")
     method: Literal["lora"] = Field(default="lora", description="Fine-tuning method.")
-    seed: int = Field(default=0, description="Seed of sampling, noise and initialisation.")
+    seed: int = Field(
+        default=0,
+        description="Seed of model initialisation and audit sampling. Poisson sampling and DP noise always use "
+        "fresh, unrecorded randomness: reusing them across runs would void the guarantee.",
+    )
     model: ModelConfig = Field(default_factory=ModelConfig)
     lora: LoraSettings = Field(default_factory=LoraSettings)
     dp: DPSettings

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,8 +83,11 @@ def train(
 
     if len(train_df) != plan.n_records:
         raise PrivacyError(f"plan is for n = {plan.n_records} records but {len(train_df)} were loaded")
-    torch.manual_seed(job.seed)
-    generator = torch.Generator().manual_seed(job.seed)
+    torch.manual_seed(job.seed)  # model initialisation only
+    # Sampling and noise draw fresh randomness every run, never from the job's seed, and the seed
+    # is neither logged nor stored: two runs sharing noise on neighbouring data versions would let
+    # the noise cancel out of the difference of their outputs, which no accountant covers.
+    generator = torch.Generator().manual_seed(secrets.randbits(63))
     base = modeling.base_model_path(job.model)
     tokenizer = modeling.load_tokenizer(base)
     net = modeling.SentenceClassifier(base, len(labels), job.lora)
