@@ -72,6 +72,13 @@ def _open_ledger(must_exist: bool = True):
     return Ledger(ws.ledger_url)
 
 
+def _require_ledger():
+    ledger = _open_ledger()
+    if ledger is None:
+        _fail("no ledger yet (no run has reserved budget)")
+    return ledger
+
+
 @dataset_app.command("register")
 def dataset_register(
     config: Path = typer.Argument(..., help="Dataset config, e.g. configs/datasets/sst2.yaml"),
@@ -95,10 +102,7 @@ def ledger_history(
     as_json: bool = typer.Option(False, "--json", help="One JSON object per event."),
 ) -> None:
     """Every event of a dataset's chain, oldest first."""
-    ledger = _open_ledger()
-    if ledger is None:
-        _fail("no ledger yet")
-        return
+    ledger = _require_ledger()
     try:
         events = list(ledger.history(dataset))
     except DpopsError as exc:
@@ -136,10 +140,7 @@ def ledger_release(
     reason: str = typer.Option(..., "--reason", help="Why the reservation is released."),
 ) -> None:
     """Release a reservation that never read data (refused once the charge is running)."""
-    ledger = _open_ledger()
-    if ledger is None:
-        _fail("no ledger yet")
-        return
+    ledger = _require_ledger()
     try:
         c = ledger.release(charge, reason=reason)
     except DpopsError as exc:

@@ -413,14 +413,18 @@ class Ledger:
         return out
 
     @staticmethod
-    def _spent(charges: list[Charge], delta: float, block: Optional[str] = None) -> float:
-        """Guaranteed epsilon of ``charges``; with ``block``, of those that read it (a charge
+    def _counted(charges: list[Charge], block: Optional[str] = None) -> list[SubsampledGaussian]:
+        """The mechanisms ``charges`` count as; with ``block``, only those that read it (a charge
         that read the whole dataset counts against every block)."""
-        events = [
+        return [
             c.charged for c in charges
             if c.charged is not None and (block is None or not c.blocks or block in c.blocks)
         ]
-        return accounting.filter_epsilon(events, delta=delta)
+
+    @classmethod
+    def _spent(cls, charges: list[Charge], delta: float, block: Optional[str] = None) -> float:
+        """Guaranteed epsilon of ``charges`` (see :meth:`_counted`)."""
+        return accounting.filter_epsilon(cls._counted(charges, block), delta=delta)
 
     def _blocks(self, session: Session, ds: DatasetRow, names: Optional[list[str]] = None, lock: bool = False) -> list[BlockRow]:
         stmt = select(BlockRow).where(BlockRow.dataset_id == ds.id)
@@ -510,8 +514,7 @@ class Ledger:
             charges = self._charges(session, ds)
             out = []
             for b in self._blocks(session, ds):
-                relevant = [c.charged for c in charges if c.charged is not None and (not c.blocks or b.name in c.blocks)]
-                if accounting.filter_epsilon(relevant + [mechanism], delta=ds.delta) <= b.epsilon_cap:
+                if accounting.filter_epsilon(self._counted(charges, b.name) + [mechanism], delta=ds.delta) <= b.epsilon_cap:
                     out.append(b.name)
             return out
 
@@ -558,10 +561,7 @@ class Ledger:
                 raise ConfigError(f"dataset {dataset!r} has no blocks; reserve without naming any")
             scopes = [(b.name, b.epsilon_cap) for b in self._blocks(session, ds, sorted(set(blocks)), lock=True)] if blocks else [(None, ds.epsilon_cap)]
             for block, cap in scopes:
-                relevant = [
-                    c.charged for c in charges
-                    if c.charged is not None and (block is None or not c.blocks or block in c.blocks)
-                ]
+                relevant = self._counted(charges, block)
                 after = accounting.filter_epsilon(relevant + [mechanism], delta=ds.delta)
                 if after > cap:
                     spent = accounting.filter_epsilon(relevant, delta=ds.delta)
