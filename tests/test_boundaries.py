@@ -4,6 +4,11 @@ import subprocess
 import sys
 
 
+def _fresh_python(code: str) -> str:
+    """Run ``code`` in a new interpreter (nothing imported yet) and return what it printed."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+
+
 def test_importing_the_library_never_loads_prefect():
     code = (
         "import importlib, pkgutil, sys, dpops\n"
@@ -11,8 +16,7 @@ def test_importing_the_library_never_loads_prefect():
         "    importlib.import_module('dpops.' + m.name)\n"
         "print('prefect' in sys.modules)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
+    assert _fresh_python(code) == "False"
 
 
 def test_ledger_clients_do_not_load_torch():
@@ -22,5 +26,4 @@ def test_ledger_clients_do_not_load_torch():
         "accounting.epsilon([accounting.SubsampledGaussian(1.0, 0.01, 10)], delta=1e-5)\n"
         "print('torch' in sys.modules)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
+    assert _fresh_python(code) == "False"

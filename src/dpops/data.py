@@ -96,6 +96,14 @@ def _parse(data: bytes, *, source: str, delimiter: str) -> pd.DataFrame:
         raise DataValidationError(f"{source}: the file is empty") from None
 
 
+def read_resolved(ref: DataRef) -> bytes:
+    """The training split's bytes, refused unless they still hash to what resolve recorded."""
+    data, _ = read_bytes(ref.repo, ref.path, ref.rev)
+    if hashlib.sha256(data).hexdigest() != ref.sha256:
+        raise DataValidationError(f"{ref.path}: content changed since it was resolved (sha256 mismatch); refusing to use it")
+    return data
+
+
 def load_split(ref: DataRef, cfg: DatasetConfig, *, path: Optional[str] = None, max_records: Optional[int] = None) -> pd.DataFrame:
     """Load a split as a DataFrame with columns ``text`` and ``label`` (label as a class index).
 
@@ -106,9 +114,7 @@ def load_split(ref: DataRef, cfg: DatasetConfig, *, path: Optional[str] = None, 
         DataValidationError: unreadable file, changed content, missing column or unknown label.
     """
     target = path or ref.path
-    data, _ = read_bytes(ref.repo, target, ref.rev)
-    if path is None and hashlib.sha256(data).hexdigest() != ref.sha256:
-        raise DataValidationError(f"{target}: content changed since it was resolved (sha256 mismatch); refusing to use it")
+    data = read_resolved(ref) if path is None else read_bytes(ref.repo, target, ref.rev)[0]
     df = _parse(data, source=target, delimiter=cfg.delimiter)
     missing = [c for c in (cfg.text_column, cfg.label_column) if c not in df.columns]
     if missing:
@@ -187,9 +193,7 @@ def validate(ref: DataRef, cfg: DatasetConfig) -> ValidationReport:
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
     import great_expectations as gx
 
-    data, _ = read_bytes(ref.repo, ref.path, ref.rev)
-    if hashlib.sha256(data).hexdigest() != ref.sha256:
-        raise DataValidationError(f"{ref.path}: content changed since it was resolved (sha256 mismatch)")
+    data = read_resolved(ref)
     raw = _parse(data, source=ref.path, delimiter=cfg.delimiter)
     if ref.n_records < len(raw):
         raw = raw.iloc[: ref.n_records]
