@@ -39,11 +39,14 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    func,
     insert,
     select,
     text,
     update,
 )
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
@@ -309,25 +312,58 @@ def _event_hash(dataset: str, seq: int, kind: str, charge_id: Optional[str], pay
     return hashlib.sha256(body.encode("utf-8")).hexdigest()
 
 
-def _charge_payload(row: ChargeRow) -> dict[str, Any]:
+#: Fields of a charge row besides its id and dataset, in the order of its `reserved` event.
+CHARGE_FIELDS = (
+    "kind", "sampler", "noise_multiplier", "sample_rate", "steps_planned", "max_grad_norm", "unit", "neighbouring",
+    "n_records", "job", "data_version", "flow_run_id", "code_version", "created_at", "lease_expires_at",
+)
+
+
+def _charge_payload(row: Any) -> dict[str, Any]:
     """The immutable fields of a charge row, copied into its `reserved` event for verify()."""
+    return {name: getattr(row, name) for name in CHARGE_FIELDS}
+
+
+def _charge_fields(charge: Charge) -> dict[str, Any]:
+    """The row fields of a new charge (what :func:`_charge_payload` reads back from its row)."""
     return {
-        "kind": row.kind,
-        "sampler": row.sampler,
-        "noise_multiplier": row.noise_multiplier,
-        "sample_rate": row.sample_rate,
-        "steps_planned": row.steps_planned,
-        "max_grad_norm": row.max_grad_norm,
-        "unit": row.unit,
-        "neighbouring": row.neighbouring,
-        "n_records": row.n_records,
-        "job": row.job,
-        "data_version": row.data_version,
-        "flow_run_id": row.flow_run_id,
-        "code_version": row.code_version,
-        "created_at": row.created_at,
-        "lease_expires_at": row.lease_expires_at,
+        "kind": accounting.KIND_SUBSAMPLED_GAUSSIAN,
+        "sampler": accounting.SAMPLER_POISSON,
+        "noise_multiplier": float(charge.mechanism.noise_multiplier),
+        "sample_rate": float(charge.mechanism.sample_rate),
+        "steps_planned": int(charge.mechanism.steps),
+        "max_grad_norm": charge.max_grad_norm,
+        "unit": charge.unit,
+        "neighbouring": charge.neighbouring,
+        "n_records": charge.n_records,
+        "job": charge.job,
+        "data_version": charge.data_version,
+        "flow_run_id": charge.flow_run_id,
+        "code_version": charge.code_version,
+        "created_at": charge.created_at,
+        "lease_expires_at": charge.lease_expires_at,
     }
+
+
+@dataclass
+class _Locked:
+    """A dataset row as the write path needs it; the chain head advances with each appended event."""
+
+    id: int
+    name: str
+    unit: str
+    delta: float
+    epsilon_cap: float
+    head_seq: int
+    head_hash: str
+    partitioned: bool
+
+
+_DATASETS = DatasetRow.__table__
+_BLOCKS = BlockRow.__table__
+_EVENTS = EventRow.__table__
+_STATES = ChargeStateRow.__table__
+_TOTALS = SpendTotalRow.__table__
 
 
 # --------------------------------------------------------------------------- the ledger
@@ -372,40 +408,69 @@ class Ledger:
         self.engine.dispose()
 
     # ----------------------------------------------------------------- internals
+    #
+    # Writes go through SQLAlchemy Core on one Connection (no ORM unit of work): admission holds
+    # the dataset's lock for a handful of short statements, which is what bounds throughput when
+    # many flows reserve against one dataset.
 
-    def _lock_dataset(self, session: Session, name: Optional[str] = None, *, dataset_id: Optional[int] = None) -> DatasetRow:
-        """The dataset's row, locked for the rest of the transaction (by name or id)."""
-        stmt = select(DatasetRow).where(DatasetRow.name == name if dataset_id is None else DatasetRow.id == dataset_id)
-        if self.engine.dialect.name == "postgresql":
-            stmt = stmt.with_for_update()
-        row = session.scalars(stmt).one_or_none()
+    @property
+    def _pg(self) -> bool:
+        return self.engine.dialect.name == "postgresql"
+
+    def _lock_dataset(self, conn: Connection, name: Optional[str] = None, *, dataset_id: Optional[int] = None,
+                      asynchronous_commit: bool = False) -> _Locked:
+        """The dataset's row, locked for the rest of the transaction (by name or id).
+
+        SQLite's write lock is already held (``BEGIN IMMEDIATE``); PostgreSQL locks the row.
+        Rows of other tables must be read in later statements: a PostgreSQL statement that waited
+        for the lock still sees them as of its start (READ COMMITTED), i.e. before the last holder's
+        commit.
+
+        Args:
+            asynchronous_commit: on PostgreSQL, let this transaction's COMMIT return before its WAL
+                is flushed (``synchronous_commit`` off for this transaction only; set in the same
+                round trip as the lock).
+        """
+        d = _DATASETS.c
+        partitioned = select(_BLOCKS.c.id).where(_BLOCKS.c.dataset_id == d.id).exists().label("partitioned")
+        stmt = (select(d.id, d.name, d.unit, d.delta, d.epsilon_cap, d.head_seq, d.head_hash, partitioned)
+                .where(d.name == name if dataset_id is None else d.id == dataset_id))
+        if self._pg:
+            stmt = stmt.with_for_update(of=_DATASETS)
+            if asynchronous_commit:
+                stmt = stmt.add_columns(func.set_config("synchronous_commit", "off", True))
+        row = conn.execute(stmt).one_or_none()
         if row is None:
             raise LedgerError(f"dataset {name!r} is not registered in the ledger")
-        return row
+        return _Locked(*row[:8])
 
-    def _append(self, session: Session, ds: DatasetRow, kind: str, charge_id: Optional[str], payload: dict[str, Any]) -> EventRow:
+    @staticmethod
+    def _next_event(ds: _Locked, kind: str, charge_id: Optional[str], payload: dict[str, Any]) -> dict[str, Any]:
+        """The next event of the dataset's hash chain, as a row; advances ``ds``'s head to it."""
         seq = ds.head_seq + 1
         created = _now()
         body = json.dumps(payload, sort_keys=True, separators=(",", ":"))
         digest = _event_hash(ds.name, seq, kind, charge_id, body, created, ds.head_hash)
-        ev = EventRow(
-            dataset_id=ds.id, seq=seq, charge_id=charge_id, kind=kind, payload=body,
-            created_at=created, prev_hash=ds.head_hash, hash=digest,
-        )
-        session.add(ev)
-        ds.head_seq = seq
-        ds.head_hash = digest
-        return ev
+        row = {"dataset_id": ds.id, "seq": seq, "charge_id": charge_id, "kind": kind, "payload": body,
+               "created_at": created, "prev_hash": ds.head_hash, "hash": digest}
+        ds.head_seq, ds.head_hash = seq, digest
+        return row
 
-    def _charges(self, session: Session, ds: DatasetRow, charge_id: Optional[str] = None) -> list[Charge]:
+    @classmethod
+    def _append(cls, conn: Connection, ds: _Locked, kind: str, charge_id: Optional[str], payload: dict[str, Any]) -> None:
+        """Append one event to the dataset's hash chain and move the chain head (caller holds the lock)."""
+        conn.execute(insert(_EVENTS), cls._next_event(ds, kind, charge_id, payload))
+        conn.execute(update(_DATASETS).where(_DATASETS.c.id == ds.id).values(head_seq=ds.head_seq, head_hash=ds.head_hash))
+
+    def _charges(self, session: Session | Connection, ds: Any, charge_id: Optional[str] = None) -> list[Charge]:
         """Charges of ``ds`` (or the one ``charge_id``) with their state replayed from the events.
 
-        This is the authoritative read (the record itself); admission uses the derived
+        This is the authoritative read (the record itself); admission and budgets use the derived
         ``charge_states``/``spend_totals`` instead, and :meth:`verify` checks the two agree.
         """
         # Plain column tuples (no ORM objects): cheap even for long histories.
         c = ChargeRow.__table__.c
-        e = EventRow.__table__.c
+        e = _EVENTS.c
         rows_q = (select(c.id, c.noise_multiplier, c.sample_rate, c.steps_planned, c.max_grad_norm, c.unit, c.neighbouring,
                          c.n_records, c.job, c.data_version, c.flow_run_id, c.code_version, c.created_at, c.lease_expires_at)
                   .where(c.dataset_id == ds.id).order_by(c.created_at))
@@ -449,87 +514,81 @@ class Ledger:
 
     # -- the derived spend index (charge_states, spend_totals): written under the dataset lock
 
-    @staticmethod
-    def _add_steps(session: Session, dataset_id: int, scopes: list[str], sigma: float, q: float, change: int) -> None:
+    def _add_steps(self, conn: Connection, dataset_id: int, scopes: list[str], sigma: float, q: float, change: int) -> None:
         """Add ``change`` counted steps of mechanism (sigma, q) to each scope's total."""
-        t = SpendTotalRow.__table__
+        t = _TOTALS
         for scope in scopes:
-            done = session.execute(
+            if change > 0:  # one upsert: insert the scope's first total, or add to it
+                dialect_insert = pg_insert if self._pg else sqlite_insert
+                stmt = dialect_insert(t).values(dataset_id=dataset_id, scope=scope, noise_multiplier=sigma, sample_rate=q, steps=change)
+                conn.execute(stmt.on_conflict_do_update(
+                    index_elements=[t.c.dataset_id, t.c.scope, t.c.noise_multiplier, t.c.sample_rate],
+                    set_={"steps": t.c.steps + stmt.excluded.steps},
+                ))
+                continue
+            done = conn.execute(
                 update(t)
                 .where(t.c.dataset_id == dataset_id, t.c.scope == scope, t.c.noise_multiplier == sigma, t.c.sample_rate == q)
                 .values(steps=t.c.steps + change)
             ).rowcount
             if not done:
-                if change < 0:
-                    raise LedgerError(f"spend index has no total for scope {scope!r}, sigma {sigma}, q {q}; run `dpops ledger verify`")
-                session.execute(insert(t).values(dataset_id=dataset_id, scope=scope, noise_multiplier=sigma, sample_rate=q, steps=change))
+                raise LedgerError(f"spend index has no total for scope {scope!r}, sigma {sigma}, q {q}; run `dpops ledger verify`")
 
-    def _set_state(self, session: Session, ds: DatasetRow, charge_id: str, new_state: str, payload: dict[str, Any], *, counted: int) -> None:
+    def _set_state(self, conn: Connection, ds: _Locked, charge_id: str, new_state: str, payload: dict[str, Any], *,
+                   counted: int, was_counted: int) -> None:
         """Append a state event and update the derived index to match (caller holds the lock)."""
-        st = session.get(ChargeStateRow, charge_id)
-        change = counted - st.steps_counted
+        change = counted - was_counted
         if change:
             c = ChargeRow.__table__.c
-            sigma, q = session.execute(select(c.noise_multiplier, c.sample_rate).where(c.id == charge_id)).one()
-            scopes = list(session.scalars(
+            sigma, q = conn.execute(select(c.noise_multiplier, c.sample_rate).where(c.id == charge_id)).one()
+            scopes = list(conn.scalars(
                 select(BlockRow.name).join(ChargeBlockRow, ChargeBlockRow.block_id == BlockRow.id)
                 .where(ChargeBlockRow.charge_id == charge_id)
             )) or [WHOLE]
-            self._add_steps(session, ds.id, scopes, sigma, q, change)
-        st.state, st.steps_counted = new_state, counted
-        self._append(session, ds, new_state, charge_id, payload)
+            self._add_steps(conn, ds.id, scopes, sigma, q, change)
+        conn.execute(update(_STATES).where(_STATES.c.charge_id == charge_id).values(state=new_state, steps_counted=counted))
+        self._append(conn, ds, new_state, charge_id, payload)
 
-    def _expire_stale(self, session: Session, ds: DatasetRow) -> int:
+    def _expire_stale(self, conn: Connection, ds: _Locked) -> int:
         """Append ``expired`` for reservations past their lease (caller holds the dataset lock);
         return how many expired."""
-        cs = ChargeStateRow.__table__.c
-        stale = session.scalars(
-            select(cs.charge_id).where(cs.dataset_id == ds.id, cs.state == RESERVED, cs.lease_expires_at < _now())
+        cs = _STATES.c
+        stale = conn.execute(
+            select(cs.charge_id, cs.steps_counted).where(cs.dataset_id == ds.id, cs.state == RESERVED, cs.lease_expires_at < _now())
         ).all()
-        for charge_id in stale:
-            self._set_state(session, ds, charge_id, EXPIRED, {"reason": "lease expired before the run started"}, counted=0)
+        for charge_id, was in stale:
+            self._set_state(conn, ds, charge_id, EXPIRED, {"reason": "lease expired before the run started"}, counted=0, was_counted=was)
         return len(stale)
 
     @staticmethod
-    def _scope_totals(session: Session, ds: DatasetRow, block: Optional[str] = None) -> list[SubsampledGaussian]:
+    def _scope_totals(conn: Session | Connection, dataset_id: int, block: Optional[str] = None) -> list[SubsampledGaussian]:
         """What the dataset's (or ``block``'s) filter counts, from the spend index (a handful of
         rows): the charges that read the whole dataset, plus, for a block, those that read it."""
-        t = SpendTotalRow.__table__.c
+        t = _TOTALS.c
         scopes = [WHOLE, block] if block else [WHOLE]
         return [
             _mechanism(sigma, q, steps)
-            for sigma, q, steps in session.execute(
+            for sigma, q, steps in conn.execute(
                 select(t.noise_multiplier, t.sample_rate, t.steps)
-                .where(t.dataset_id == ds.id, t.steps > 0, t.scope.in_(scopes))
+                .where(t.dataset_id == dataset_id, t.steps > 0, t.scope.in_(scopes))
             )
         ]
 
-    @staticmethod
-    def _counted(charges: list[Charge], block: Optional[str] = None) -> list[SubsampledGaussian]:
-        """The mechanisms ``charges`` count as; with ``block``, only those that read it (a charge
-        that read the whole dataset counts against every block)."""
-        return [
-            c.charged for c in charges
-            if c.charged is not None and (block is None or not c.blocks or block in c.blocks)
-        ]
-
-    @classmethod
-    def _spent(cls, charges: list[Charge], delta: float, block: Optional[str] = None) -> float:
-        """Guaranteed epsilon of ``charges`` (see :meth:`_counted`)."""
-        return accounting.filter_epsilon(cls._counted(charges, block), delta=delta)
-
-    def _blocks(self, session: Session, ds: DatasetRow, names: Optional[list[str]] = None, lock: bool = False) -> list[BlockRow]:
-        stmt = select(BlockRow).where(BlockRow.dataset_id == ds.id)
+    def _blocks(self, conn: Session | Connection, dataset_id: int, names: Optional[list[str]] = None,
+                lock: bool = False, dataset: str = "") -> list[tuple[int, str, float, int]]:
+        """Blocks of the dataset as (id, name, epsilon_cap, n_records), in id order."""
+        b = _BLOCKS.c
+        stmt = select(b.id, b.name, b.epsilon_cap, b.n_records).where(b.dataset_id == dataset_id)
         if names is not None:
-            stmt = stmt.where(BlockRow.name.in_(names))
-        stmt = stmt.order_by(BlockRow.id)  # always lock in the same (sorted) order: no deadlocks
-        if lock and self.engine.dialect.name == "postgresql":
+            stmt = stmt.where(b.name.in_(names))
+        stmt = stmt.order_by(b.id)  # always lock in the same (sorted) order: no deadlocks
+        if lock and self._pg:
             stmt = stmt.with_for_update()
-        rows = list(session.scalars(stmt))
+        rows = [tuple(r) for r in conn.execute(stmt)]
         if names is not None:
-            missing = sorted(set(names) - {b.name for b in rows})
+            missing = sorted(set(names) - {r[1] for r in rows})
             if missing:
-                raise LedgerError(f"dataset {ds.name!r} has no block(s) {missing}")
+                raise LedgerError(f"dataset {dataset!r} has no block(s) {missing}")
         return rows
 
     # ----------------------------------------------------------------- datasets
@@ -553,8 +612,9 @@ class Ledger:
             raise ConfigError(f"dataset {name!r}: unit 'user' needs field 'contribution_bound' >= 1. Found {contribution_bound}.")
         if unit == "record":
             contribution_bound = None
-        with Session(self.engine) as session, session.begin():
-            row = session.scalars(select(DatasetRow).where(DatasetRow.name == name)).one_or_none()
+        d = _DATASETS.c
+        with self.engine.begin() as conn:
+            row = conn.execute(select(d.unit, d.contribution_bound, d.delta, d.epsilon_cap).where(d.name == name)).one_or_none()
             if row is not None:
                 differs = [
                     f"{k}: ledger {a!r}, config {b!r}"
@@ -568,17 +628,18 @@ class Ledger:
                         "The ledger is the source of truth; a cap is not changed by editing a config."
                     )
                 return
-            row = DatasetRow(name=name, unit=unit, contribution_bound=contribution_bound, delta=delta, epsilon_cap=epsilon_cap,
-                             accountant=accounting.FILTER_NAME, created_at=_now(), head_seq=0, head_hash=GENESIS)
-            session.add(row)
-            session.flush()
-            self._append(session, row, "registered", None,
+            new_id = conn.execute(insert(_DATASETS).values(
+                name=name, unit=unit, contribution_bound=contribution_bound, delta=delta, epsilon_cap=epsilon_cap,
+                accountant=accounting.FILTER_NAME, created_at=_now(), head_seq=0, head_hash=GENESIS,
+            )).inserted_primary_key[0]
+            ds = _Locked(new_id, name, unit, delta, epsilon_cap, 0, GENESIS, False)
+            self._append(conn, ds, "registered", None,
                          {"unit": unit, "contribution_bound": contribution_bound, "delta": delta,
                           "epsilon_cap": epsilon_cap, "accountant": accounting.FILTER_NAME})
 
     def datasets(self) -> list[str]:
-        with Session(self.engine) as session:
-            return list(session.scalars(select(DatasetRow.name).order_by(DatasetRow.name)))
+        with self.engine.connect() as conn:
+            return list(conn.scalars(select(_DATASETS.c.name).order_by(_DATASETS.c.name)))
 
     def add_block(self, dataset: str, *, name: str, n_records: int, epsilon_cap: Optional[float] = None) -> None:
         """Append a block (new people's records) to ``dataset``, with its own cap (default: the dataset's).
@@ -590,27 +651,26 @@ class Ledger:
             raise ConfigError(f"block {name!r}: n_records must be >= 1. Found {n_records}.")
         if not name.strip():
             raise ConfigError(f"dataset {dataset!r}: a block needs a non-empty name")
-        with Session(self.engine) as session, session.begin():
-            ds = self._lock_dataset(session, dataset)
+        with self.engine.begin() as conn:
+            ds = self._lock_dataset(conn, dataset)
             cap = ds.epsilon_cap if epsilon_cap is None else float(epsilon_cap)
             if not cap > 0:
                 raise ConfigError(f"block {name!r}: epsilon_cap must be > 0. Found {cap}.")
-            if session.scalars(select(BlockRow).where(BlockRow.dataset_id == ds.id, BlockRow.name == name)).first():
+            b = _BLOCKS.c
+            if conn.execute(select(b.id).where(b.dataset_id == ds.id, b.name == name)).first():
                 raise LedgerError(f"dataset {dataset!r} already has a block {name!r}; blocks are append-only")
-            session.add(BlockRow(dataset_id=ds.id, name=name, epsilon_cap=cap, n_records=int(n_records), created_at=_now()))
-            self._append(session, ds, "block_added", None, {"block": name, "epsilon_cap": cap, "n_records": int(n_records)})
+            conn.execute(insert(_BLOCKS).values(dataset_id=ds.id, name=name, epsilon_cap=cap, n_records=int(n_records), created_at=_now()))
+            self._append(conn, ds, "block_added", None, {"block": name, "epsilon_cap": cap, "n_records": int(n_records)})
 
     def fresh_blocks(self, dataset: str, mechanism: SubsampledGaussian) -> list[str]:
         """Blocks that could still admit ``mechanism`` (oldest first): where a recurring
         fine-tune keeps training once older blocks are exhausted."""
-        with Session(self.engine) as session:
-            ds = session.scalars(select(DatasetRow).where(DatasetRow.name == dataset)).one()
-            charges = self._charges(session, ds)
-            out = []
-            for b in self._blocks(session, ds):
-                if accounting.filter_epsilon(self._counted(charges, b.name) + [mechanism], delta=ds.delta) <= b.epsilon_cap:
-                    out.append(b.name)
-            return out
+        with self.engine.connect() as conn:
+            ds = self._dataset(conn, dataset)
+            return [
+                name for _id, name, cap, _n in self._blocks(conn, ds.id)
+                if accounting.filter_epsilon(self._scope_totals(conn, ds.id, name) + [mechanism], delta=ds.delta) <= cap
+            ]
 
     # ----------------------------------------------------------------- charges
 
@@ -630,7 +690,7 @@ class Ledger:
         """Admit ``mechanism`` on ``dataset`` if the privacy filter still holds with it.
 
         One write transaction holding the dataset's lock (and, for a partitioned dataset, the
-        rows of the blocks read, in sorted order): read charges, check, append.
+        rows of the blocks read, in sorted order): read the spend index, check, append.
 
         Args:
             blocks: for a dataset partitioned into blocks, the blocks this run reads; each must
@@ -641,30 +701,27 @@ class Ledger:
                 Nothing is written.
             ConfigError: delta is not below 1/n for this data version.
         """
-        with Session(self.engine) as session, session.begin():
-            ds = self._lock_dataset(session, dataset)
+        with self.engine.begin() as conn:
+            # On PostgreSQL the reservation commits asynchronously: durability is owed before data
+            # is read, and `start` commits synchronously, which flushes the WAL up to and including
+            # this reservation. If the server crashed first, the reservation is lost whole and
+            # `start` refuses: nothing is read uncharged. Not waiting for the flush keeps the lock short.
+            ds = self._lock_dataset(conn, dataset, asynchronous_commit=True)
             if not (ds.delta < 1.0 / n_records):
                 raise ConfigError(
                     f"dataset {dataset!r}: delta {ds.delta} must be below 1/n = {1.0 / n_records:.3g} (n = {n_records} records)"
                 )
-            if self.engine.dialect.name == "postgresql":
-                # Durability is owed before data is read, and `start` commits synchronously, which
-                # flushes the WAL up to and including this reservation. If the server crashed
-                # first, the reservation is lost whole and `start` refuses: nothing is read
-                # uncharged. Not waiting for the flush here keeps the lock short.
-                session.execute(text("SET LOCAL synchronous_commit TO OFF"))
-            partitioned = session.execute(select(BlockRow.id).where(BlockRow.dataset_id == ds.id).limit(1)).first() is not None
-            if partitioned and not blocks:
+            if ds.partitioned and not blocks:
                 raise ConfigError(f"dataset {dataset!r} is partitioned into blocks: name the blocks this run reads")
-            if blocks and not partitioned:
+            if blocks and not ds.partitioned:
                 raise ConfigError(f"dataset {dataset!r} has no blocks; reserve without naming any")
-            block_rows = self._blocks(session, ds, sorted(set(blocks)), lock=True) if blocks else []
-            for block, cap in [(b.name, b.epsilon_cap) for b in block_rows] or [(None, ds.epsilon_cap)]:
-                relevant = self._scope_totals(session, ds, block)
+            block_rows = self._blocks(conn, ds.id, sorted(set(blocks)), lock=True, dataset=dataset) if blocks else []
+            for block, cap in [(name, cap) for _id, name, cap, _n in block_rows] or [(None, ds.epsilon_cap)]:
+                relevant = self._scope_totals(conn, ds.id, block)
                 after = accounting.filter_epsilon(relevant + [mechanism], delta=ds.delta)
-                if after > cap and self._expire_stale(session, ds):
+                if after > cap and self._expire_stale(conn, ds):
                     # Stale reservations are expired lazily, when they stand in the way.
-                    relevant = self._scope_totals(session, ds, block)
+                    relevant = self._scope_totals(conn, ds.id, block)
                     after = accounting.filter_epsilon(relevant + [mechanism], delta=ds.delta)
                 if after > cap:
                     spent = accounting.filter_epsilon(relevant, delta=ds.delta)
@@ -675,50 +732,81 @@ class Ledger:
                         f"epsilon {requested:.3f}, which would bring the cumulative epsilon to {after:.3f} > cap "
                         f"{cap:g}. Nothing was trained."
                     )
-            sigma, q, steps = float(mechanism.noise_multiplier), float(mechanism.sample_rate), int(mechanism.steps)
-            row = ChargeRow(
-                id=str(uuid.uuid4()), dataset_id=ds.id, kind=accounting.KIND_SUBSAMPLED_GAUSSIAN,
-                sampler=accounting.SAMPLER_POISSON, noise_multiplier=sigma, sample_rate=q, steps_planned=steps,
+            created = _now()
+            charge = Charge(
+                id=str(uuid.uuid4()), dataset=ds.name, state=RESERVED, mechanism=mechanism, steps_run=None,
                 max_grad_norm=float(max_grad_norm), unit=ds.unit, neighbouring=ADD_REMOVE, n_records=int(n_records),
                 job=job, data_version=data_version, flow_run_id=flow_run_id, code_version=code_version,
-                created_at=_now(), lease_expires_at=_now(offset_seconds=self.lease_seconds),
+                created_at=created, lease_expires_at=_now(offset_seconds=self.lease_seconds),
+                blocks=tuple(name for _id, name, _cap, _n in block_rows),
             )
-            session.add(row)
-            session.flush()  # the charge row first: the rows below reference it
-            session.add_all([ChargeBlockRow(charge_id=row.id, block_id=b.id) for b in block_rows])
-            session.add(ChargeStateRow(charge_id=row.id, dataset_id=ds.id, state=RESERVED, steps_counted=steps,
-                                       lease_expires_at=row.lease_expires_at))
-            names = [b.name for b in block_rows]
-            self._add_steps(session, ds.id, names or [WHOLE], sigma, q, steps)
-            self._append(session, ds, RESERVED, row.id, {**_charge_payload(row), "blocks": names})
-            return Charge(
-                id=row.id, dataset=ds.name, state=RESERVED, mechanism=mechanism, steps_run=None,
-                max_grad_norm=row.max_grad_norm, unit=row.unit, neighbouring=row.neighbouring, n_records=row.n_records,
-                job=row.job, data_version=row.data_version, flow_run_id=row.flow_run_id, code_version=row.code_version,
-                created_at=row.created_at, lease_expires_at=row.lease_expires_at, blocks=tuple(names),
-            )
+            self._write_reservation(conn, ds, charge, [b[0] for b in block_rows])
+            return charge
+
+    def _write_reservation(self, conn: Connection, ds: _Locked, charge: Charge, block_ids: list[int]) -> None:
+        """Write an admitted charge: its row, block links, state, spend totals and `reserved` event.
+
+        On PostgreSQL this is one statement (writable CTEs; the foreign keys are checked at its
+        end), so the dataset's lock is held for three round trips in all: lock, read totals, write.
+        On SQLite, in-process, the same rows are written one statement at a time.
+        """
+        fields = _charge_fields(charge)
+        steps = int(charge.mechanism.steps)
+        scopes = list(charge.blocks) or [WHOLE]
+        event_row = self._next_event(ds, RESERVED, charge.id, {**fields, "blocks": list(charge.blocks)})
+        if not self._pg:
+            conn.execute(insert(ChargeRow.__table__), {"id": charge.id, "dataset_id": ds.id, **fields})
+            if block_ids:
+                conn.execute(insert(ChargeBlockRow.__table__), [{"charge_id": charge.id, "block_id": b} for b in block_ids])
+            conn.execute(insert(_STATES), {"charge_id": charge.id, "dataset_id": ds.id, "state": RESERVED,
+                                           "steps_counted": steps, "lease_expires_at": charge.lease_expires_at})
+            self._add_steps(conn, ds.id, scopes, fields["noise_multiplier"], fields["sample_rate"], steps)
+            conn.execute(insert(_EVENTS), event_row)
+            conn.execute(update(_DATASETS).where(_DATASETS.c.id == ds.id).values(head_seq=ds.head_seq, head_hash=ds.head_hash))
+            return
+        params: dict[str, Any] = {"charge_id": charge.id, "dataset_id": ds.id, "state": RESERVED, "steps": steps,
+                                  **fields, **{f"ev_{k}": v for k, v in event_row.items()}}
+        links = ", ".join(f"(:charge_id, :block_{i})" for i in range(len(block_ids)))
+        params.update({f"block_{i}": b for i, b in enumerate(block_ids)})
+        totals = ", ".join(f"(:dataset_id, :scope_{i}, :noise_multiplier, :sample_rate, :steps)" for i in range(len(scopes)))
+        params.update({f"scope_{i}": scope for i, scope in enumerate(scopes)})
+        columns = ", ".join(CHARGE_FIELDS)
+        values = ", ".join(f":{name}" for name in CHARGE_FIELDS)
+        conn.execute(text(
+            f"WITH c AS (INSERT INTO charges (id, dataset_id, {columns}) VALUES (:charge_id, :dataset_id, {values})), "
+            + (f"b AS (INSERT INTO charge_blocks (charge_id, block_id) VALUES {links}), " if block_ids else "")
+            + "s AS (INSERT INTO charge_states (charge_id, dataset_id, state, steps_counted, lease_expires_at) "
+            "VALUES (:charge_id, :dataset_id, :state, :steps, :lease_expires_at)), "
+            f"t AS (INSERT INTO spend_totals (dataset_id, scope, noise_multiplier, sample_rate, steps) VALUES {totals} "
+            "ON CONFLICT (dataset_id, scope, noise_multiplier, sample_rate) DO UPDATE SET steps = spend_totals.steps + excluded.steps), "
+            "e AS (INSERT INTO events (dataset_id, seq, charge_id, kind, payload, created_at, prev_hash, hash) "
+            "VALUES (:ev_dataset_id, :ev_seq, :ev_charge_id, :ev_kind, :ev_payload, :ev_created_at, :ev_prev_hash, :ev_hash)) "
+            "UPDATE datasets SET head_seq = :ev_seq, head_hash = :ev_hash WHERE id = :dataset_id"
+        ), params)
 
     def _transition(self, charge_id: str, new_state: str, payload: dict[str, Any], *, counted: Optional[int] = None) -> Charge:
         """Move a charge to ``new_state``; ``counted`` is the steps it counts afterwards
         (default: unchanged)."""
-        with Session(self.engine) as session, session.begin():
-            dataset_id = session.scalar(select(ChargeRow.dataset_id).where(ChargeRow.id == charge_id))
+        with self.engine.begin() as conn:
+            dataset_id = conn.scalar(select(ChargeRow.__table__.c.dataset_id).where(ChargeRow.__table__.c.id == charge_id))
             if dataset_id is None:
                 raise LedgerError(f"charge {charge_id!r} does not exist")
-            ds = self._lock_dataset(session, dataset_id=dataset_id)
-            self._expire_stale(session, ds)
-            current = session.get(ChargeStateRow, charge_id)
-            if current.state == EXPIRED and new_state == RUNNING:
-                expired_at = current.lease_expires_at  # commit the expiry event, then refuse below
-            elif new_state not in TRANSITIONS[current.state]:
+            ds = self._lock_dataset(conn, dataset_id=dataset_id)
+            self._expire_stale(conn, ds)
+            cs = _STATES.c
+            state, was, lease = conn.execute(
+                select(cs.state, cs.steps_counted, cs.lease_expires_at).where(cs.charge_id == charge_id)).one()
+            if state == EXPIRED and new_state == RUNNING:
+                expired_at = lease  # commit the expiry event, then refuse below
+            elif new_state not in TRANSITIONS[state]:
                 raise LedgerError(
-                    f"charge {charge_id}: cannot go from {current.state!r} to {new_state!r}"
+                    f"charge {charge_id}: cannot go from {state!r} to {new_state!r}"
                     + (" (data was read: the spend is real and is never released)" if new_state == RELEASED else "")
                 )
             else:
                 expired_at = None
-                self._set_state(session, ds, charge_id, new_state, payload,
-                                counted=current.steps_counted if counted is None else counted)
+                self._set_state(conn, ds, charge_id, new_state, payload,
+                                counted=was if counted is None else counted, was_counted=was)
         if expired_at:
             raise LedgerError(f"charge {charge_id}: the reservation expired at {expired_at}; plan and reserve again")
         return self.charge(charge_id)
@@ -748,69 +836,84 @@ class Ledger:
 
     def annotate(self, charge_id: str, **fields: Any) -> None:
         """Append lineage learnt later (e.g. ``mlflow_run_id``) as an event; the charge row stays as written."""
-        with Session(self.engine) as session, session.begin():
-            row = session.get(ChargeRow, charge_id)
-            if row is None:
+        with self.engine.begin() as conn:
+            c = ChargeRow.__table__.c
+            dataset_id = conn.scalar(select(c.dataset_id).where(c.id == charge_id))
+            if dataset_id is None:
                 raise LedgerError(f"charge {charge_id!r} does not exist")
-            ds = self._lock_dataset(session, dataset_id=row.dataset_id)
-            self._append(session, ds, "annotated", charge_id, fields)
+            ds = self._lock_dataset(conn, dataset_id=dataset_id)
+            self._append(conn, ds, "annotated", charge_id, fields)
 
     def record_decision(self, dataset: str, *, decision: dict[str, Any]) -> None:
         """Append a gate decision to the dataset's chain."""
-        with Session(self.engine) as session, session.begin():
-            ds = self._lock_dataset(session, dataset)
-            self._append(session, ds, "gate_decision", decision.get("charge_id"), decision)
+        with self.engine.begin() as conn:
+            ds = self._lock_dataset(conn, dataset)
+            self._append(conn, ds, "gate_decision", decision.get("charge_id"), decision)
 
     # ----------------------------------------------------------------- reads
 
+    @staticmethod
+    def _dataset(conn: Session | Connection, name: str) -> Any:
+        """The dataset's row (id, name, unit, delta, epsilon_cap), unlocked; LedgerError if unknown."""
+        d = _DATASETS.c
+        row = conn.execute(select(d.id, d.name, d.unit, d.delta, d.epsilon_cap).where(d.name == name)).one_or_none()
+        if row is None:
+            raise LedgerError(f"dataset {name!r} is not registered in the ledger")
+        return row
+
     def charge(self, charge_id: str) -> Charge:
-        with Session(self.engine) as session:
-            row = session.get(ChargeRow, charge_id)
-            if row is None:
+        with self.engine.connect() as conn:
+            c = ChargeRow.__table__.c
+            dataset_id = conn.scalar(select(c.dataset_id).where(c.id == charge_id))
+            if dataset_id is None:
                 raise LedgerError(f"charge {charge_id!r} does not exist")
-            return self._charges(session, session.get(DatasetRow, row.dataset_id), charge_id)[0]
+            d = _DATASETS.c
+            ds = conn.execute(select(d.id, d.name).where(d.id == dataset_id)).one()
+            return self._charges(conn, ds, charge_id)[0]
 
     def charges(self, dataset: str) -> list[Charge]:
-        with Session(self.engine) as session:
-            ds = session.scalars(select(DatasetRow).where(DatasetRow.name == dataset)).one_or_none()
-            if ds is None:
-                raise LedgerError(f"dataset {dataset!r} is not registered in the ledger")
-            return self._charges(session, ds)
+        """Every charge of ``dataset``, its state replayed from the hash-chained events (the record)."""
+        with self.engine.connect() as conn:
+            return self._charges(conn, self._dataset(conn, dataset))
 
     def budget(self, dataset: str, *, estimate: bool = False) -> DatasetBudget:
         """Cap, spent (the filter's guaranteed epsilon) and charge counts of ``dataset``.
 
+        The figures are computed from the spend index, the per-mechanism step totals that
+        admission itself checks against (RDP is linear in steps, so this is exact, not a sum of
+        epsilons). :meth:`verify` recomputes that index from the charges and the events and
+        reports any difference as an edit.
+
         Args:
             estimate: also compute the tight PLD estimate (slower; for reports, not admission).
         """
-        with Session(self.engine) as session:
-            ds = session.scalars(select(DatasetRow).where(DatasetRow.name == dataset)).one_or_none()
-            if ds is None:
-                raise LedgerError(f"dataset {dataset!r} is not registered in the ledger")
-            charges = self._charges(session, ds)
-            counts: dict[str, int] = {}
-            for c in charges:
-                counts[c.state] = counts.get(c.state, 0) + 1
-            pld = None
-            if estimate:
-                charged = [c.charged for c in charges if c.charged is not None]
-                pld = accounting.pld_epsilon(charged, delta=ds.delta) if charged else 0.0
-            blocks = [
-                BlockBudget(b.name, b.epsilon_cap, b.n_records, self._spent(charges, ds.delta, block=b.name))
-                for b in self._blocks(session, ds)
-            ]
-            spent = max(b.spent for b in blocks) if blocks else self._spent(charges, ds.delta)
-            cap = max(b.epsilon_cap for b in blocks) if blocks else ds.epsilon_cap
-            return DatasetBudget(ds.name, ds.unit, ds.delta, cap, spent, counts, pld, blocks)
+        with self.engine.connect() as conn:
+            ds = self._dataset(conn, dataset)
+            cs = _STATES.c
+            counts = {state: int(n) for state, n in conn.execute(
+                select(cs.state, func.count()).where(cs.dataset_id == ds.id).group_by(cs.state).order_by(cs.state))}
+            blocks = self._blocks(conn, ds.id)
+            scopes = {name: self._scope_totals(conn, ds.id, name) for _id, name, _cap, _n in blocks} or {
+                WHOLE: self._scope_totals(conn, ds.id)}
+        pld = None
+        if estimate:  # a block's charges compose; disjoint blocks compose in parallel
+            pld = max((accounting.pld_epsilon(m, delta=ds.delta) if m else 0.0) for m in scopes.values())
+        spent = {scope: accounting.filter_epsilon(m, delta=ds.delta) for scope, m in scopes.items()}
+        block_budgets = [BlockBudget(name, cap, n, spent[name]) for _id, name, cap, n in blocks]
+        if block_budgets:
+            return DatasetBudget(ds.name, ds.unit, ds.delta, max(b.epsilon_cap for b in block_budgets),
+                                 max(b.spent for b in block_budgets), counts, pld, block_budgets)
+        return DatasetBudget(ds.name, ds.unit, ds.delta, ds.epsilon_cap, spent[WHOLE], counts, pld, [])
 
     def counted(self, dataset: str, block: Optional[str] = None) -> list[SubsampledGaussian]:
         """What the dataset's (or one block's) filter counts now, as admission sees it; empty
         for a dataset not yet registered. For planning; admission re-checks under the lock."""
-        with Session(self.engine) as session:
-            ds = session.scalars(select(DatasetRow).where(DatasetRow.name == dataset)).one_or_none()
-            if ds is None:
+        with self.engine.connect() as conn:
+            try:
+                ds = self._dataset(conn, dataset)
+            except LedgerError:
                 return []
-            return self._scope_totals(session, ds, block)
+            return self._scope_totals(conn, ds.id, block)
 
     def budgets(self, *, estimate: bool = False) -> list[DatasetBudget]:
         return [self.budget(name, estimate=estimate) for name in self.datasets()]
