@@ -359,6 +359,12 @@ def test_spend_index_matches_the_charges_in_every_state(ledger_url):
         delta=DELTA,
     )
     assert ledger.budget("notes").spent == pytest.approx(expected, rel=1e-12)
+    # Per block: what the charges that read each block give (the record, replayed from events).
+    charges = ledger.charges("tickets")
+    for block in ledger.budget("tickets").blocks:
+        read = [c.charged for c in charges if c.charged is not None and block.name in c.blocks]
+        assert len(read) == {"2026-09": 2, "2026-10": 1}[block.name]
+        assert block.spent == pytest.approx(accounting.filter_epsilon(read, delta=DELTA), rel=1e-12)
     with ledger.engine.connect() as conn:
         totals = dict(conn.execute(text(
             "SELECT t.scope || ':' || CAST(t.noise_multiplier AS TEXT), t.steps FROM spend_totals t "
