@@ -12,9 +12,13 @@ Semantics (see DESIGN.md, "The ledger"):
   steps actually run), or ``failed_charged`` (the run died after reading data: charged in full).
   Only a ``reserved`` charge may be ``released``.
 * The cumulative epsilon of a dataset is recomputed from its charges by the RDP privacy filter of
-  :mod:`dpops.accounting`; per-run epsilons are never added.
+  :mod:`dpops.accounting`; per-run epsilons are never added. Admission and budgets read the
+  charges through the **spend index** (per scope and mechanism, the steps counted; RDP is linear
+  in steps, so this is exact), written in the same transaction as each event and recomputed from
+  the charges and events by :meth:`Ledger.verify`.
 * **Admission** is one write transaction holding the dataset's lock (``BEGIN IMMEDIATE`` on
-  SQLite, ``SELECT ... FOR UPDATE`` on PostgreSQL), so concurrent flows cannot overspend.
+  SQLite, ``SELECT ... FOR UPDATE`` on PostgreSQL), so concurrent flows cannot overspend. On
+  PostgreSQL it takes three round trips under the lock: lock, read the totals, one write.
 * Every state change is an **event** appended to a per-dataset hash chain; :meth:`Ledger.verify`
   detects an edited, deleted or reordered row.
 """
