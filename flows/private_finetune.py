@@ -90,5 +90,7 @@ def private_finetune(
         "model": f"{rec['model_name']} v{rec['model_version']}", "mlflow_run_id": rec["run_id"],
         "train_seconds": trained["seconds"],
     }
+    if plan.get("blocks"):  # a partitioned dataset: the blocks read, with their figures
+        summary["blocks"] = budget["blocks_read"]
     tracking.summary_artifact(summary)
     return summary
