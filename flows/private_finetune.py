@@ -9,7 +9,7 @@ Two flows live here:
   pool, and waits for it.
 
 A run the ledger refuses (the dataset's budget cannot take it, at ``plan`` when fitting the noise to
-the remaining budget or at ``reserve``) ends in a terminal ``Cancelled``
+the remaining budget or when no block of a partitioned dataset is fresh, or at ``reserve``) ends in a terminal ``Cancelled``
 state named ``Refused`` whose message is the ledger's reason, with a ``dpops-refusal`` markdown
 artifact: visibly not a crash, and never retried. Called in-process (``dpops run``), the flow then
 raises the ledger's :class:`~dpops.errors.BudgetExceededError`, so the CLI exits 3 with the reason.
@@ -90,5 +90,7 @@ def private_finetune(
         "model": f"{rec['model_name']} v{rec['model_version']}", "mlflow_run_id": rec["run_id"],
         "train_seconds": trained["seconds"],
     }
+    if plan.get("blocks"):  # a partitioned dataset: the blocks read, with their figures
+        summary["blocks"] = budget["blocks_read"]
     tracking.summary_artifact(summary)
     return summary

@@ -25,9 +25,21 @@ def _tsv(rows: list[str], header: str = "label\ttext") -> str:
     return "\n".join([header, *rows]) + "\n"
 
 
-def _setup(tmp_path, train: str | bytes, *, dataset: dict | None = None, dp: dict | None = None):
+def _in_months(rows: list[str]) -> list[str]:
+    """``rows`` with a block column in front: the first half arrived in 2026-01, the rest in 2026-02."""
+    return [f"2026-0{1 + 2 * i // len(rows)}\t{r}" for i, r in enumerate(rows)]
+
+
+#: A dataset partitioned into blocks by its column 'month'.
+BLOCKS = {"blocks": {"column": "month"}}
+
+
+def _setup(tmp_path, train: str | bytes, *, dataset: dict | None = None, dp: dict | None = None, holdout_header: str = "label\ttext"):
     """A DVC repo holding ``train`` plus good hold-out/eval splits, and a job + dataset config."""
-    repo = make_repo(tmp_path / "repo", {"data/train.tsv": train, "data/holdout.tsv": _tsv(GOOD[:2]), "data/eval.tsv": _tsv(GOOD[2:])})
+    users = holdout_header.startswith("user\t")
+    split = [f"h{i}\t{r}" for i, r in enumerate(GOOD)] if users else GOOD
+    repo = make_repo(tmp_path / "repo", {"data/train.tsv": train, "data/holdout.tsv": _tsv(split[:2], holdout_header),
+                                         "data/eval.tsv": _tsv(split[2:], holdout_header)})
     ds = {"name": "toy", "files": {"train": "data/train.tsv", "holdout": "data/holdout.tsv", "eval": "data/eval.tsv"},
           "text_column": "text", "label_column": "label", "labels": ["0", "1"], "max_text_chars": 1000,
           "privacy": {"epsilon_cap": 5.0, "delta": 1e-3}}
@@ -83,13 +95,34 @@ CASES = {
     "epsilon <= 0 (job)": (dict(dp={"target_epsilon": 0}), r"configs/jobs/toy\.yaml: field 'dp\.target_epsilon'"),
     "epsilon <= 0 (dataset cap)": (dict(dataset={"privacy": {"epsilon_cap": -1, "delta": 1e-3}}),
                                    r"configs/datasets/toy\.yaml: field 'privacy\.epsilon_cap'"),
+    # datasets partitioned into blocks (field 'blocks')
+    "block column missing": (dict(dataset=BLOCKS), r"data/train\.tsv: .*expect_column_to_exist\(month\).*columns found: \['label', 'text'\]"),
+    "empty block name": (dict(dataset=BLOCKS, train=_tsv(_in_months(GOOD[:2]) + ["\t0\tan odd one"], "month\tlabel\ttext")),
+                         r"data/train\.tsv: .*expect_column_values_to_not_be_null\(month\) first at row 3"),
+    "block name that is free text": (dict(dataset=BLOCKS, train=_tsv(_in_months(GOOD[:3]) + ["xxxxxxxx xxxx\t0\tan odd one"],
+                                                                     "month\tlabel\ttext")),
+                                     r"data/train\.tsv: .*expect_column_values_to_match_regex\(month\) first at row 4 \(block names"),
+    "a user in two blocks": (dict(dataset={**BLOCKS, "unit": "user", "user_column": "user", "contribution_bound": 2},
+                                  train=_tsv(["u1\t2026-01\t" + GOOD[0], "u2\t2026-01\t" + GOOD[1], "u1\t2026-02\t" + GOOD[2],
+                                              "u3\t2026-02\t" + GOOD[3]], "user\tmonth\tlabel\ttext"),
+                                  holdout_header="user\tlabel\ttext"),
+                             r"data/train\.tsv: .*expect_column_values_to_be_between\(blocks_per_user\) first at row 3 "
+                             r"\(a user's records lie in more than one block of column 'month'"),
+    "block column is the text column": (dict(dataset={"blocks": {"column": "text"}}),
+                                        r"configs/datasets/toy\.yaml: .*'blocks\.column' must differ"),
+    "dp.blocks on a dataset without blocks": (dict(dp={"blocks": "fresh"}),
+                                              r"configs/jobs/toy\.yaml: field 'dp\.blocks' is 'fresh'.*configs/datasets/toy\.yaml has no field 'blocks'"),
+    "delta >= 1/n of the fresh blocks": (dict(dataset={**BLOCKS, "privacy": {"epsilon_cap": 5.0, "delta": 0.08}},
+                                              train=_tsv(_in_months(GOOD), "month\tlabel\ttext"), dp={"blocks": "fresh"}),
+                                         r"configs/datasets/toy\.yaml: .*'privacy\.delta' = 0\.08 must be below 1/n = 0\.0714 \(n = 14"),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_input_is_named_and_nothing_is_charged(case, tmp_path, workspace_env):
     setup, match = CASES[case]
-    repo, job = _setup(tmp_path, setup.get("train", _tsv(GOOD)), dataset=setup.get("dataset"), dp=setup.get("dp"))
+    repo, job = _setup(tmp_path, setup.get("train", _tsv(GOOD)), dataset=setup.get("dataset"), dp=setup.get("dp"),
+                       holdout_header=setup.get("holdout_header", "label\ttext"))
     with pytest.raises(DpopsError, match=match) as err:
         _until_reserve(repo, job)
     assert not any(s in str(err.value) for s in SECRETS), str(err.value)[:300]

@@ -40,6 +40,11 @@ GOOD = {
         ({"unit": "household"}, "unit"),
         ({"colour": "blue"}, "colour"),
         ({"name": "Bad Name"}, "name"),
+        ({"blocks": {}}, "blocks.column"),
+        ({"blocks": {"column": "month", "colour": "blue"}}, "blocks.colour"),
+        ({"blocks": {"column": "month", "epsilon_cap": 0}}, "blocks.epsilon_cap"),
+        ({"blocks": {"column": "month", "epsilon_cap": 6.0}}, "blocks.epsilon_cap"),  # above privacy.epsilon_cap
+        ({"blocks": {"column": "label"}}, "blocks.column"),
     ],
 )
 def test_bad_dataset_fields_are_named(tmp_path, change, field):
@@ -69,3 +74,34 @@ def test_job_refuses_non_poisson_sampler(tmp_path, project_root):
     path.write_text(yaml.safe_dump(data))
     with pytest.raises(ConfigError, match="field 'dp.sampler'"):
         config.load_job_config(path)
+
+
+def _job_with_dataset(tmp_path, dataset: dict, **job) -> Path:
+    _write(tmp_path, {**GOOD, **dataset})
+    path = tmp_path / "configs" / "jobs" / "j.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump({"name": "j", "dataset": "x", "registered_model": "m", **job,
+                                    "dp": {"target_epsilon": 1.0, **job.get("dp", {})}}))
+    return path
+
+
+def test_blocks_of_a_job_and_its_dataset(tmp_path):
+    partitioned = {"blocks": {"column": "month"}}
+    path = _job_with_dataset(tmp_path, partitioned)
+    job = config.load_job_config(path)
+    ds = config.dataset_config_for(job, path)
+    assert config.blocks_mode(job, ds) == "all" and ds.block_cap == 5.0  # defaults: every block, the dataset's cap
+    path = _job_with_dataset(tmp_path, {"blocks": {"column": "month", "epsilon_cap": 2.0}}, dp={"blocks": "fresh"})
+    job = config.load_job_config(path)
+    ds = config.dataset_config_for(job, path)
+    assert config.blocks_mode(job, ds) == "fresh" and ds.block_cap == 2.0
+    assert config.blocks_mode(job, config.load_dataset_config(_write(tmp_path, GOOD))) is None
+
+    with pytest.raises(ConfigError, match=r"j\.yaml: field 'dp\.blocks'"):
+        config.load_job_config(_job_with_dataset(tmp_path, partitioned, dp={"blocks": "sometimes"}))
+    path = _job_with_dataset(tmp_path, partitioned, train_max_records=10)
+    with pytest.raises(ConfigError, match=r"j\.yaml: field 'train_max_records' cannot be used.*x\.yaml, field 'blocks'"):
+        config.dataset_config_for(config.load_job_config(path), path)
+    path = _job_with_dataset(tmp_path, {}, dp={"blocks": "all"})
+    with pytest.raises(ConfigError, match=r"j\.yaml: field 'dp\.blocks' is 'all'.*x\.yaml has no field 'blocks'"):
+        config.dataset_config_for(config.load_job_config(path), path)

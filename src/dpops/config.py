@@ -34,6 +34,24 @@ class SplitFiles(_Strict):
     eval: str = Field(description="Held-out split used to measure utility.")
 
 
+#: What a block name may look like: a short label (e.g. ``2026-01``), never free text. Block names
+#: are written to the ledger, MLflow and Prefect, so validation refuses any other value.
+BLOCK_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$"
+
+
+class BlockSettings(_Strict):
+    column: str = Field(
+        description="Column naming the block of each training record (e.g. its arrival month). A block is the set "
+        "of records with one value; blocks are append-only: new arrivals go into a new block. Values must be short "
+        "labels (letters, digits, '_', '.', '-'; at most 64 characters): they are written to the ledger and MLflow.",
+    )
+    epsilon_cap: Optional[float] = Field(
+        default=None, gt=0,
+        description="Cap of each new block (None: the dataset's `privacy.epsilon_cap`). Each block has its own "
+        "privacy filter; at most the dataset's cap.",
+    )
+
+
 class DatasetConfig(_Strict):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_\-]*$", description="Ledger name of the dataset (lower case).")
     description: str = Field(default="", description="What the records are; shown in `dpops budget`.")
@@ -54,6 +72,11 @@ class DatasetConfig(_Strict):
     min_text_chars: int = Field(default=1, ge=0, description="Shortest allowed text, in characters.")
     max_text_chars: int = Field(default=2000, gt=0, description="Longest allowed text, in characters.")
     privacy: PrivacyBudget = Field(description="The dataset's budget.")
+    blocks: Optional[BlockSettings] = Field(
+        default=None,
+        description="Partition the training records into blocks (Sage, Lecuyer et al. 2019), each with its own "
+        "cap; a run is charged only to the blocks it reads (None: the dataset is one block).",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "DatasetConfig":
@@ -74,7 +97,22 @@ class DatasetConfig(_Strict):
                 raise ValueError("user_column must differ from text_column and label_column.")
         elif self.user_column is not None or self.contribution_bound is not None:
             raise ValueError("user_column and contribution_bound apply only to unit 'user'.")
+        if self.blocks is not None:
+            if self.blocks.column in (self.text_column, self.label_column, self.user_column):
+                raise ValueError("field 'blocks.column' must differ from text_column, label_column and user_column.")
+            if self.blocks.epsilon_cap is not None and self.blocks.epsilon_cap > self.privacy.epsilon_cap:
+                raise ValueError(
+                    f"field 'blocks.epsilon_cap' ({self.blocks.epsilon_cap:g}) must not exceed field "
+                    f"'privacy.epsilon_cap' ({self.privacy.epsilon_cap:g})."
+                )
         return self
+
+    @property
+    def block_cap(self) -> Optional[float]:
+        """The cap a new block is registered with (None: the dataset is not partitioned)."""
+        if self.blocks is None:
+            return None
+        return self.blocks.epsilon_cap if self.blocks.epsilon_cap is not None else self.privacy.epsilon_cap
 
 
 # --------------------------------------------------------------------------- jobs
@@ -119,7 +157,14 @@ class DPSettings(_Strict):
     accountant: Literal["rdp"] = Field(default="rdp", description="Accountant of the run epsilon.")
     fit_to_budget: Optional[BudgetFit] = Field(
         default=None,
-        description="Fit the run to the dataset's remaining budget spread over planned runs (None: target_epsilon only).",
+        description="Fit the run to the dataset's remaining budget spread over planned runs (None: target_epsilon only). "
+        "On a dataset partitioned into blocks, every block read is fitted on its own filter and cap.",
+    )
+    blocks: Optional[Literal["all", "fresh"]] = Field(
+        default=None,
+        description="For a dataset partitioned into blocks: 'all' reads every block (each must admit the run); "
+        "'fresh' reads only the blocks that can still admit the planned run, oldest first. None: 'all' on a "
+        "partitioned dataset; refused on one that is not.",
     )
 
 
@@ -274,4 +319,21 @@ def dataset_config_for(job: JobConfig, job_path: str | Path) -> DatasetConfig:
     cfg = load_dataset_config(path)
     if cfg.name != job.dataset:
         raise ConfigError(f"{path}: field 'name' is {cfg.name!r} but the job asks for dataset {job.dataset!r}")
+    if job.dp.blocks is not None and cfg.blocks is None:
+        raise ConfigError(
+            f"{job_path}: field 'dp.blocks' is {job.dp.blocks!r}, but dataset {cfg.name!r} is not partitioned into "
+            f"blocks ({path} has no field 'blocks')"
+        )
+    if cfg.blocks is not None and job.train_max_records is not None:
+        raise ConfigError(
+            f"{job_path}: field 'train_max_records' cannot be used with dataset {cfg.name!r}, which is partitioned "
+            f"into blocks ({path}, field 'blocks'): a run reads whole blocks, at the counts the ledger registered"
+        )
     return cfg
+
+
+def blocks_mode(job: JobConfig, dataset: DatasetConfig) -> Optional[str]:
+    """Which blocks a run reads: 'all' or 'fresh' on a partitioned dataset, None otherwise."""
+    if dataset.blocks is None:
+        return None
+    return job.dp.blocks or "all"

@@ -1,7 +1,7 @@
 """Private data: resolve a dataset version through DVC, load it, validate it.
 
 Functions here return plain values. :func:`resolve` returns a :class:`DataRef` (paths, hashes,
-counts, never records); only :func:`load_split` returns records, and it is called by the stages
+counts, and for a dataset partitioned into blocks each block's name and count; never records); only :func:`load_split` returns records, and it is called by the stages
 that need them (validate, train, evaluate, audit), never by code that persists its results.
 """
 
@@ -15,7 +15,7 @@ from typing import Callable, Optional
 
 import pandas as pd
 
-from dpops.config import DatasetConfig
+from dpops.config import BLOCK_NAME_PATTERN, DatasetConfig
 from dpops.errors import DataValidationError
 
 TEXT = "text"
@@ -35,6 +35,10 @@ class DataRef:
     dvc_md5: Optional[str]
     n_records: int
     n_users: Optional[int] = None  # unit 'user' only: the number of privacy units
+    #: Partitioned datasets only: each block's privacy units (records, or users for unit 'user'),
+    #: blocks in the order they first appear in the file. None when the block column is missing or
+    #: holds a value that is not a block name (validation then names the row).
+    blocks: Optional[dict[str, int]] = None
 
     @property
     def n_units(self) -> int:
@@ -119,25 +123,36 @@ def read_resolved(ref: DataRef) -> bytes:
     return data
 
 
-def _columns(cfg: DatasetConfig) -> list[str]:
-    """The columns a split must have: text and label, and the user column for unit 'user'."""
-    return [cfg.text_column, cfg.label_column] + ([cfg.user_column] if cfg.unit == "user" else [])
+def _columns(cfg: DatasetConfig, *, train: bool = True) -> list[str]:
+    """The columns a split must have: text and label, the user column for unit 'user', and in the
+    training split of a partitioned dataset the block column."""
+    cols = [cfg.text_column, cfg.label_column] + ([cfg.user_column] if cfg.unit == "user" else [])
+    return cols + ([cfg.blocks.column] if train and cfg.blocks is not None else [])
 
 
-def load_split(ref: DataRef, cfg: DatasetConfig, *, path: Optional[str] = None, max_records: Optional[int] = None) -> pd.DataFrame:
+def load_split(
+    ref: DataRef, cfg: DatasetConfig, *, path: Optional[str] = None, max_records: Optional[int] = None,
+    blocks: Optional[list[str]] = None,
+) -> pd.DataFrame:
     """Load a split as a DataFrame with columns ``text`` and ``label`` (label as a class index),
     plus ``user`` (the user column's values) when the dataset's unit of privacy is 'user'.
 
     With ``path`` None the training split of ``ref`` is read, and its sha256 must still equal the
     one recorded at resolve time. Other splits (eval, holdout) are read at the same revision.
 
+    Args:
+        blocks: training split of a partitioned dataset only: keep just the records of these
+            blocks (the ones the run's charge names); None keeps every record.
+
     Raises:
         DataValidationError: unreadable file, changed content, missing column or unknown label.
     """
+    if blocks is not None and (path is not None or cfg.blocks is None):
+        raise ValueError("blocks= selects records of the training split of a partitioned dataset only")
     target = path or ref.path
     data = read_resolved(ref) if path is None else read_bytes(ref.repo, target, ref.rev)[0]
     df = _parse(data, source=target, delimiter=cfg.delimiter)
-    missing = [c for c in _columns(cfg) if c not in df.columns]
+    missing = [c for c in _columns(cfg, train=path is None) if c not in df.columns]
     if missing:
         raise DataValidationError(f"{target}: missing column(s) {missing}; found {list(df.columns)}")
     if max_records is not None:
@@ -152,7 +167,27 @@ def load_split(ref: DataRef, cfg: DatasetConfig, *, path: Optional[str] = None, 
     out = pd.DataFrame({TEXT: df[cfg.text_column].astype(str), LABEL: labels.astype(int)})
     if cfg.unit == "user":
         out[USER] = df[cfg.user_column].to_numpy()
+    if blocks is not None:
+        out = out[df[cfg.blocks.column].isin(set(blocks)).to_numpy()].reset_index(drop=True)
     return out
+
+
+def _block_units(df: pd.DataFrame, cfg: DatasetConfig) -> Optional[dict[str, int]]:
+    """Each block's privacy units (records, or distinct users), blocks in order of first appearance.
+
+    None when the block column is missing, or any value is empty or not a block name: no value
+    that could be free text leaves this function, and validation names the offending row.
+    """
+    col = cfg.blocks.column
+    if col not in df.columns or df.empty or not df[col].str.contains(BLOCK_NAME_PATTERN).all():
+        return None
+    if cfg.unit == "user":
+        if cfg.user_column not in df.columns:
+            return None
+        counts = df[cfg.user_column].replace({"": None}).groupby(df[col], sort=False).nunique()
+    else:
+        counts = df.groupby(col, sort=False).size()
+    return {str(name): int(n) for name, n in counts.items()}
 
 
 def resolve(cfg: DatasetConfig, *, repo: str | Path, rev: Optional[str] = None, max_records: Optional[int] = None) -> DataRef:
@@ -172,6 +207,7 @@ def resolve(cfg: DatasetConfig, *, repo: str | Path, rev: Optional[str] = None, 
     return DataRef(
         dataset=cfg.name, repo=str(Path(repo).resolve()), rev=rev, path=cfg.files.train,
         sha256=hashlib.sha256(data).hexdigest(), dvc_md5=md5, n_records=len(df), n_users=n_users,
+        blocks=_block_units(df, cfg) if cfg.blocks is not None else None,
     )
 
 
@@ -179,6 +215,11 @@ def resolve(cfg: DatasetConfig, *, repo: str | Path, rev: Optional[str] = None, 
 
 #: Extra column the suite checks for unit 'user': how many records the row's user contributed.
 RECORDS_PER_USER = "records_per_user"
+#: Extra column the suite checks for unit 'user' on a partitioned dataset: how many blocks the
+#: row's user has records in (must be 1, or blocks do not compose in parallel).
+BLOCKS_PER_USER = "blocks_per_user"
+#: Columns the suite adds; never part of the file.
+_DERIVED = (RECORDS_PER_USER, BLOCKS_PER_USER)
 
 
 @dataclass(frozen=True)
@@ -199,7 +240,9 @@ def build_suite(cfg: DatasetConfig):  # -> gx.ExpectationSuite
 
     Schema (the columns exist), no nulls or empty texts, labels in the configured set, text length
     within bounds, no duplicate records (a repeated record is one person counted twice), and for
-    unit 'user' at most ``contribution_bound`` records per user.
+    unit 'user' at most ``contribution_bound`` records per user. For a dataset partitioned into
+    blocks: every record names a block (a short label, never free text), and for unit 'user'
+    every user's records lie in exactly one block (otherwise parallel composition is invalid).
     """
     import great_expectations as gx
     import great_expectations.expectations as gxe
@@ -220,6 +263,10 @@ def build_suite(cfg: DatasetConfig):  # -> gx.ExpectationSuite
         suite.add_expectation(gxe.ExpectColumnValuesToBeBetween(column=RECORDS_PER_USER, max_value=cfg.contribution_bound))
     else:
         suite.add_expectation(gxe.ExpectColumnValuesToBeUnique(column=cfg.text_column))
+    if cfg.blocks is not None:
+        suite.add_expectation(gxe.ExpectColumnValuesToMatchRegex(column=cfg.blocks.column, regex=BLOCK_NAME_PATTERN))
+        if cfg.unit == "user":
+            suite.add_expectation(gxe.ExpectColumnValuesToBeBetween(column=BLOCKS_PER_USER, max_value=1))
     return suite
 
 
@@ -233,6 +280,14 @@ def _offending_rows(raw: pd.DataFrame, cfg: DatasetConfig) -> dict[str, Callable
     (any richer format copies the failing values), so the first bad row is found here to name it."""
     text_len = raw[cfg.text_column].str.len() if cfg.text_column in raw else None
     pair = [cfg.user_column, cfg.text_column]
+
+    def between(col: str) -> pd.Series:
+        if col == BLOCKS_PER_USER:  # the first row whose block differs from its user's first block
+            block = raw[cfg.blocks.column]
+            return block.notna() & (block != block.groupby(raw[cfg.user_column], dropna=False).transform("first"))
+        # the row that takes its user past the bound
+        return raw.groupby(cfg.user_column, dropna=False).cumcount() >= (cfg.contribution_bound or 0)
+
     return {
         "expect_column_values_to_not_be_null": lambda col: raw[col].isna(),
         "expect_column_values_to_be_in_set": lambda col: raw[col].notna() & ~raw[col].isin(cfg.labels),
@@ -241,8 +296,8 @@ def _offending_rows(raw: pd.DataFrame, cfg: DatasetConfig) -> dict[str, Callable
         "expect_compound_columns_to_be_unique": lambda col: (
             raw.duplicated(subset=pair) if set(pair) <= set(raw.columns) else pd.Series(False, index=raw.index)
         ),
-        # the row that takes its user past the bound
-        "expect_column_values_to_be_between": lambda col: raw.groupby(cfg.user_column, dropna=False).cumcount() >= (cfg.contribution_bound or 0),
+        "expect_column_values_to_be_between": between,
+        "expect_column_values_to_match_regex": lambda col: raw[col].notna() & ~raw[col].astype(str).str.contains(BLOCK_NAME_PATTERN),
     }
 
 
@@ -255,9 +310,15 @@ def _describe(failures: list[tuple[str, Optional[str]]], raw: pd.DataFrame, cfg:
             mask = rows[name](col).fillna(False).astype(bool)
             if mask.any():
                 label += f" first at row {_first_row(mask)}"
+        if col == BLOCKS_PER_USER and col in raw.columns:
+            label += (f" (a user's records lie in more than one block of column {cfg.blocks.column!r}: blocks compose "
+                      "in parallel only if every user is in exactly one)")
+        elif cfg.blocks is not None and col == cfg.blocks.column and name == "expect_column_values_to_match_regex" \
+                and col in raw.columns:
+            label += " (block names are short labels: letters, digits, '_', '.', '-', at most 64 characters)"
         out.append(label)
     if any(name == "expect_column_to_exist" for name, _ in failures):
-        out.append(f"columns found: {list(c for c in raw.columns if c != RECORDS_PER_USER)} with delimiter {cfg.delimiter!r}")
+        out.append(f"columns found: {list(c for c in raw.columns if c not in _DERIVED)} with delimiter {cfg.delimiter!r}")
     if any(name == "expect_table_row_count_to_be_between" for name, _ in failures):
         out.append("the file has no records")
     return out
@@ -283,6 +344,8 @@ def validate(ref: DataRef, cfg: DatasetConfig) -> ValidationReport:
     raw = raw.replace({"": None})
     if cfg.unit == "user" and cfg.user_column in raw.columns:
         raw[RECORDS_PER_USER] = raw.groupby(cfg.user_column, dropna=False)[cfg.user_column].transform("size")
+        if cfg.blocks is not None and cfg.blocks.column in raw.columns:
+            raw[BLOCKS_PER_USER] = raw.groupby(cfg.user_column, dropna=False)[cfg.blocks.column].transform("nunique")
 
     context = gx.get_context(mode="ephemeral")
     try:

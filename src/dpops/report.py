@@ -12,7 +12,13 @@ def _rows(summary: dict[str, Any], ui_command: str = "") -> list[tuple[str, str]
     rows = [
         ("dataset", f"{summary['dataset']} ({summary['data_version'][:19]}...)"),
         ("epsilon this run", f"{summary['epsilon_run']:.3f} at delta {summary['delta']:g} (RDP accountant; sigma {summary['noise_multiplier']:.3f}, q {summary['sample_rate']:.2e}, {summary['steps']} steps)"),
-        ("cumulative epsilon / cap", f"{summary['cumulative_epsilon']:.3f} / {summary['epsilon_cap']:g} (adaptive-composition guarantee from the ledger)"),
+        ("cumulative epsilon / cap", f"{summary['cumulative_epsilon']:.3f} / {summary['epsilon_cap']:g} (adaptive-composition guarantee from the ledger"
+                                     + ("; the dataset's most spent block)" if summary.get("blocks") else ")")),
+    ]
+    if summary.get("blocks"):
+        rows.append(("blocks read", "; ".join(f"{b['name']} ({b['n']} units; cumulative {b['spent']:.3f} / {b['epsilon_cap']:g})"
+                                              for b in summary["blocks"])))
+    rows += [
         ("accuracy (eval)", f"{summary['accuracy']:.4f} (majority class {summary['majority_baseline']:.4f})"),
         ("audit", f"{summary['audit_verdict']} (canary epsilon lower bound {summary['canary_epsilon_lower_bound']:.3f} "
                   f"of at most {summary['canary_ceiling']:.2f}; MIA AUC {summary['mia_auc']:.3f}, "
@@ -52,7 +58,8 @@ def budget_table(budgets: Iterable[DatasetBudget]) -> str:
                      "-" if b.pld_estimate is None else f"{b.pld_estimate:.3f}",
                      ", ".join(f"{k} {v}" for k, v in sorted(b.charges.items())) or "none"))
         for x in b.blocks:
-            rows.append((f"  block {x.name}", "", "", f"{x.epsilon_cap:g}", f"{x.spent:.3f}", f"{x.remaining:.3f}", "", f"{x.n_records} records"))
+            unit = "users" if b.unit == "user" else "records"
+            rows.append((f"  block {x.name}", "", "", f"{x.epsilon_cap:g}", f"{x.spent:.3f}", f"{x.remaining:.3f}", "", f"{x.n_records} {unit}"))
     if not rows:
         return "no datasets registered in the ledger"
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]

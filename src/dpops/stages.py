@@ -15,12 +15,12 @@ from typing import Any, Optional
 import pandas as pd
 
 from dpops import audit as auditing
-from dpops import audit_report, canaries, evaluation, gate, privacy, report, tracking, training
+from dpops import audit_report, canaries, evaluation, gate, privacy, report, tracking, training, users
 from dpops import config as cfgmod
 from dpops import data as datamod
 from dpops.accounting import SubsampledGaussian
-from dpops.errors import LedgerError
-from dpops.ledger import Ledger
+from dpops.errors import DataValidationError, LedgerError, PrivacyError
+from dpops.ledger import DatasetBudget, Ledger
 from dpops.settings import Workspace, workspace
 
 
@@ -30,7 +30,25 @@ def _load(job_path: str) -> tuple[cfgmod.JobConfig, cfgmod.DatasetConfig]:
 
 
 def _ref(ref: dict[str, Any]) -> datamod.DataRef:
-    return datamod.DataRef(**{k: ref.get(k) for k in ("dataset", "repo", "rev", "path", "sha256", "dvc_md5", "n_records", "n_users")})
+    return datamod.DataRef(**{k: ref.get(k) for k in ("dataset", "repo", "rev", "path", "sha256", "dvc_md5", "n_records", "n_users",
+                                                       "blocks")})
+
+
+def _dataset_file(job_path: str, ds: cfgmod.DatasetConfig) -> Path:
+    return cfgmod.configs_root(job_path) / "datasets" / f"{ds.name}.yaml"
+
+
+def _budget_view(b: DatasetBudget, read: Optional[list[str]] = None) -> dict[str, Any]:
+    """A dataset's budget as figures; for a partitioned dataset also each block's, and with
+    ``read`` those of the blocks a run read (``blocks_read``)."""
+    out: dict[str, Any] = {"dataset": b.name, "spent": b.spent, "remaining": b.remaining, "epsilon_cap": b.epsilon_cap,
+                           "delta": b.delta}
+    if b.blocks:
+        out["blocks"] = [{"name": x.name, "n": x.n_records, "epsilon_cap": x.epsilon_cap, "spent": x.spent,
+                          "remaining": x.remaining} for x in b.blocks]
+        if read is not None:
+            out["blocks_read"] = [x for x in out["blocks"] if x["name"] in set(read)]
+    return out
 
 
 def _ledger(ws: Optional[Workspace] = None) -> Ledger:
@@ -69,11 +87,22 @@ def plan(job_path: str, ref: dict[str, Any]) -> dict[str, Any]:
             f"dataset {ds.name!r}: unit 'user' but {data_ref.path} has no column {ds.user_column!r} to count users. "
             "Nothing was charged or trained."
         )
-    ledger = _ledger() if job.dp.fit_to_budget is not None else None
+    mode = cfgmod.blocks_mode(job, ds)
+    if mode is not None and data_ref.blocks is None:
+        raise DataValidationError(
+            f"{data_ref.path}: dataset {ds.name!r} is partitioned into blocks, but column {ds.blocks.column!r} is missing "
+            "or holds a value that is not a block name. Nothing was charged or trained."
+        )
+    ledger = _ledger() if job.dp.fit_to_budget is not None or mode is not None else None
     try:
-        return privacy.plan(dataset=ds, dp=job.dp, n_records=data_ref.n_units + job.audit.canaries, ledger=ledger).to_dict()
+        if mode is None:
+            return privacy.plan(dataset=ds, dp=job.dp, n_records=data_ref.n_units + job.audit.canaries, ledger=ledger).to_dict()
+        # A partitioned dataset: n is the units of the blocks read (+ canaries), and the charge names them.
+        blocks = privacy.blocks_in(ledger, ds, data_ref.blocks, source=data_ref.path)
+        return privacy.plan_blocks(dataset=ds, dp=job.dp, blocks=blocks, extra_units=job.audit.canaries, ledger=ledger,
+                                   mode=mode).to_dict()
     except cfgmod.ConfigError as exc:  # name the file that holds the field (e.g. privacy.delta)
-        raise cfgmod.ConfigError(f"{cfgmod.configs_root(job_path) / 'datasets' / f'{ds.name}.yaml'}: {exc}") from None
+        raise cfgmod.ConfigError(f"{_dataset_file(job_path, ds)}: {exc}") from None
     finally:
         if ledger is not None:
             ledger.dispose()
@@ -84,12 +113,25 @@ def _plan_obj(p: dict[str, Any]) -> privacy.Plan:
 
 
 def reserve(job_path: str, ref: dict[str, Any], p: dict[str, Any], *, flow_run_id: Optional[str] = None) -> str:
-    """Stage 4: register the dataset if new, then admit the planned charge atomically."""
+    """Stage 4: register the dataset if new (and, when partitioned, the blocks of this data
+    version the ledger does not know yet, n = each block's units), then admit the planned charge
+    atomically, naming the blocks the plan chose."""
     job, ds = _load(job_path)
     ledger = _ledger()
     try:
         ledger.register_dataset(name=ds.name, unit=ds.unit, delta=ds.privacy.delta, epsilon_cap=ds.privacy.epsilon_cap,
                                 contribution_bound=ds.contribution_bound)
+        if ds.blocks is not None:
+            if not p.get("blocks"):
+                raise cfgmod.ConfigError(f"{_dataset_file(job_path, ds)}: dataset {ds.name!r} is partitioned into blocks "
+                                         "but the plan names none; plan again")
+            data_ref = _ref(ref)
+            try:
+                privacy.register_blocks(ledger, ds, privacy.blocks_in(ledger, ds, data_ref.blocks, source=data_ref.path))
+                # again: a block another run registered in between must have this version's count
+                privacy.blocks_in(ledger, ds, data_ref.blocks, source=data_ref.path)
+            except cfgmod.ConfigError as exc:
+                raise cfgmod.ConfigError(f"{_dataset_file(job_path, ds)}: {exc}") from None
         charge = privacy.reserve(
             ledger, _plan_obj(p), job=job.name, data_version=ref["version"], flow_run_id=flow_run_id,
             code_version=tracking.git_commit(ref["repo"]),
@@ -116,7 +158,9 @@ def train(job_path: str, ref: dict[str, Any], p: dict[str, Any], charge_id: str)
         try:
             drawn = canaries.draw(job.audit.canaries, n_labels=len(ds.labels), seed=job.seed)
             canaries_path = drawn.save(run_dir / canaries.FILE)
-            df = datamod.load_split(_ref(ref), ds, max_records=job.train_max_records)
+            df = datamod.load_split(_ref(ref), ds, max_records=job.train_max_records, blocks=p.get("blocks"))
+            if p.get("blocks"):
+                _check_blocks_read(df, ref, p)
             rows = drawn.training_rows()
             if "user" in df.columns:  # unit 'user': each canary is a user of its own
                 rows = rows.assign(user=[f"dpops-canary-{i}" for i in range(len(rows))])
@@ -130,13 +174,22 @@ def train(job_path: str, ref: dict[str, Any], p: dict[str, Any], charge_id: str)
         ledger.dispose()
 
 
+def _check_blocks_read(df: pd.DataFrame, ref: dict[str, Any], p: dict[str, Any]) -> None:
+    """The records loaded are exactly those of the blocks the charge names, at resolve's counts."""
+    expected = sum(ref["blocks"][b] for b in p["blocks"])
+    if users.units(df) != expected:
+        raise PrivacyError(
+            f"loaded {users.units(df)} units from blocks {p['blocks']}, but the plan counted {expected}; refusing to train"
+        )
+
+
 def settle(charge_id: str, steps_run: int) -> dict[str, Any]:
-    """Stage 6: commit the charge at the steps actually run; return the dataset's budget."""
+    """Stage 6: commit the charge at the steps actually run; return the dataset's budget (and, for
+    a partitioned dataset, every block's, and those of the blocks read as ``blocks_read``)."""
     ledger = _ledger()
     try:
         charge = privacy.settle(ledger, charge_id, steps_run=steps_run)
-        b = ledger.budget(charge.dataset)
-        return {"dataset": b.name, "spent": b.spent, "remaining": b.remaining, "epsilon_cap": b.epsilon_cap, "delta": b.delta}
+        return _budget_view(ledger.budget(charge.dataset), read=list(charge.blocks))
     finally:
         ledger.dispose()
 
@@ -157,7 +210,7 @@ def audit(
     audit's figures with ``report_dir``.
     """
     job, ds = _load(job_path)
-    members = datamod.load_split(_ref(ref), ds, max_records=job.train_max_records)
+    members = datamod.load_split(_ref(ref), ds, max_records=job.train_max_records, blocks=p.get("blocks"))
     members = members.sample(n=min(job.audit.members, len(members)), random_state=job.seed)
     holdout = datamod.load_split(_ref(ref), ds, path=ds.files.holdout)
     holdout = holdout.sample(n=min(job.audit.non_members, len(holdout)), random_state=job.seed)
@@ -194,11 +247,12 @@ def record(
     try:
         charge = ledger.charge(charge_id)
         b = ledger.budget(charge.dataset, estimate=True)
-        budget = {"dataset": b.name, "spent": b.spent, "remaining": b.remaining, "epsilon_cap": b.epsilon_cap,
-                  "pld_estimate": b.pld_estimate}
+        budget = {**_budget_view(b, read=list(charge.blocks)), "pld_estimate": b.pld_estimate}
         plan_out = {**p, "epsilon_spent": audit_out["accountant_epsilon"], "steps_run": train_out["steps_run"]}
         train_view = {k: train_out[k] for k in ("epsilon_by_step", "loss_by_step", "steps_run", "seconds", "grad_sample_mode", "trainable_parameters")}
         data_view = {k: ref[k] for k in ("dataset", "rev", "path", "sha256", "dvc_md5", "n_records", "version")}
+        if ref.get("blocks"):
+            data_view["blocks"] = dict(ref["blocks"])  # block names and their counts
         res = tracking.record(
             ws, job=job.model_dump(), plan=plan_out, data=data_view, charge_id=charge_id, train=train_view,
             metrics=metrics, audit=audit_out, dataset_budget=budget, model_dir=train_out["model_dir"], repo=ref["repo"],

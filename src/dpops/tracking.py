@@ -52,6 +52,16 @@ def _experiment(mlflow: Any, client: Any, name: str, ws: Workspace) -> str:
     return client.create_experiment(name, artifact_location=location)
 
 
+#: Longest list of block names logged as one param or tag (MLflow limits their length); a longer
+#: list is logged as a count, and the names stay in ``privacy_report.json``.
+MAX_BLOCKS_LABEL = 500
+
+
+def _blocks_label(names: list[str]) -> str:
+    label = ",".join(names)
+    return label if len(label) <= MAX_BLOCKS_LABEL else f"{len(names)} blocks (see privacy_report.json)"
+
+
 def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
     if isinstance(value, dict):
         for k, v in value.items():
@@ -99,6 +109,9 @@ def record(
         "dpops.cumulative_epsilon": f"{dataset_budget['spent']:.6f}",
         "dpops.epsilon_cap": f"{dataset_budget['epsilon_cap']:g}",
     }
+    blocks_read = list(plan.get("blocks") or [])
+    if blocks_read:  # a partitioned dataset: which blocks this run read (names only)
+        tags["dpops.blocks"] = _blocks_label(blocks_read)
     with mlflow.start_run(experiment_id=experiment_id, run_name=f"{job['name']}-{charge_id[:8]}", tags=tags) as run:
         params: dict[str, Any] = {}
         _flatten("job", job, params)
@@ -108,6 +121,9 @@ def record(
         params["data.n_records"] = data["n_records"]
         params["train.grad_sample_mode"] = train["grad_sample_mode"]
         params["train.trainable_parameters"] = train["trainable_parameters"]
+        if blocks_read:
+            params["plan.blocks"] = _blocks_label(blocks_read)
+            params["plan.n_blocks"] = len(blocks_read)
         mlflow.log_params({k: ("None" if v is None else v) for k, v in params.items()})
         for step, eps in train["epsilon_by_step"]:
             mlflow.log_metric("epsilon", eps, step=step)
@@ -126,6 +142,14 @@ def record(
             # a tighter figure for the same charges as a fixed sequence: reported, never enforced
             f"dataset_{dataset}_cumulative_epsilon_pld_estimate": dataset_budget.get("pld_estimate") or 0.0,
         })
+        # Every block's figures after this run (names and figures only; a block's records never).
+        block_metrics: dict[str, float] = {}
+        for b in dataset_budget.get("blocks") or []:
+            prefix = f"dataset_{dataset}_block_{b['name']}"
+            block_metrics.update({f"{prefix}_cumulative_epsilon": b["spent"], f"{prefix}_remaining_epsilon": b["remaining"],
+                                  f"{prefix}_read": float(b["name"] in blocks_read)})
+        if block_metrics:
+            mlflow.log_metrics(block_metrics)
         report = {
             "dataset": dataset, "data": data, "charge_id": charge_id, "plan": plan,
             "dataset_budget": dataset_budget, "audit": audit, "metrics": metrics,
