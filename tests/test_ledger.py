@@ -76,6 +76,33 @@ def test_state_machine_and_what_is_charged(ledger_url):
     assert ledger.budget("notes").spent == pytest.approx(expected)
 
 
+def test_progress_is_recorded_durably_and_changes_no_figure(ledger_url):
+    ledger = _ledger(ledger_url, k=5)
+    charge = _reserve(ledger)
+    with pytest.raises(LedgerError, match="only while running"):
+        ledger.record_progress(charge.id, steps_done=10)  # no data read yet
+    ledger.start(charge.id)
+    before = ledger.budget("notes").spent
+    for done in (10, 20, 20, 30):
+        ledger.record_progress(charge.id, steps_done=done)
+    assert ledger.progress(charge.id) == 30
+    assert ledger.budget("notes").spent == before  # a running charge counts its reserved steps
+    with pytest.raises(LedgerError, match=r"in \[30, 500\]"):
+        ledger.record_progress(charge.id, steps_done=29)  # progress never goes back
+    with pytest.raises(LedgerError, match=r"in \[30, 500\]"):
+        ledger.record_progress(charge.id, steps_done=501)
+    with pytest.raises(LedgerError, match="below the 30 steps"):
+        ledger.commit(charge.id, steps_run=25)
+    ledger.fail(charge.id, reason="worker died at step 31")
+    assert ledger.budget("notes").spent == before  # died after reading data: charged in full
+    with pytest.raises(LedgerError, match="only while running"):
+        ledger.record_progress(charge.id, steps_done=40)
+    events = [e for e in ledger.history("notes") if e["charge"] == charge.id]
+    assert [e["payload"]["steps_done"] for e in events if e["event"] == "progress"] == [10, 20, 20, 30]
+    assert ledger.charge(charge.id).state == FAILED_CHARGED
+    assert ledger.verify() == []
+
+
 def test_illegal_transitions_are_refused(ledger_url):
     ledger = _ledger(ledger_url)
     c = _reserve(ledger)

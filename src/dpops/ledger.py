@@ -64,6 +64,8 @@ COMMITTED = "committed"
 FAILED_CHARGED = "failed_charged"
 RELEASED = "released"
 EXPIRED = "expired"
+#: Not a state: a durable note of the steps a running charge has taken (see Ledger.record_progress).
+PROGRESS = "progress"
 
 #: Allowed state changes. Anything else raises LedgerError.
 TRANSITIONS: dict[str, set[str]] = {
@@ -822,11 +824,49 @@ class Ledger:
     def commit(self, charge_id: str, *, steps_run: int) -> Charge:
         """Settle a running charge at the steps actually run (at most the steps reserved)."""
         charge = self.charge(charge_id)
+        done = self.progress(charge_id)
+        if steps_run < done:
+            raise LedgerError(f"charge {charge_id}: steps_run {steps_run} is below the {done} steps its progress events record")
         if not (0 <= steps_run <= charge.mechanism.steps):
             raise LedgerError(
                 f"charge {charge_id}: steps_run must be in [0, {charge.mechanism.steps}] (the reserved steps). Found {steps_run}."
             )
         return self._transition(charge_id, COMMITTED, {"steps_run": int(steps_run)}, counted=int(steps_run))
+
+    def record_progress(self, charge_id: str, *, steps_done: int) -> None:
+        """Append a durable ``progress`` event: a running charge has taken ``steps_done`` noisy steps.
+
+        For the record (how far a run got, for the privacy officer and for a run that dies); it
+        changes no figure: a running charge counts its reserved steps, and one that dies stays
+        charged at that size. ``steps_done`` must not go back and must not pass the steps reserved.
+        """
+        with self.engine.begin() as conn:
+            c = ChargeRow.__table__.c
+            found = conn.execute(select(c.dataset_id, c.steps_planned).where(c.id == charge_id)).one_or_none()
+            if found is None:
+                raise LedgerError(f"charge {charge_id!r} does not exist")
+            dataset_id, planned = found
+            ds = self._lock_dataset(conn, dataset_id=dataset_id)
+            state = conn.scalar(select(_STATES.c.state).where(_STATES.c.charge_id == charge_id))
+            if state != RUNNING:
+                raise LedgerError(f"charge {charge_id}: progress is recorded only while running; it is {state!r}")
+            last = self._last_progress(conn, charge_id)
+            if not (last <= steps_done <= planned):
+                raise LedgerError(f"charge {charge_id}: steps_done must be in [{last}, {planned}] (last recorded, reserved). "
+                                  f"Found {steps_done}.")
+            self._append(conn, ds, PROGRESS, charge_id, {"steps_done": int(steps_done)})
+
+    @staticmethod
+    def _last_progress(conn: Connection, charge_id: str) -> int:
+        e = _EVENTS.c
+        payload = conn.scalar(select(e.payload).where(e.charge_id == charge_id, e.kind == PROGRESS)
+                              .order_by(e.seq.desc()).limit(1))
+        return int(json.loads(payload)["steps_done"]) if payload else 0
+
+    def progress(self, charge_id: str) -> int:
+        """The last steps_done recorded for a charge (0 when none)."""
+        with self.engine.connect() as conn:
+            return self._last_progress(conn, charge_id)
 
     def fail(self, charge_id: str, *, reason: str) -> Charge:
         """A running charge whose run died: it stays charged at its reserved size."""
