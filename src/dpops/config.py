@@ -147,6 +147,14 @@ class TrainingSettings(_Strict):
         description="'bf16': bfloat16 autocast of the forward pass (weights, clipping and noise stay fp32). "
         "'auto': bf16 on a GPU that supports it, fp32 otherwise.",
     )
+    nproc_per_node: int = Field(
+        default=1,
+        ge=1,
+        description="Training processes on the training machine (one per GPU). Above 1 the train stage launches "
+        "torchrun: each process Poisson-samples its own shard of the records at the plan's q, clipped gradients are "
+        "summed across processes and only rank 0 adds noise, so the mechanism is the one the plan accounted. "
+        "Not with unit 'user'.",
+    )
 
 
 class OptimSettings(_Strict):
@@ -212,6 +220,29 @@ class JobConfig(_Strict):
     def grad_sample_mode(self) -> str:
         """The per-sample gradient mode this job trains with: the one it names, else its method's default."""
         return self.training.grad_sample_mode or DEFAULT_GRAD_SAMPLE_MODE[self.method]
+
+
+def check_training(job: JobConfig, dataset: DatasetConfig, job_path: str | Path) -> None:
+    """Refuse, on load and so before anything is charged, training settings the trainer refuses for ``dataset``.
+
+    Unit 'user' sums each sampled user's per-record gradients before clipping, which needs every
+    per-example gradient of a batch in one process (:mod:`dpops.users`).
+
+    Raises:
+        ConfigError: naming the job file and the field.
+    """
+    if dataset.unit != "user":
+        return
+    if job.training.nproc_per_node > 1:
+        raise ConfigError(
+            f"{job_path}: field 'training.nproc_per_node' is {job.training.nproc_per_node}, but dataset {dataset.name!r} "
+            "has unit 'user', which trains in one process (a user's records are clipped together). Use 1."
+        )
+    if job.grad_sample_mode != "hooks":
+        raise ConfigError(
+            f"{job_path}: field 'training.grad_sample_mode' is {job.grad_sample_mode!r} (method {job.method!r}), but dataset "
+            f"{dataset.name!r} has unit 'user', which needs per-example gradients. Set 'hooks'."
+        )
 
 
 # --------------------------------------------------------------------------- policy

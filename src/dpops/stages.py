@@ -15,18 +15,20 @@ from typing import Any, Optional
 import pandas as pd
 
 from dpops import audit as auditing
-from dpops import audit_report, canaries, evaluation, gate, privacy, report, tracking, training
+from dpops import audit_report, canaries, evaluation, gate, launch, privacy, report, tracking, training
 from dpops import config as cfgmod
 from dpops import data as datamod
 from dpops.accounting import SubsampledGaussian
 from dpops.errors import LedgerError
-from dpops.ledger import Ledger
+from dpops.ledger import RESERVED, Ledger
 from dpops.settings import Workspace, workspace
 
 
 def _load(job_path: str) -> tuple[cfgmod.JobConfig, cfgmod.DatasetConfig]:
     job = cfgmod.load_job_config(job_path)
-    return job, cfgmod.dataset_config_for(job, job_path)
+    ds = cfgmod.dataset_config_for(job, job_path)
+    cfgmod.check_training(job, ds, job_path)  # from stage 1 on: refused before anything is charged
+    return job, ds
 
 
 def _ref(ref: dict[str, Any]) -> datamod.DataRef:
@@ -104,30 +106,57 @@ def train(job_path: str, ref: dict[str, Any], p: dict[str, Any], charge_id: str)
 
     The audit's canaries are drawn first and the included ones appended to the training records;
     which were included stays in the run directory (``canaries_path`` in the result).
-    If anything fails after the charge is running, it becomes ``failed_charged``: data was read,
-    so the spend is real.
+    With ``training.nproc_per_node`` above 1 the training runs in that many processes
+    (:mod:`dpops.launch`, torchrun), which read the records themselves; the result is rank 0's.
+    If anything fails after the charge is running (a process killed included), it becomes
+    ``failed_charged``: data was read, so the spend is real. What this machine cannot run (no GPU,
+    too few GPUs) is refused before the charge starts, and the reservation is released.
     """
     job, ds = _load(job_path)
     ws = workspace()
     run_dir = ws.runs / charge_id
     ledger = _ledger(ws)
     try:
+        _check_machine(ledger, job, job_path, charge_id)
         ledger.start(charge_id)  # refused for a charge already started: nothing below happens
         try:
             drawn = canaries.draw(job.audit.canaries, n_labels=len(ds.labels), seed=job.seed)
             canaries_path = drawn.save(run_dir / canaries.FILE)
-            df = datamod.load_split(_ref(ref), ds, max_records=job.train_max_records)
-            rows = drawn.training_rows()
-            if "user" in df.columns:  # unit 'user': each canary is a user of its own
-                rows = rows.assign(user=[f"dpops-canary-{i}" for i in range(len(rows))])
-            df = pd.concat([df, rows], ignore_index=True)
-            result = training.train(job, _plan_obj(p), df, labels=list(ds.labels), output_dir=run_dir / "model")
+            if job.training.nproc_per_node > 1:
+                result = launch.train_processes(job_path=job_path, ref=ref, plan=p, charge_id=charge_id, canaries_path=canaries_path,
+                                                run_dir=run_dir, nproc=job.training.nproc_per_node)
+            else:
+                df = training_records(job, ds, ref, p, drawn)
+                result = asdict(training.train(job, _plan_obj(p), df, labels=list(ds.labels), output_dir=run_dir / "model"))
         except BaseException as exc:
             ledger.fail(charge_id, reason=f"{type(exc).__name__} during training")
             raise
-        return {**asdict(result), "canaries_path": str(canaries_path)}
+        return {**result, "canaries_path": str(canaries_path)}
     finally:
         ledger.dispose()
+
+
+def _check_machine(ledger: Ledger, job: cfgmod.JobConfig, job_path: str, charge_id: str) -> None:
+    """Refuse, before the charge starts, a job this machine cannot train; release its reservation."""
+    try:
+        launch.check_machine(job)
+    except cfgmod.ConfigError as exc:
+        if ledger.charge(charge_id).state == RESERVED:
+            ledger.release(charge_id, reason=f"refused before training: {exc}")
+        raise cfgmod.ConfigError(f"{job_path}: {exc}. Nothing was read or trained.") from None
+
+
+def training_records(
+    job: cfgmod.JobConfig, ds: cfgmod.DatasetConfig, ref: dict[str, Any], p: dict[str, Any], drawn: canaries.Canaries
+) -> pd.DataFrame:
+    """The records a charge trains on: the training split as resolved (sha256-checked), plus the
+    included canaries. Reads private records; every training process calls it (``p`` is the plan
+    the charge admitted)."""
+    df = datamod.load_split(_ref(ref), ds, max_records=job.train_max_records)
+    rows = drawn.training_rows()
+    if "user" in df.columns:  # unit 'user': each canary is a user of its own
+        rows = rows.assign(user=[f"dpops-canary-{i}" for i in range(len(rows))])
+    return pd.concat([df, rows], ignore_index=True)
 
 
 def settle(charge_id: str, steps_run: int) -> dict[str, Any]:
