@@ -13,7 +13,7 @@ def _rows(summary: dict[str, Any], ui_command: str = "") -> list[tuple[str, str]
         ("dataset", f"{summary['dataset']} ({summary['data_version'][:19]}...)"),
         ("epsilon this run", f"{summary['epsilon_run']:.3f} at delta {summary['delta']:g} (RDP accountant; sigma {summary['noise_multiplier']:.3f}, q {summary['sample_rate']:.2e}, {summary['steps']} steps)"),
         ("cumulative epsilon / cap", f"{summary['cumulative_epsilon']:.3f} / {summary['epsilon_cap']:g} (adaptive-composition guarantee from the ledger)"),
-        ("accuracy (eval)", f"{summary['accuracy']:.4f} (majority class {summary['majority_baseline']:.4f})"),
+        _utility_row(summary),
         ("audit", f"{summary['audit_verdict']} (canary epsilon lower bound {summary['canary_epsilon_lower_bound']:.3f} "
                   f"of at most {summary['canary_ceiling']:.2f}; MIA AUC {summary['mia_auc']:.3f}, "
                   f"lower bound {summary['mia_epsilon_lower_bound']:.3f})"),
@@ -23,6 +23,13 @@ def _rows(summary: dict[str, Any], ui_command: str = "") -> list[tuple[str, str]
     if ui_command:
         rows.append(("open the MLflow UI", ui_command))
     return rows
+
+
+def _utility_row(summary: dict[str, Any]) -> tuple[str, str]:
+    """Accuracy for a classifier; eval loss and perplexity for a language model (which has no accuracy)."""
+    if summary.get("accuracy") is None:
+        return ("eval loss", f"{summary['eval_loss']:.4f} (perplexity {summary['perplexity']:.2f})")
+    return ("accuracy (eval)", f"{summary['accuracy']:.4f} (majority class {summary['majority_baseline']:.4f})")
 
 
 def table(summary: dict[str, Any], ui_command: str = "") -> str:

@@ -233,10 +233,10 @@ def record(
             metrics=metrics, audit=audit_out, dataset_budget=budget, model_dir=train_out["model_dir"], repo=ref["repo"],
             flow_run_id=flow_run_id,
         )
-        # The gate reads the audit verdict and accuracy from here (hash-chained), not from MLflow.
+        # The gate reads the task, the utility figures and the audit verdict from here (hash-chained), not from MLflow.
         ledger.annotate(
-            charge_id, mlflow_run_id=res.run_id, model=f"{res.model_name}/{res.model_version}",
-            accuracy=float(metrics["accuracy"]), audit={k: audit_out[k] for k in AUDIT_EVIDENCE},
+            charge_id, mlflow_run_id=res.run_id, model=f"{res.model_name}/{res.model_version}", task=job.task,
+            **{k: float(metrics[k]) for k in gate.UTILITY_FIGURES if k in metrics}, audit={k: audit_out[k] for k in AUDIT_EVIDENCE},
         )
         return {**asdict(res), "budget": budget}
     finally:
