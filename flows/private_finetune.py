@@ -82,7 +82,8 @@ def private_finetune(
         "epsilon_run": audit["accountant_epsilon"], "delta": plan["delta"], "steps": trained["steps_run"],
         "noise_multiplier": plan["noise_multiplier"], "sample_rate": plan["sample_rate"],
         "cumulative_epsilon": budget["spent"], "epsilon_cap": budget["epsilon_cap"],
-        "accuracy": metrics["accuracy"], "majority_baseline": metrics["majority_baseline"],
+        "accuracy": metrics.get("accuracy"), "majority_baseline": metrics.get("majority_baseline"),  # None for a language model
+        "eval_loss": metrics["eval_loss"], "perplexity": metrics.get("perplexity"),
         "audit_passed": audit["passed"], "audit_verdict": audit["verdict"],
         "canary_epsilon_lower_bound": audit["canary_epsilon_lower_bound"], "canary_ceiling": audit["canary_ceiling"],
         "mia_auc": audit["mia_auc"], "mia_epsilon_lower_bound": audit["mia_epsilon_lower_bound"],

@@ -56,3 +56,28 @@ def test_two_processes_take_the_same_private_steps(tmp_path, mode):
     assert r0["on_step"] == [1, 2, 3] and r1["on_step"] == [], "only rank 0 reports progress to the ledger"
     assert r0["model_dir"] and r1["model_dir"] is None, "only rank 0 saves"
     assert r0["weights_sha256"] == r1["weights_sha256"], "the processes' weights diverged"
+
+
+def test_each_process_poisson_samples_its_shard_empty_batches_included(tmp_path):
+    """A process's batch is Poisson at q even when it comes out empty: one batch per step, never skipped.
+
+    (Opacus's DistributedUniformWithReplacementSampler skips empty local batches, which conditions
+    every batch on being non-empty and raises each record's inclusion probability above q.)
+    """
+    from torch.utils.data import TensorDataset
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'group'}", rank=0, world_size=1)
+    try:
+        plan = Plan(dataset="d", n_records=4, sample_rate=0.05, expected_batch_size=0.2, steps=20, noise_multiplier=1.0,
+                    max_grad_norm=1.0, delta=1e-3, target_epsilon=8.0, epsilon=8.0)
+        loader = training._dp_loader(TensorDataset(torch.arange(4)), plan, torch.Generator().manual_seed(0), distributed=True)
+        sizes = [len(batch[0]) for batch in loader]
+    finally:
+        torch.distributed.destroy_process_group()
+    assert len(sizes) == 20 and sizes.count(0) > 10, sizes
+
+
+@pytest.mark.parametrize("n,world", [(10, 2), (7, 3), (3, 3)])
+def test_the_shards_partition_the_records(n, world):
+    shards = [list(training.shard(n, rank=r, world=world)) for r in range(world)]
+    assert sorted(i for s in shards for i in s) == list(range(n))

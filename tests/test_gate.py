@@ -22,14 +22,14 @@ GOOD_AUDIT = {"verdict": "PASS", "reasons": [], "claimed_epsilon": 1.0, "canary_
 runner = CliRunner()
 
 
-def _charge(ledger: Ledger, *, commit=True, model="m/1", accuracy=0.8, audit=GOOD_AUDIT, cap=8.0) -> str:
-    ledger.register_dataset(name="notes", unit="record", delta=1e-6, epsilon_cap=cap)
-    c = ledger.reserve(dataset="notes", mechanism=SubsampledGaussian(1.0, 0.01, 100), max_grad_norm=1.0,
+def _charge(ledger: Ledger, *, commit=True, model="m/1", accuracy=0.8, audit=GOOD_AUDIT, cap=8.0, dataset="notes", **figures) -> str:
+    ledger.register_dataset(name=dataset, unit="record", delta=1e-6, epsilon_cap=cap)
+    c = ledger.reserve(dataset=dataset, mechanism=SubsampledGaussian(1.0, 0.01, 100), max_grad_norm=1.0,
                        n_records=50_000, job="j", data_version="sha256:x")
     ledger.start(c.id)
     if commit:
         ledger.commit(c.id, steps_run=100)
-    notes = {"model": model, "accuracy": accuracy, "audit": audit}
+    notes = {"model": model, "accuracy": accuracy, "audit": audit, **figures}
     ledger.annotate(c.id, **{k: v for k, v in notes.items() if v is not None})
     return c.id
 
@@ -121,3 +121,114 @@ def test_cli_promote_rechecks_the_ledger_and_records_every_decision(workspace_en
     assert [(d["model"], d["decision"]) for d in decisions] == [("m/1", "REFUSED"), ("m/2", "PROMOTED"), (f"m/{v3}", "REFUSED")]
     assert json.loads(client.get_model_version("m", v1).tags["dpops.gate_reasons"]) == decisions[0]["reasons"]
     assert ledger.verify() == []
+
+
+# --------------------------------------------------------------------------- task-aware utility, per-dataset thresholds
+
+LM_POLICY = PolicyConfig(min_accuracy=0.7, max_eval_loss=3.0)
+
+
+def test_a_language_model_is_judged_by_its_eval_loss_not_accuracy(ledger):
+    good = _charge(ledger, accuracy=None, task="causal_lm", eval_loss=2.5, perplexity=12.2)
+    assert gate.decide(ledger, charge_id=good, policy=LM_POLICY, model="m/1").promote
+    bad = _charge(ledger, accuracy=None, task="causal_lm", eval_loss=3.4, perplexity=30.0)
+    assert gate.decide(ledger, charge_id=bad, policy=LM_POLICY, model="m/1").reasons == ["eval_loss 3.4000 > policy max_eval_loss 3"]
+    # a classifier on the same policy is still judged by accuracy, and its eval loss does not matter
+    clf = _charge(ledger, accuracy=0.65, task="classification", eval_loss=9.0)
+    assert gate.decide(ledger, charge_id=clf, policy=LM_POLICY, model="m/1").reasons == ["accuracy 0.6500 < policy min_accuracy 0.7"]
+
+
+def test_a_language_model_fails_every_threshold_it_misses_and_missing_figures_refuse(ledger):
+    policy = PolicyConfig(max_eval_loss=3.0, max_perplexity=15.0)
+    charge_id = _charge(ledger, commit=False, accuracy=None, task="causal_lm", eval_loss=3.2, perplexity=24.5)
+    reasons = gate.decide(ledger, charge_id=charge_id, policy=policy, model="m/1").reasons
+    assert reasons == [f"charge {charge_id} is 'running', not committed", "eval_loss 3.2000 > policy max_eval_loss 3",
+                       "perplexity 24.5000 > policy max_perplexity 15"]
+    bare = _charge(ledger, accuracy=None, task="causal_lm")  # recorded without its eval figures
+    assert gate.decide(ledger, charge_id=bare, policy=policy).reasons == [
+        "no eval_loss is recorded in the ledger for this charge", "no perplexity is recorded in the ledger for this charge"]
+    nan = _charge(ledger, accuracy=None, task="causal_lm", eval_loss=float("nan"), perplexity=float("nan"))
+    assert len(gate.decide(ledger, charge_id=nan, policy=policy).reasons) == 2
+
+
+def test_a_task_without_a_threshold_is_refused(ledger):
+    lm = _charge(ledger, accuracy=None, task="causal_lm", eval_loss=0.1, perplexity=1.1)
+    reasons = gate.decide(ledger, charge_id=lm, policy=POLICY).reasons  # POLICY sets min_accuracy only
+    assert reasons == ["policy sets no utility threshold for task 'causal_lm' (max_eval_loss or max_perplexity, globally "
+                       "or under datasets.notes)"]
+    odd = _charge(ledger, task="translation")
+    assert gate.decide(ledger, charge_id=odd, policy=POLICY).reasons == [
+        "task 'translation' recorded in the ledger for this charge has no utility policy"]
+
+
+def test_per_dataset_thresholds_replace_the_global_one_for_that_dataset_only(ledger):
+    policy = PolicyConfig(min_accuracy=0.7, datasets={"medical_abstracts": {"min_accuracy": 0.5}, "notes": {"max_eval_loss": 2.0}})
+    medical = _charge(ledger, dataset="medical_abstracts", accuracy=0.57, task="classification")
+    assert gate.decide(ledger, charge_id=medical, policy=policy, model="m/1").promote
+    too_low = _charge(ledger, dataset="medical_abstracts", accuracy=0.45, task="classification")
+    assert gate.decide(ledger, charge_id=too_low, policy=policy).reasons == [
+        "accuracy 0.4500 < policy min_accuracy 0.5 (dataset 'medical_abstracts')"]
+    # the same accuracy on another dataset meets the global threshold, and an override of another field keeps it
+    notes = _charge(ledger, dataset="notes", accuracy=0.57)
+    assert gate.decide(ledger, charge_id=notes, policy=policy).reasons == ["accuracy 0.5700 < policy min_accuracy 0.7"]
+    notes_lm = _charge(ledger, dataset="notes", accuracy=None, task="causal_lm", eval_loss=2.5)
+    assert gate.decide(ledger, charge_id=notes_lm, policy=policy).reasons == [
+        "eval_loss 2.5000 > policy max_eval_loss 2 (dataset 'notes')"]
+
+
+def test_the_project_policy_lowers_the_bar_for_the_five_class_dataset_only(project_root, tmp_path):
+    from dpops import config
+    from dpops.errors import ConfigError
+
+    policy = config.load_policy(project_root / "configs/policy.yaml")
+    assert policy.utility("medical_abstracts", "classification") == {"min_accuracy": 0.5}
+    assert policy.utility("sst2", "classification") == {"min_accuracy": 0.7}
+    bad = tmp_path / "policy.yaml"
+    bad.write_text("min_accuracy: 0.7\ndatasets:\n  medical_abstracts:\n    min_acuracy: 0.5\n")
+    with pytest.raises(ConfigError, match="field 'datasets.medical_abstracts.min_acuracy'"):
+        config.load_policy(bad)
+    bad.write_text("max_perplexity: 0.5\n")
+    with pytest.raises(ConfigError, match="field 'max_perplexity'"):
+        config.load_policy(bad)
+
+
+@pytest.mark.slow
+def test_a_language_model_run_is_recorded_and_gated_on_its_eval_loss(workspace_env, tmp_path, project_root):
+    """The stages end to end for task causal_lm (tiny Llama, sst2 smoke data): the record stage notes
+    the task and eval figures on the charge, and the gate judges the model by them."""
+    import shutil
+
+    import yaml
+
+    from dpops import stages
+    from tests.tiny_models import tiny_llama
+
+    shutil.copytree(project_root / "configs", tmp_path / "configs")
+    job = tmp_path / "configs/jobs/sst2_smoke.yaml"
+    data = yaml.safe_load(job.read_text())
+    data.update(task="causal_lm", model={"path": str(tiny_llama(tmp_path / "llama")), "max_length": 16},
+                lora={"target_modules": ["q_proj", "v_proj"]}, train_max_records=64, eval_max_records=40,
+                dp={**data["dp"], "steps": 2, "expected_batch_size": 16}, audit={"canaries": 10, "members": 10, "non_members": 10})
+    job.write_text(yaml.safe_dump(data))
+    ref = stages.resolve(str(job), str(project_root))
+    plan = stages.plan(str(job), ref)
+    charge_id = stages.reserve(str(job), ref, plan)
+    trained = stages.train(str(job), ref, plan, charge_id)
+    stages.settle(charge_id, trained["steps_run"])
+    metrics = stages.evaluate(str(job), ref, trained["model_dir"])
+    audit = stages.audit(str(job), ref, plan, trained["model_dir"], trained["steps_run"], trained["canaries_path"])
+    rec = stages.record(str(job), ref, plan, charge_id, trained, metrics, audit)
+
+    ledger = Ledger(f"sqlite:///{workspace_env / 'ledger.db'}")
+    notes = gate.evidence(ledger, charge_id)
+    assert notes["task"] == "causal_lm" and "accuracy" not in notes
+    assert notes["eval_loss"] == pytest.approx(metrics["eval_loss"]) and notes["perplexity"] == pytest.approx(metrics["perplexity"])
+
+    policies = tmp_path / "configs"
+    refused = stages.promote(str(policies / "policy.yaml"), rec["model_name"], rec["model_version"])  # no causal-LM threshold
+    assert refused["decision"] == "REFUSED" and any("no utility threshold for task 'causal_lm'" in r for r in refused["reasons"])
+    (policies / "loose.yaml").write_text(yaml.safe_dump({"min_accuracy": 0.99, "max_eval_loss": 1000.0, "require_audit_pass": False}))
+    assert stages.promote(str(policies / "loose.yaml"), rec["model_name"], rec["model_version"])["decision"] == "PROMOTED"
+    (policies / "strict.yaml").write_text(yaml.safe_dump({"datasets": {"sst2": {"max_eval_loss": 0.01}}, "require_audit_pass": False}))
+    strict = stages.promote(str(policies / "strict.yaml"), rec["model_name"], rec["model_version"])
+    assert strict["reasons"] == [f"eval_loss {metrics['eval_loss']:.4f} > policy max_eval_loss 0.01 (dataset 'sst2')"]

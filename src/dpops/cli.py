@@ -200,8 +200,8 @@ def promote(
     """Promote a model version only if the ledger backs it; exit 1 naming every failed condition.
 
     Re-checks, from the version's ledger charge: committed, dataset within its cap, ledger chain
-    verifies, audit passed, accuracy at or above the policy. Every decision is recorded (ledger
-    event and model version tag).
+    verifies, audit passed, utility within the policy for its task and dataset (accuracy; eval
+    loss or perplexity). Every decision is recorded (ledger event and model version tag).
     """
     from mlflow.exceptions import MlflowException
 

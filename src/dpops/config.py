@@ -8,10 +8,10 @@ naming the file and the field.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
 from dpops.errors import ConfigError
 
@@ -192,6 +192,14 @@ class TrainingSettings(_Strict):
         description="'bf16': bfloat16 autocast of the forward pass (weights, clipping and noise stay fp32). "
         "'auto': bf16 on a GPU that supports it, fp32 otherwise.",
     )
+    nproc_per_node: int = Field(
+        default=1,
+        ge=1,
+        description="Training processes on the training machine (one per GPU). Above 1 the train stage launches "
+        "torchrun: each process Poisson-samples its own shard of the records at the plan's q, clipped gradients are "
+        "summed across processes and only rank 0 adds noise, so the mechanism is the one the plan accounted. "
+        "Not with unit 'user'.",
+    )
 
 
 class OptimSettings(_Strict):
@@ -259,14 +267,79 @@ class JobConfig(_Strict):
         return self.training.grad_sample_mode or DEFAULT_GRAD_SAMPLE_MODE[self.method]
 
 
+def check_training(job: JobConfig, dataset: DatasetConfig, job_path: str | Path) -> None:
+    """Refuse, on load and so before anything is charged, training settings the trainer refuses for ``dataset``.
+
+    Unit 'user' sums each sampled user's per-record gradients before clipping, which needs every
+    per-example gradient of a batch in one process (:mod:`dpops.users`).
+
+    Raises:
+        ConfigError: naming the job file and the field.
+    """
+    if dataset.unit != "user":
+        return
+    if job.training.nproc_per_node > 1:
+        raise ConfigError(
+            f"{job_path}: field 'training.nproc_per_node' is {job.training.nproc_per_node}, but dataset {dataset.name!r} "
+            "has unit 'user', which trains in one process (a user's records are clipped together). Use 1."
+        )
+    if job.grad_sample_mode != "hooks":
+        raise ConfigError(
+            f"{job_path}: field 'training.grad_sample_mode' is {job.grad_sample_mode!r} (method {job.method!r}), but dataset "
+            f"{dataset.name!r} has unit 'user', which needs per-example gradients. Set 'hooks'."
+        )
+
+
 # --------------------------------------------------------------------------- policy
 
 
-class PolicyConfig(_Strict):
-    min_accuracy: float = Field(ge=0, le=1, description="Promotion needs eval accuracy at or above this.")
+class UtilityPolicy(_Strict):
+    """What a model must reach on its dataset's eval split; each task is judged by its own figures."""
+
+    min_accuracy: Optional[float] = Field(
+        default=None, ge=0, le=1, description="Task 'classification': eval accuracy at or above this."
+    )
+    max_eval_loss: Optional[float] = Field(
+        default=None, gt=0,
+        description="Task 'causal_lm': mean next-token cross-entropy (nats per token, each text weighted equally) on the "
+        "eval split at or below this.",
+    )
+    max_perplexity: Optional[float] = Field(
+        default=None, ge=1, description="Task 'causal_lm': eval perplexity (exp of the eval loss) at or below this."
+    )
+
+
+#: The policy fields that judge each task.
+TASK_UTILITY = {"classification": ("min_accuracy",), "causal_lm": ("max_eval_loss", "max_perplexity")}
+
+
+class PolicyConfig(UtilityPolicy):
+    datasets: dict[Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_\-]*$")], UtilityPolicy] = Field(
+        default_factory=dict,
+        description="Per-dataset utility thresholds (keys: ledger dataset names); a field set here replaces the "
+        "global one for that dataset (e.g. a five-class dataset cannot reach a two-class accuracy). Only utility: "
+        "the budget, audit and ledger conditions hold for every dataset.",
+    )
     require_audit_pass: bool = Field(default=True, description="Promotion needs the audit to pass.")
     require_ledger_verified: bool = Field(default=True, description="Promotion needs the ledger's hash chain to verify.")
     alias: str = Field(default="production", description="MLflow alias set on promotion.")
+
+    def utility(self, dataset: str, task: str) -> dict[str, float]:
+        """The thresholds that judge a ``task`` model of ``dataset``: policy field -> limit (only those set).
+
+        A field set under ``datasets.<dataset>`` replaces the global one.
+        """
+        limits = {}
+        for name in TASK_UTILITY.get(task, ()):
+            value = getattr(self.datasets[dataset] if self.overridden(dataset, name) else self, name)
+            if value is not None:
+                limits[name] = value
+        return limits
+
+    def overridden(self, dataset: str, name: str) -> bool:
+        """Whether ``name`` comes from this dataset's override."""
+        override = self.datasets.get(dataset)
+        return override is not None and getattr(override, name) is not None
 
 
 # --------------------------------------------------------------------------- loading

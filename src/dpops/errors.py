@@ -23,3 +23,7 @@ class LedgerError(DpopsError, RuntimeError):
 
 class PrivacyError(DpopsError, RuntimeError):
     """Training would not match what the accountant assumes (sampler, sample rate, steps)."""
+
+
+class TrainingError(DpopsError, RuntimeError):
+    """A training process failed, was killed, or left no result. Its charge stays charged in full."""

@@ -2,9 +2,14 @@
 
 Every condition is read from the ledger, never from MLflow tags (which anyone with write access
 can edit): the charge of the version, its state, its dataset's budget, the hash chain, and the
-audit verdict and accuracy that the record stage appended to the charge's chain. The MLflow tag
-``dpops.charge_id`` is only a pointer, and the charge must name the same model version back.
-Each failed condition is named.
+audit verdict, task and utility figures that the record stage appended to the charge's chain. The
+MLflow tag ``dpops.charge_id`` is only a pointer, and the charge must name the same model version
+back. Each failed condition is named.
+
+Utility is judged per task (:data:`UTILITY`): a classifier by its eval accuracy, a language model
+by its eval loss or perplexity (it has no accuracy). The policy may set other thresholds for one
+dataset (``datasets:`` in ``configs/policy.yaml``); a task the policy sets no threshold for is
+refused, not waved through.
 """
 
 from __future__ import annotations
@@ -12,10 +17,21 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from dpops.config import PolicyConfig
+from dpops.config import TASK_UTILITY, PolicyConfig
 from dpops.ledger import COMMITTED, Ledger
 
 PROMOTED, REFUSED = "PROMOTED", "REFUSED"
+
+#: Policy field -> (figure the record stage notes on the charge, whether higher is better).
+UTILITY = {
+    "min_accuracy": ("accuracy", True),
+    "max_eval_loss": ("eval_loss", False),
+    "max_perplexity": ("perplexity", False),
+}
+#: Eval figures the record stage appends to a charge for the gate.
+UTILITY_FIGURES = tuple(figure for figure, _ in UTILITY.values())
+#: The task of a charge whose notes name none: charges recorded before tasks were noted are classifiers.
+DEFAULT_TASK = "classification"
 
 
 @dataclass(frozen=True)
@@ -73,9 +89,28 @@ def decide(ledger: Ledger, *, charge_id: str, policy: PolicyConfig, model: Optio
             reasons.append(f"ledger does not verify: {problems[0]}" + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""))
     if policy.require_audit_pass:
         reasons.extend(_audit_reasons(notes))
-    accuracy = notes.get("accuracy")
-    if accuracy is None:
-        reasons.append("no accuracy is recorded in the ledger for this charge")
-    elif accuracy < policy.min_accuracy:
-        reasons.append(f"accuracy {accuracy:.4f} < policy min_accuracy {policy.min_accuracy}")
+    reasons.extend(_utility_reasons(notes, policy, charge.dataset))
     return Decision(promote=not reasons, reasons=reasons)
+
+
+def _utility_reasons(notes: dict[str, Any], policy: PolicyConfig, dataset: str) -> list[str]:
+    """Every utility threshold of the charge's task (from the policy, with the dataset's overrides) it fails."""
+    task = notes.get("task", DEFAULT_TASK)
+    if task not in TASK_UTILITY:
+        return [f"task {task!r} recorded in the ledger for this charge has no utility policy"]
+    limits = policy.utility(dataset, task)
+    if not limits:
+        return [f"policy sets no utility threshold for task {task!r} ({' or '.join(TASK_UTILITY[task])}, globally or "
+                f"under datasets.{dataset})"]
+    reasons = []
+    for name, limit in limits.items():
+        figure, higher_is_better = UTILITY[name]
+        value = notes.get(figure)
+        where = f" (dataset {dataset!r})" if policy.overridden(dataset, name) else ""
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            reasons.append(f"no {figure} is recorded in the ledger for this charge")
+        elif higher_is_better and not value >= limit:  # NaN fails both ways
+            reasons.append(f"{figure} {value:.4f} < policy {name} {limit:g}{where}")
+        elif not higher_is_better and not value <= limit:
+            reasons.append(f"{figure} {value:.4f} > policy {name} {limit:g}{where}")
+    return reasons

@@ -19,7 +19,7 @@ def _rows(summary: dict[str, Any], ui_command: str = "") -> list[tuple[str, str]
         rows.append(("blocks read", "; ".join(f"{b['name']} ({b['n']} units; cumulative {b['spent']:.3f} / {b['epsilon_cap']:g})"
                                               for b in summary["blocks"])))
     rows += [
-        ("accuracy (eval)", f"{summary['accuracy']:.4f} (majority class {summary['majority_baseline']:.4f})"),
+        _utility_row(summary),
         ("audit", f"{summary['audit_verdict']} (canary epsilon lower bound {summary['canary_epsilon_lower_bound']:.3f} "
                   f"of at most {summary['canary_ceiling']:.2f}; MIA AUC {summary['mia_auc']:.3f}, "
                   f"lower bound {summary['mia_epsilon_lower_bound']:.3f})"),
@@ -29,6 +29,13 @@ def _rows(summary: dict[str, Any], ui_command: str = "") -> list[tuple[str, str]
     if ui_command:
         rows.append(("open the MLflow UI", ui_command))
     return rows
+
+
+def _utility_row(summary: dict[str, Any]) -> tuple[str, str]:
+    """Accuracy for a classifier; eval loss and perplexity for a language model (which has no accuracy)."""
+    if summary.get("accuracy") is None:
+        return ("eval loss", f"{summary['eval_loss']:.4f} (perplexity {summary['perplexity']:.2f})")
+    return ("accuracy (eval)", f"{summary['accuracy']:.4f} (majority class {summary['majority_baseline']:.4f})")
 
 
 def table(summary: dict[str, Any], ui_command: str = "") -> str:

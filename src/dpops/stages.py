@@ -15,18 +15,20 @@ from typing import Any, Optional
 import pandas as pd
 
 from dpops import audit as auditing
-from dpops import audit_report, canaries, evaluation, gate, privacy, report, tracking, training, users
+from dpops import audit_report, canaries, evaluation, gate, launch, privacy, report, tracking, training, users
 from dpops import config as cfgmod
 from dpops import data as datamod
 from dpops.accounting import SubsampledGaussian
 from dpops.errors import DataValidationError, LedgerError, PrivacyError
-from dpops.ledger import DatasetBudget, Ledger
+from dpops.ledger import RESERVED, DatasetBudget, Ledger
 from dpops.settings import Workspace, workspace
 
 
 def _load(job_path: str) -> tuple[cfgmod.JobConfig, cfgmod.DatasetConfig]:
     job = cfgmod.load_job_config(job_path)
-    return job, cfgmod.dataset_config_for(job, job_path)
+    ds = cfgmod.dataset_config_for(job, job_path)
+    cfgmod.check_training(job, ds, job_path)  # from stage 1 on: refused before anything is charged
+    return job, ds
 
 
 def _ref(ref: dict[str, Any]) -> datamod.DataRef:
@@ -146,30 +148,32 @@ def train(job_path: str, ref: dict[str, Any], p: dict[str, Any], charge_id: str)
 
     The audit's canaries are drawn first and the included ones appended to the training records;
     which were included stays in the run directory (``canaries_path`` in the result).
-    If anything fails after the charge is running, it becomes ``failed_charged``: data was read,
-    so the spend is real.
+    With ``training.nproc_per_node`` above 1 the training runs in that many processes
+    (:mod:`dpops.launch`, torchrun), which read the records themselves; the result is rank 0's.
+    If anything fails after the charge is running (a process killed included), it becomes
+    ``failed_charged``: data was read, so the spend is real. What this machine cannot run (no GPU,
+    too few GPUs) is refused before the charge starts, and the reservation is released.
     """
     job, ds = _load(job_path)
     ws = workspace()
     run_dir = ws.runs / charge_id
     ledger = _ledger(ws)
     try:
+        _check_machine(ledger, job, job_path, charge_id)
         ledger.start(charge_id)  # refused for a charge already started: nothing below happens
         try:
             drawn = canaries.draw(job.audit.canaries, n_labels=len(ds.labels), seed=job.seed)
             canaries_path = drawn.save(run_dir / canaries.FILE)
-            df = datamod.load_split(_ref(ref), ds, max_records=job.train_max_records, blocks=p.get("blocks"))
-            if p.get("blocks"):
-                _check_blocks_read(df, ref, p)
-            rows = drawn.training_rows()
-            if "user" in df.columns:  # unit 'user': each canary is a user of its own
-                rows = rows.assign(user=[f"dpops-canary-{i}" for i in range(len(rows))])
-            df = pd.concat([df, rows], ignore_index=True)
-            result = training.train(job, _plan_obj(p), df, labels=list(ds.labels), output_dir=run_dir / "model")
+            if job.training.nproc_per_node > 1:
+                result = launch.train_processes(job_path=job_path, ref=ref, plan=p, charge_id=charge_id, canaries_path=canaries_path,
+                                                run_dir=run_dir, nproc=job.training.nproc_per_node)
+            else:
+                df = training_records(job, ds, ref, p, drawn)
+                result = asdict(training.train(job, _plan_obj(p), df, labels=list(ds.labels), output_dir=run_dir / "model"))
         except BaseException as exc:
             ledger.fail(charge_id, reason=f"{type(exc).__name__} during training")
             raise
-        return {**asdict(result), "canaries_path": str(canaries_path)}
+        return {**result, "canaries_path": str(canaries_path)}
     finally:
         ledger.dispose()
 
@@ -181,6 +185,31 @@ def _check_blocks_read(df: pd.DataFrame, ref: dict[str, Any], p: dict[str, Any])
         raise PrivacyError(
             f"loaded {users.units(df)} units from blocks {p['blocks']}, but the plan counted {expected}; refusing to train"
         )
+
+
+def _check_machine(ledger: Ledger, job: cfgmod.JobConfig, job_path: str, charge_id: str) -> None:
+    """Refuse, before the charge starts, a job this machine cannot train; release its reservation."""
+    try:
+        launch.check_machine(job)
+    except cfgmod.ConfigError as exc:
+        if ledger.charge(charge_id).state == RESERVED:
+            ledger.release(charge_id, reason=f"refused before training: {exc}")
+        raise cfgmod.ConfigError(f"{job_path}: {exc}. Nothing was read or trained.") from None
+
+
+def training_records(
+    job: cfgmod.JobConfig, ds: cfgmod.DatasetConfig, ref: dict[str, Any], p: dict[str, Any], drawn: canaries.Canaries
+) -> pd.DataFrame:
+    """The records a charge trains on: the training split as resolved (sha256-checked), plus the
+    included canaries. Reads private records; every training process calls it (``p`` is the plan
+    the charge admitted)."""
+    df = datamod.load_split(_ref(ref), ds, max_records=job.train_max_records, blocks=p.get("blocks"))
+    if p.get("blocks"):
+        _check_blocks_read(df, ref, p)
+    rows = drawn.training_rows()
+    if "user" in df.columns:  # unit 'user': each canary is a user of its own
+        rows = rows.assign(user=[f"dpops-canary-{i}" for i in range(len(rows))])
+    return pd.concat([df, rows], ignore_index=True)
 
 
 def settle(charge_id: str, steps_run: int) -> dict[str, Any]:
@@ -258,10 +287,10 @@ def record(
             metrics=metrics, audit=audit_out, dataset_budget=budget, model_dir=train_out["model_dir"], repo=ref["repo"],
             flow_run_id=flow_run_id,
         )
-        # The gate reads the audit verdict and accuracy from here (hash-chained), not from MLflow.
+        # The gate reads the task, the utility figures and the audit verdict from here (hash-chained), not from MLflow.
         ledger.annotate(
-            charge_id, mlflow_run_id=res.run_id, model=f"{res.model_name}/{res.model_version}",
-            accuracy=float(metrics["accuracy"]), audit={k: audit_out[k] for k in AUDIT_EVIDENCE},
+            charge_id, mlflow_run_id=res.run_id, model=f"{res.model_name}/{res.model_version}", task=job.task,
+            **{k: float(metrics[k]) for k in gate.UTILITY_FIGURES if k in metrics}, audit={k: audit_out[k] for k in AUDIT_EVIDENCE},
         )
         return {**asdict(res), "budget": budget}
     finally:

@@ -18,9 +18,10 @@ gradients are clipped is its ``grad_sample_mode``:
 A Poisson batch larger than ``training.max_physical_batch_size`` is processed in pieces: each
 piece is clipped and summed into the same step (Opacus's ``signal_skip_step``, the protocol of its
 ``BatchMemoryManager``), and one noisy step is taken per logical batch, so the sample rate and the
-step count the accountant assumes are unchanged. Under ``torch.distributed`` (torchrun), each
-process Poisson-samples its shard at the same rate, gradients are summed across processes and only
-rank 0 adds noise (Opacus's DPDDP and distributed DP optimizers).
+step count the accountant assumes are unchanged. Under ``torch.distributed`` (torchrun, see
+:mod:`dpops.launch`), every process holds the same records (checked) and Poisson-samples its own
+shard of them at the same rate, empty batches included; gradients are summed across processes and
+only rank 0 adds noise (Opacus's DPDDP and distributed DP optimizers).
 
 With unit of privacy 'user' (a ``user`` column in the data), users are Poisson-sampled and each
 user's per-record gradients are summed into one contribution before clipping (:mod:`dpops.users`).
@@ -43,7 +44,7 @@ from typing import Callable, Iterator, Optional
 import pandas as pd
 import torch
 from torch import nn
-from torch.utils.data import TensorDataset
+from torch.utils.data import Subset, TensorDataset
 
 from dpops import accounting, users
 from dpops import model as modeling
@@ -193,14 +194,33 @@ def make_private(
 # --------------------------------------------------------------------------- data and devices
 
 
-def _dp_loader(dataset: TensorDataset, plan: Plan, generator: torch.Generator, *, distributed: bool):
-    from opacus.data_loader import DPDataLoader
-    from opacus.utils.uniform_sampler import DistributedUniformWithReplacementSampler, UniformWithReplacementSampler
+def shard(n: int, *, rank: int, world: int) -> range:
+    """The records process ``rank`` of ``world`` samples from: every ``world``-th, from ``rank``.
 
-    loader = DPDataLoader(dataset, sample_rate=plan.sample_rate, generator=generator, distributed=distributed)
+    The shards partition the records and depend only on n, never on their content.
+    """
+    return range(rank, n, world)
+
+
+def _dp_loader(dataset: TensorDataset, plan: Plan, generator: torch.Generator, *, distributed: bool):
+    """Poisson batches at the plan's q; under ``torch.distributed``, of this process's shard.
+
+    Each process samples every record of its shard independently at q, empty batches included,
+    so the union of the processes' batches is one Poisson sample of all records at q: the sampler
+    the accountant assumes. (Opacus's ``DistributedUniformWithReplacementSampler`` is not used: it
+    skips a process's empty batches, so each batch it yields is conditioned on being non-empty.)
+    """
+    from opacus.data_loader import DPDataLoader
+    from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+
+    if distributed:
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        if len(dataset) < world:
+            raise ConfigError(f"field 'training.nproc_per_node': {world} processes for {len(dataset)} records")
+        dataset = Subset(dataset, shard(len(dataset), rank=rank, world=world))
+    loader = DPDataLoader(dataset, sample_rate=plan.sample_rate, generator=generator)
     sampler = loader.batch_sampler
-    poisson = DistributedUniformWithReplacementSampler if distributed else UniformWithReplacementSampler
-    if not isinstance(sampler, poisson) or sampler.sample_rate != plan.sample_rate:
+    if not isinstance(sampler, UniformWithReplacementSampler) or sampler.sample_rate != plan.sample_rate:
         raise PrivacyError(
             f"the data loader samples with {type(sampler).__name__} at rate {getattr(sampler, 'sample_rate', None)}, "
             f"but the accountant assumes Poisson sampling at q = {plan.sample_rate}"
@@ -279,6 +299,8 @@ def train(
         )
     rank = torch.distributed.get_rank() if distributed else 0
     world = torch.distributed.get_world_size() if distributed else 1
+    if distributed:
+        _check_same_records(train_df)
     device, autocast_dtype = resolve_device(job.training, local_rank=_local_rank() if distributed else 0)
     torch.manual_seed(job.seed)  # model initialisation only
     # Sampling and noise draw fresh randomness every run, never from the job's seed, and the seed
@@ -388,6 +410,20 @@ def _fingerprint(params: list[nn.Parameter]) -> str:
     for p in params:
         digest.update(p.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
+
+
+def _check_same_records(train_df: pd.DataFrame) -> None:
+    """Every process must hold the same records: each samples its own shard of them, so a record
+    held by two processes' different shards could be sampled twice in one step."""
+    digest = hashlib.sha256()
+    for column in train_df.columns:
+        digest.update(column.encode())
+        digest.update(pd.util.hash_pandas_object(train_df[column], index=True).to_numpy().tobytes())
+    mine = (len(train_df), digest.hexdigest())
+    everyone: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(everyone, mine)
+    if len(set(everyone)) != 1:
+        raise PrivacyError(f"the training processes loaded different records ({sorted({n for n, _ in everyone})} records)")
 
 
 def _local_rank() -> int:
