@@ -34,6 +34,33 @@ def test_run_that_dies_after_reading_data_stays_charged(workspace_env, smoke_job
     assert ledger.budget("sst2").spent > 0
 
 
+def test_progress_is_recorded_and_a_run_dying_mid_way_stays_charged_in_full(workspace_env, smoke_job, project_root, monkeypatch):
+    from dpops import training
+
+    monkeypatch.setattr(stages, "PROGRESS_EVERY", 2)
+    real, calls = training._private_step, []
+
+    def dies_at_step_4(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise RuntimeError("worker lost")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(training, "_private_step", dies_at_step_4)
+    ref = stages.resolve(str(smoke_job), str(project_root))
+    plan = stages.plan(str(smoke_job), ref)
+    charge_id = stages.reserve(str(smoke_job), ref, plan)
+    with pytest.raises(RuntimeError, match="worker lost"):
+        stages.train(str(smoke_job), ref, plan, charge_id)
+    ledger = Ledger(f"sqlite:///{workspace_env / 'ledger.db'}")
+    events = [e for e in ledger.history("sst2") if e["charge"] == charge_id]
+    assert [e["event"] for e in events] == ["reserved", "running", "progress", "failed_charged"]
+    assert events[2]["payload"] == {"steps_done": 2}
+    # Died after 3 steps, recorded 2: still charged at the 5 reserved steps (data was read).
+    assert [m.steps for m in ledger.counted("sst2")] == [plan["steps"]] == [5]
+    assert ledger.verify() == []
+
+
 def test_validation_failure_stops_before_any_charge(workspace_env, smoke_job, project_root):
     _edit(smoke_job.parent.parent / "datasets/sst2.yaml", lambda d: d.update(max_text_chars=5))
     ref = stages.resolve(str(smoke_job), str(project_root))

@@ -170,7 +170,14 @@ def run_worker(request: dict[str, Any]) -> None:
         rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
         drawn = canaries.Canaries.load(Path(request["canaries_path"]))
         df = stages.training_records(job, ds, request["ref"], request["plan"], drawn)
-        result = training.train(job, Plan(**request["plan"]), df, labels=list(ds.labels), output_dir=Path(request["output_dir"]))
+        ledger = stages._ledger() if rank == 0 else None  # rank 0 alone steps the optimizer's noise and reports
+        try:
+            on_step = stages.progress_recorder(ledger, request["charge_id"], total_steps=request["plan"]["steps"]) if ledger else None
+            result = training.train(job, Plan(**request["plan"]), df, labels=list(ds.labels),
+                                    output_dir=Path(request["output_dir"]), on_step=on_step)
+        finally:
+            if ledger is not None:
+                ledger.dispose()
         del df
         mine = {"rank": rank, "steps_run": result.steps_run, "weights_sha256": result.weights_sha256,
                 "saved": result.model_dir is not None}

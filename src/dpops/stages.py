@@ -169,7 +169,8 @@ def train(job_path: str, ref: dict[str, Any], p: dict[str, Any], charge_id: str)
                                                 run_dir=run_dir, nproc=job.training.nproc_per_node)
             else:
                 df = training_records(job, ds, ref, p, drawn)
-                result = asdict(training.train(job, _plan_obj(p), df, labels=list(ds.labels), output_dir=run_dir / "model"))
+                result = asdict(training.train(job, _plan_obj(p), df, labels=list(ds.labels), output_dir=run_dir / "model",
+                                               on_step=progress_recorder(ledger, charge_id, total_steps=p["steps"])))
         except BaseException as exc:
             ledger.fail(charge_id, reason=f"{type(exc).__name__} during training")
             raise
@@ -195,6 +196,21 @@ def _check_machine(ledger: Ledger, job: cfgmod.JobConfig, job_path: str, charge_
         if ledger.charge(charge_id).state == RESERVED:
             ledger.release(charge_id, reason=f"refused before training: {exc}")
         raise cfgmod.ConfigError(f"{job_path}: {exc}. Nothing was read or trained.") from None
+
+
+#: A running charge's steps are appended to the ledger (a ``progress`` event) this often, and at the last.
+PROGRESS_EVERY = 10
+
+
+def progress_recorder(ledger: Ledger, charge_id: str, *, total_steps: int, every: Optional[int] = None):
+    """The trainer's ``on_step``: durably record how far a running charge got (it changes no
+    figure; a run that dies stays charged at its reserved size, the record says where it died)."""
+    every = every or PROGRESS_EVERY
+
+    def on_step(step: int) -> None:
+        if step % every == 0 or step == total_steps:
+            ledger.record_progress(charge_id, steps_done=step)
+    return on_step
 
 
 def training_records(
