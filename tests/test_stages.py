@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from dpops import stages
-from dpops.errors import DataValidationError
+from dpops.errors import ConfigError, DataValidationError
 from dpops.ledger import FAILED_CHARGED, Ledger
 
 
@@ -59,6 +59,19 @@ def test_progress_is_recorded_and_a_run_dying_mid_way_stays_charged_in_full(work
     # Died after 3 steps, recorded 2: still charged at the 5 reserved steps (data was read).
     assert [m.steps for m in ledger.counted("sst2")] == [plan["steps"]] == [5]
     assert ledger.verify() == []
+
+
+def test_ghost_on_tied_weights_is_refused_at_stage_one(workspace_env, smoke_job, project_root, tmp_path):
+    from tests.tiny_models import tiny_llama
+
+    base = tiny_llama(tmp_path / "tied", tie_word_embeddings=True)
+    _edit(smoke_job, lambda d: d.update(task="causal_lm", method="full", model={"path": str(base), "max_length": 16},
+                                        training={"grad_sample_mode": "ghost"}))
+    with pytest.raises(ConfigError, match=r"sst2_smoke.yaml: field 'training.grad_sample_mode'.*tie_word_embeddings"):
+        stages.resolve(str(smoke_job), str(project_root))
+    assert not (workspace_env / "ledger.db").exists()
+    _edit(smoke_job, lambda d: d.update(training={"grad_sample_mode": "hooks"}))  # the same model with hooks is fine
+    assert stages.resolve(str(smoke_job), str(project_root))["n_records"] == 2000
 
 
 def test_validation_failure_stops_before_any_charge(workspace_env, smoke_job, project_root):

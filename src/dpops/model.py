@@ -37,6 +37,28 @@ def base_model_path(cfg: ModelConfig) -> Path:
     return Path(module.get_model_path())
 
 
+def check_grad_sample_mode(task: str, method: str, mode: str, model_cfg: ModelConfig) -> None:
+    """Refuse, from the model's config alone (no weights loaded), a mode the trainer would refuse
+    only once the charge is running: ghost clipping cannot clip tied weights, and full
+    fine-tuning of a language model whose config ties its output layer to its input embeddings
+    trains such a weight. (The trainer checks the built model again.)
+
+    Raises:
+        ConfigError: naming the field.
+    """
+    if mode != "ghost" or task != "causal_lm" or method != "full":
+        return
+    _offline()
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(base_model_path(model_cfg)), local_files_only=True)
+    if getattr(config, "tie_word_embeddings", False):
+        raise ConfigError(
+            "field 'training.grad_sample_mode': 'ghost' cannot clip tied weights, and this model's config ties its "
+            "output layer to its input embeddings (tie_word_embeddings); use 'hooks'"
+        )
+
+
 def _offline() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -18,6 +18,7 @@ from dpops import audit as auditing
 from dpops import audit_report, canaries, evaluation, gate, launch, privacy, report, tracking, training, users
 from dpops import config as cfgmod
 from dpops import data as datamod
+from dpops import model as modeling
 from dpops.accounting import SubsampledGaussian
 from dpops.errors import DataValidationError, LedgerError, PrivacyError
 from dpops.ledger import RESERVED, DatasetBudget, Ledger
@@ -28,6 +29,10 @@ def _load(job_path: str) -> tuple[cfgmod.JobConfig, cfgmod.DatasetConfig]:
     job = cfgmod.load_job_config(job_path)
     ds = cfgmod.dataset_config_for(job, job_path)
     cfgmod.check_training(job, ds, job_path)  # from stage 1 on: refused before anything is charged
+    try:
+        modeling.check_grad_sample_mode(job.task, job.method, job.grad_sample_mode, job.model)
+    except cfgmod.ConfigError as exc:
+        raise cfgmod.ConfigError(f"{job_path}: {exc}. Nothing was charged or trained.") from None
     return job, ds
 
 
