@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 from pathlib import Path
 
@@ -19,6 +20,13 @@ apply_quiet_env()
 @pytest.fixture
 def project_root() -> Path:
     return ROOT
+
+
+@pytest.fixture
+def smoke_job(tmp_path, project_root) -> Path:
+    """A copy of configs/ in a temporary directory; its sst2 smoke job (seconds-long), to edit freely."""
+    shutil.copytree(project_root / "configs", tmp_path / "configs")
+    return tmp_path / "configs" / "jobs" / "sst2_smoke.yaml"
 
 
 @pytest.fixture

@@ -9,13 +9,13 @@ import shutil
 from pathlib import Path
 
 import pytest
-import yaml
 
 from dpops import accounting, evaluation, privacy, report, stages, training
 from dpops.config import DatasetConfig, DPSettings
 from dpops.errors import BudgetExceededError, DataValidationError
 from dpops.ledger import COMMITTED, Ledger
 from tests.dvc_repo import commit, make_repo
+from tests.helpers import edit_yaml
 from tests.tiny_models import tiny_bert
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "monthly"
@@ -29,12 +29,6 @@ def _train_tsv(months, extra: tuple[str, ...] = ()) -> str:
 
 def _texts(month: str) -> set[str]:
     return {r.split("\t")[3] for r in (FIXTURE / "train.tsv").read_text().splitlines()[1:] if r.split("\t")[1] == month}
-
-
-def _edit(path: Path, fn) -> None:
-    data = yaml.safe_load(path.read_text())
-    fn(data)
-    path.write_text(yaml.safe_dump(data))
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +45,7 @@ def monthly(tmp_path, tiny_model):
                                          "data/eval.tsv": (FIXTURE / "eval.tsv").read_text()})
     shutil.copytree(FIXTURE / "configs", repo / "configs")
     job = repo / "configs/jobs/monthly_fresh.yaml"
-    _edit(job, lambda d: d["model"].update(path=str(tiny_model)))
+    edit_yaml(job, lambda d: d["model"].update(path=str(tiny_model)))
     return repo, job
 
 
@@ -79,7 +73,7 @@ def test_resolve_counts_each_block_in_order_of_arrival(monthly):
     ref = stages.resolve(str(job), str(repo))
     assert ref["blocks"] == {JAN: 40, FEB: 40} and list(ref["blocks"]) == [JAN, FEB] and ref["n_records"] == 80
     # unit 'user': a block counts its users (two tickets each), and so does the plan's n
-    _edit(repo / "configs/datasets/monthly.yaml",
+    edit_yaml(repo / "configs/datasets/monthly.yaml",
           lambda d: d.update(unit="user", user_column="user", contribution_bound=2))
     ref = stages.resolve(str(job), str(repo))
     assert ref["blocks"] == {JAN: 20, FEB: 20} and ref["n_users"] == 40
@@ -144,7 +138,7 @@ def test_recurring_fresh_runs_exhaust_a_month_then_train_on_the_new_one_only(mon
     assert f"block {JAN}" in table and f"block {FEB}" in table and "40 records" in table
 
     # 'all' names every block of this version, so January refuses it at reserve: nothing charged.
-    _edit(job, lambda d: d["dp"].update(blocks="all"))
+    edit_yaml(job, lambda d: d["dp"].update(blocks="all"))
     ref = stages.resolve(str(job), str(repo))
     plan = stages.plan(str(job), ref)
     assert plan["blocks"] == [JAN, FEB] and plan["n_records"] == 90

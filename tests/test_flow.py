@@ -4,11 +4,11 @@ Great Expectations and Opacus. Nothing mocked."""
 import shutil
 
 import pytest
-import yaml
 
 from dpops import accounting, config, privacy
 from dpops.errors import BudgetExceededError
 from dpops.ledger import COMMITTED, Ledger
+from tests.helpers import edit_yaml
 
 pytestmark = pytest.mark.slow
 
@@ -30,12 +30,6 @@ def configs(tmp_path, project_root):
     return dst
 
 
-def _edit(path, fn):
-    data = yaml.safe_load(path.read_text())
-    fn(data)
-    path.write_text(yaml.safe_dump(data))
-
-
 def _run(configs, project_root):
     from flows.private_finetune import private_finetune
 
@@ -52,7 +46,7 @@ def _one_run_filter_epsilon(configs, n=2000 + 100):  # records + canaries
 
 
 def test_flow_end_to_end_records_ledger_mlflow_and_promotes(prefect_harness, workspace_env, configs, project_root):
-    _edit(configs / "policy.yaml", lambda d: d.update(min_accuracy=0.0))
+    edit_yaml(configs / "policy.yaml", lambda d: d.update(min_accuracy=0.0))
     summary = _run(configs, project_root)
 
     plan, ds = _one_run_filter_epsilon(configs)
@@ -90,7 +84,7 @@ def test_next_run_over_cap_is_refused_before_training(prefect_harness, workspace
     plan, ds = _one_run_filter_epsilon(configs)
     one = accounting.filter_epsilon([plan.mechanism], delta=ds.privacy.delta)
     two = accounting.filter_epsilon([plan.mechanism] * 2, delta=ds.privacy.delta)
-    _edit(configs / "datasets/sst2.yaml", lambda d: d["privacy"].update(epsilon_cap=(one + two) / 2))
+    edit_yaml(configs / "datasets/sst2.yaml", lambda d: d["privacy"].update(epsilon_cap=(one + two) / 2))
 
     first = _run(configs, project_root)
     assert first["decision"] == "REFUSED"  # the policy's 0.70 accuracy is out of reach in 5 steps
@@ -110,7 +104,7 @@ def test_refused_run_ends_cancelled_named_refused_with_reason(prefect_harness, w
     """Over budget from the first run: a clean terminal state with the ledger's reason, nothing charged or trained."""
     plan, ds = _one_run_filter_epsilon(configs)
     one = accounting.filter_epsilon([plan.mechanism], delta=ds.privacy.delta)
-    _edit(configs / "datasets/sst2.yaml", lambda d: d["privacy"].update(epsilon_cap=one / 2))
+    edit_yaml(configs / "datasets/sst2.yaml", lambda d: d["privacy"].update(epsilon_cap=one / 2))
     from prefect import get_client
 
     from flows.budget_report import budget_report

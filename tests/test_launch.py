@@ -6,27 +6,14 @@ the parent settles from it. A process killed mid-run leaves the charge charged i
 """
 
 import os
-import shutil
 
 import pytest
-import yaml
 
 from dpops import launch, stages
 from dpops.errors import ConfigError, TrainingError
 from dpops.ledger import COMMITTED, FAILED_CHARGED, RELEASED, Ledger
+from tests.helpers import edit_yaml
 from tests.tiny_models import tiny_bert
-
-
-@pytest.fixture
-def smoke_job(tmp_path, project_root):
-    shutil.copytree(project_root / "configs", tmp_path / "configs")
-    return tmp_path / "configs" / "jobs" / "sst2_smoke.yaml"
-
-
-def _edit(path, fn):
-    data = yaml.safe_load(path.read_text())
-    fn(data)
-    path.write_text(yaml.safe_dump(data))
 
 
 def _ledger(workspace_env) -> Ledger:
@@ -34,7 +21,7 @@ def _ledger(workspace_env) -> Ledger:
 
 
 def _two_process_job(path, base, nproc=2):
-    _edit(path, lambda d: d.update(
+    edit_yaml(path, lambda d: d.update(
         model={"path": str(base), "max_length": 16}, training={"nproc_per_node": nproc}, train_max_records=64,
         eval_max_records=40, dp={**d["dp"], "steps": 3, "expected_batch_size": 16},
         audit={"canaries": 10, "members": 10, "non_members": 10},
@@ -63,7 +50,7 @@ def test_the_command_line_holds_references_only(tmp_path):
 def test_nproc_per_node_is_validated_naming_file_and_field(smoke_job):
     from dpops import config
 
-    _edit(smoke_job, lambda d: d.update(training={"nproc_per_node": 0}))
+    edit_yaml(smoke_job, lambda d: d.update(training={"nproc_per_node": 0}))
     with pytest.raises(ConfigError) as err:
         config.load_job_config(smoke_job)
     assert str(smoke_job) in str(err.value) and "field 'training.nproc_per_node'" in str(err.value)
@@ -72,8 +59,8 @@ def test_nproc_per_node_is_validated_naming_file_and_field(smoke_job):
 @pytest.mark.parametrize("training,field", [({"nproc_per_node": 2}, "training.nproc_per_node"),
                                             ({"grad_sample_mode": "ghost"}, "training.grad_sample_mode")])
 def test_user_level_settings_the_trainer_refuses_are_refused_at_stage_one(workspace_env, smoke_job, project_root, training, field):
-    _edit(smoke_job.parent.parent / "datasets/sst2.yaml", lambda d: d.update(unit="user", user_column="user", contribution_bound=5))
-    _edit(smoke_job, lambda d: d.update(training=training))
+    edit_yaml(smoke_job.parent.parent / "datasets/sst2.yaml", lambda d: d.update(unit="user", user_column="user", contribution_bound=5))
+    edit_yaml(smoke_job, lambda d: d.update(training=training))
     with pytest.raises(ConfigError) as err:
         stages.resolve(str(smoke_job), str(project_root))
     assert str(smoke_job) in str(err.value) and f"field '{field}'" in str(err.value) and "unit 'user'" in str(err.value)
@@ -81,7 +68,7 @@ def test_user_level_settings_the_trainer_refuses_are_refused_at_stage_one(worksp
 
 
 def test_more_gpu_processes_than_gpus_are_refused_before_the_charge_starts(workspace_env, smoke_job, project_root):
-    _edit(smoke_job, lambda d: d.update(training={"device": "cuda", "nproc_per_node": 64}, train_max_records=64))
+    edit_yaml(smoke_job, lambda d: d.update(training={"device": "cuda", "nproc_per_node": 64}, train_max_records=64))
     ref, plan, charge_id = _reserved(smoke_job, project_root)
     with pytest.raises(ConfigError, match="field 'training\\.(device|nproc_per_node)'.*Nothing was read or trained"):
         stages.train(str(smoke_job), ref, plan, charge_id)

@@ -1,29 +1,16 @@
 """Stage functions without Prefect: the charge of a run that dies after reading data stays."""
 
-import shutil
 
 import pytest
-import yaml
 
 from dpops import stages
 from dpops.errors import ConfigError, DataValidationError
 from dpops.ledger import FAILED_CHARGED, Ledger
-
-
-@pytest.fixture
-def smoke_job(tmp_path, project_root):
-    shutil.copytree(project_root / "configs", tmp_path / "configs")
-    return tmp_path / "configs" / "jobs" / "sst2_smoke.yaml"
-
-
-def _edit(path, fn):
-    data = yaml.safe_load(path.read_text())
-    fn(data)
-    path.write_text(yaml.safe_dump(data))
+from tests.helpers import edit_yaml
 
 
 def test_run_that_dies_after_reading_data_stays_charged(workspace_env, smoke_job, project_root):
-    _edit(smoke_job, lambda d: d.update(lora={"target_modules": ["no_such_module"]}))
+    edit_yaml(smoke_job, lambda d: d.update(lora={"target_modules": ["no_such_module"]}))
     ref = stages.resolve(str(smoke_job), str(project_root))
     plan = stages.plan(str(smoke_job), ref)
     charge_id = stages.reserve(str(smoke_job), ref, plan)
@@ -65,17 +52,17 @@ def test_ghost_on_tied_weights_is_refused_at_stage_one(workspace_env, smoke_job,
     from tests.tiny_models import tiny_llama
 
     base = tiny_llama(tmp_path / "tied", tie_word_embeddings=True)
-    _edit(smoke_job, lambda d: d.update(task="causal_lm", method="full", model={"path": str(base), "max_length": 16},
+    edit_yaml(smoke_job, lambda d: d.update(task="causal_lm", method="full", model={"path": str(base), "max_length": 16},
                                         training={"grad_sample_mode": "ghost"}))
     with pytest.raises(ConfigError, match=r"sst2_smoke.yaml: field 'training.grad_sample_mode'.*tie_word_embeddings"):
         stages.resolve(str(smoke_job), str(project_root))
     assert not (workspace_env / "ledger.db").exists()
-    _edit(smoke_job, lambda d: d.update(training={"grad_sample_mode": "hooks"}))  # the same model with hooks is fine
+    edit_yaml(smoke_job, lambda d: d.update(training={"grad_sample_mode": "hooks"}))  # the same model with hooks is fine
     assert stages.resolve(str(smoke_job), str(project_root))["n_records"] == 2000
 
 
 def test_validation_failure_stops_before_any_charge(workspace_env, smoke_job, project_root):
-    _edit(smoke_job.parent.parent / "datasets/sst2.yaml", lambda d: d.update(max_text_chars=5))
+    edit_yaml(smoke_job.parent.parent / "datasets/sst2.yaml", lambda d: d.update(max_text_chars=5))
     ref = stages.resolve(str(smoke_job), str(project_root))
     with pytest.raises(DataValidationError, match="expect_column_value_lengths_to_be_between\\(text\\)"):
         stages.validate(str(smoke_job), ref)
@@ -86,7 +73,7 @@ def test_same_job_seed_still_draws_fresh_noise_each_run(workspace_env, smoke_job
     """Two runs of one job must not share sampling or noise: shared noise cancels in differences."""
     from safetensors.torch import load_file
 
-    _edit(smoke_job, lambda d: d.update(train_max_records=64, dp={**d["dp"], "steps": 1, "expected_batch_size": 16}))
+    edit_yaml(smoke_job, lambda d: d.update(train_max_records=64, dp={**d["dp"], "steps": 1, "expected_batch_size": 16}))
     weights = []
     for _ in range(2):
         ref = stages.resolve(str(smoke_job), str(project_root))

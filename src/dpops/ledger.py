@@ -479,8 +479,22 @@ class Ledger:
     @classmethod
     def _append(cls, conn: Connection, ds: _Locked, kind: str, charge_id: Optional[str], payload: dict[str, Any]) -> None:
         """Append one event to the dataset's hash chain and move the chain head (caller holds the lock)."""
-        conn.execute(insert(_EVENTS), cls._next_event(ds, kind, charge_id, payload))
+        cls._write_event(conn, ds, cls._next_event(ds, kind, charge_id, payload))
+
+    @staticmethod
+    def _write_event(conn: Connection, ds: _Locked, event_row: dict[str, Any]) -> None:
+        """Insert an event made by :meth:`_next_event` and store the chain head it moved ``ds`` to."""
+        conn.execute(insert(_EVENTS), event_row)
         conn.execute(update(_DATASETS).where(_DATASETS.c.id == ds.id).values(head_seq=ds.head_seq, head_hash=ds.head_hash))
+
+    @staticmethod
+    def _charge_row(conn: Connection, charge_id: str) -> Any:
+        """The charge's (dataset_id, steps_planned); LedgerError if there is no such charge."""
+        c = ChargeRow.__table__.c
+        row = conn.execute(select(c.dataset_id, c.steps_planned).where(c.id == charge_id)).one_or_none()
+        if row is None:
+            raise LedgerError(f"charge {charge_id!r} does not exist")
+        return row
 
     def _charges(self, session: Session | Connection, ds: Any, charge_id: Optional[str] = None) -> list[Charge]:
         """Charges of ``ds`` (or the one ``charge_id``) with their state replayed from the events.
@@ -582,31 +596,28 @@ class Ledger:
         return len(stale)
 
     @staticmethod
-    def _scope_totals(conn: Session | Connection, dataset_id: int, block: Optional[str] = None) -> list[SubsampledGaussian]:
-        """What the dataset's (or ``block``'s) filter counts, from the spend index (a handful of
-        rows): the charges that read the whole dataset, plus, for a block, those that read it."""
+    def _scope_rows(conn: Session | Connection, dataset_id: int, block: Optional[str] = None) -> list[Any]:
+        """The spend-index rows (sigma, q, steps, stored curve) the dataset's (or ``block``'s) filter
+        counts: the charges that read the whole dataset, plus, for a block, those that read it."""
         t = _TOTALS.c
         scopes = [WHOLE, block] if block else [WHOLE]
-        return [
-            _mechanism(sigma, q, steps)
-            for sigma, q, steps in conn.execute(
-                select(t.noise_multiplier, t.sample_rate, t.steps)
-                .where(t.dataset_id == dataset_id, t.steps > 0, t.scope.in_(scopes))
-            )
-        ]
+        return conn.execute(
+            select(t.noise_multiplier, t.sample_rate, t.steps, t.rdp_per_step)
+            .where(t.dataset_id == dataset_id, t.steps > 0, t.scope.in_(scopes))
+        ).all()
 
-    @staticmethod
-    def _scope_rdp(conn: Session | Connection, dataset_id: int, block: Optional[str] = None) -> np.ndarray:
+    @classmethod
+    def _scope_totals(cls, conn: Session | Connection, dataset_id: int, block: Optional[str] = None) -> list[SubsampledGaussian]:
+        """What the dataset's (or ``block``'s) filter counts, as mechanisms (see :meth:`_scope_rows`)."""
+        return [_mechanism(sigma, q, steps) for sigma, q, steps, _curve in cls._scope_rows(conn, dataset_id, block)]
+
+    @classmethod
+    def _scope_rdp(cls, conn: Session | Connection, dataset_id: int, block: Optional[str] = None) -> np.ndarray:
         """The filter state of the dataset (or ``block``): its counted RDP over the filter's orders,
         ``sum(steps * RDP_one_step)`` over the same rows as :meth:`_scope_totals`, from the curves
         stored beside them (computed afresh where one is missing)."""
-        t = _TOTALS.c
-        scopes = [WHOLE, block] if block else [WHOLE]
         total = np.zeros(len(accounting.FILTER_ORDERS))
-        for sigma, q, steps, curve in conn.execute(
-            select(t.noise_multiplier, t.sample_rate, t.steps, t.rdp_per_step)
-            .where(t.dataset_id == dataset_id, t.steps > 0, t.scope.in_(scopes))
-        ):
+        for sigma, q, steps, curve in cls._scope_rows(conn, dataset_id, block):
             total += steps * np.asarray(json.loads(curve) if curve else accounting.filter_rdp_one_step(sigma, q))
         return total
 
@@ -797,8 +808,7 @@ class Ledger:
             conn.execute(insert(_STATES), {"charge_id": charge.id, "dataset_id": ds.id, "state": RESERVED,
                                            "steps_counted": steps, "lease_expires_at": charge.lease_expires_at})
             self._add_steps(conn, ds.id, scopes, fields["noise_multiplier"], fields["sample_rate"], steps)
-            conn.execute(insert(_EVENTS), event_row)
-            conn.execute(update(_DATASETS).where(_DATASETS.c.id == ds.id).values(head_seq=ds.head_seq, head_hash=ds.head_hash))
+            self._write_event(conn, ds, event_row)
             return
         params: dict[str, Any] = {"charge_id": charge.id, "dataset_id": ds.id, "state": RESERVED, "steps": steps,
                                   **fields, **{f"ev_{k}": v for k, v in event_row.items()}}
@@ -825,10 +835,7 @@ class Ledger:
         """Move a charge to ``new_state``; ``counted`` is the steps it counts afterwards
         (default: unchanged)."""
         with self.engine.begin() as conn:
-            dataset_id = conn.scalar(select(ChargeRow.__table__.c.dataset_id).where(ChargeRow.__table__.c.id == charge_id))
-            if dataset_id is None:
-                raise LedgerError(f"charge {charge_id!r} does not exist")
-            ds = self._lock_dataset(conn, dataset_id=dataset_id)
+            ds = self._lock_dataset(conn, dataset_id=self._charge_row(conn, charge_id).dataset_id)
             self._expire_stale(conn, ds)
             cs = _STATES.c
             state, was, lease = conn.execute(
@@ -872,11 +879,7 @@ class Ledger:
         charged at that size. ``steps_done`` must not go back and must not pass the steps reserved.
         """
         with self.engine.begin() as conn:
-            c = ChargeRow.__table__.c
-            found = conn.execute(select(c.dataset_id, c.steps_planned).where(c.id == charge_id)).one_or_none()
-            if found is None:
-                raise LedgerError(f"charge {charge_id!r} does not exist")
-            dataset_id, planned = found
+            dataset_id, planned = self._charge_row(conn, charge_id)
             ds = self._lock_dataset(conn, dataset_id=dataset_id)
             state = conn.scalar(select(_STATES.c.state).where(_STATES.c.charge_id == charge_id))
             if state != RUNNING:
@@ -912,11 +915,7 @@ class Ledger:
     def annotate(self, charge_id: str, **fields: Any) -> None:
         """Append lineage learnt later (e.g. ``mlflow_run_id``) as an event; the charge row stays as written."""
         with self.engine.begin() as conn:
-            c = ChargeRow.__table__.c
-            dataset_id = conn.scalar(select(c.dataset_id).where(c.id == charge_id))
-            if dataset_id is None:
-                raise LedgerError(f"charge {charge_id!r} does not exist")
-            ds = self._lock_dataset(conn, dataset_id=dataset_id)
+            ds = self._lock_dataset(conn, dataset_id=self._charge_row(conn, charge_id).dataset_id)
             self._append(conn, ds, "annotated", charge_id, fields)
 
     def record_decision(self, dataset: str, *, decision: dict[str, Any]) -> None:
@@ -938,12 +937,8 @@ class Ledger:
 
     def charge(self, charge_id: str) -> Charge:
         with self.engine.connect() as conn:
-            c = ChargeRow.__table__.c
-            dataset_id = conn.scalar(select(c.dataset_id).where(c.id == charge_id))
-            if dataset_id is None:
-                raise LedgerError(f"charge {charge_id!r} does not exist")
             d = _DATASETS.c
-            ds = conn.execute(select(d.id, d.name).where(d.id == dataset_id)).one()
+            ds = conn.execute(select(d.id, d.name).where(d.id == self._charge_row(conn, charge_id).dataset_id)).one()
             return self._charges(conn, ds, charge_id)[0]
 
     def charges(self, dataset: str) -> list[Charge]:

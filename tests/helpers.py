@@ -1,0 +1,12 @@
+"""Small helpers shared by the tests."""
+
+from pathlib import Path
+
+import yaml
+
+
+def edit_yaml(path: Path, fn) -> None:
+    """Load the YAML file at ``path``, let ``fn`` change the data in place, write it back."""
+    data = yaml.safe_load(Path(path).read_text())
+    fn(data)
+    Path(path).write_text(yaml.safe_dump(data))
