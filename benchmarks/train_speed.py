@@ -3,7 +3,7 @@
 Same model (MiniLM-L6 by default), same fixed batch of ``--batch`` records of exactly ``--length``
 real tokens, same optimizer (AdamW). The non-private step is forward, mean loss, backward, step;
 the DP step is the trainer's own step (``dpops.training._private_step``: per-example clipping in
-mode hooks or ghost, noise, step). Each configuration runs in a fresh process, so its peak
+mode hooks, ghost or bk, noise, step). Each configuration runs in a fresh process, so its peak
 resident memory is its own; repetitions are interleaved across configurations (the machine is
 shared) and medians are reported.
 
@@ -32,10 +32,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = [
-    ("lora", None), ("lora", "hooks"), ("lora", "ghost"),
-    ("full", None), ("full", "hooks"), ("full", "ghost"),
-    ("head", None), ("head", "hooks"), ("head", "ghost"),
-    ("bitfit", None), ("bitfit", "hooks"), ("bitfit", "ghost"),
+    (method, mode) for method in ("lora", "full", "head", "bitfit") for mode in (None, "hooks", "ghost", "bk")
 ]
 
 
@@ -140,7 +137,7 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=32)
     parser.add_argument("--threads", type=int, default=None, help="torch threads per run (default: torch's own choice)")
     parser.add_argument("--methods", default="lora,full,head,bitfit")
-    parser.add_argument("--modes", default="none,hooks,ghost", help="none (non-private), hooks, ghost")
+    parser.add_argument("--modes", default="none,hooks,ghost,bk", help="none (non-private), hooks, ghost, bk")
     parser.add_argument("--model-path", default=None, help="a local model directory (default: MiniLM-L6 from its package)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/train_speed.json"))
     parser.add_argument("--one", nargs=2, metavar=("METHOD", "MODE"), help=argparse.SUPPRESS)

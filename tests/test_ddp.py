@@ -47,7 +47,7 @@ def _worker(rank: int, world: int, port: int, base: str, out: str, mode: str) ->
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+@pytest.mark.parametrize("mode", ["hooks", "ghost", "bk"])
 def test_two_processes_take_the_same_private_steps(tmp_path, mode):
     base = tiny_bert(tmp_path / "bert")
     torch.multiprocessing.spawn(_worker, args=(2, _free_port(), str(base), str(tmp_path), mode), nprocs=2, join=True)

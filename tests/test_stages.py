@@ -48,12 +48,13 @@ def test_progress_is_recorded_and_a_run_dying_mid_way_stays_charged_in_full(work
     assert ledger.verify() == []
 
 
-def test_ghost_on_tied_weights_is_refused_at_stage_one(workspace_env, smoke_job, project_root, tmp_path):
+@pytest.mark.parametrize("mode", ["ghost", "bk"])
+def test_per_layer_clipping_on_tied_weights_is_refused_at_stage_one(workspace_env, smoke_job, project_root, tmp_path, mode):
     from tests.tiny_models import tiny_llama
 
     base = tiny_llama(tmp_path / "tied", tie_word_embeddings=True)
     edit_yaml(smoke_job, lambda d: d.update(task="causal_lm", method="full", model={"path": str(base), "max_length": 16},
-                                        training={"grad_sample_mode": "ghost"}))
+                                        training={"grad_sample_mode": mode}))
     with pytest.raises(ConfigError, match=r"sst2_smoke.yaml: field 'training.grad_sample_mode'.*tie_word_embeddings"):
         stages.resolve(str(smoke_job), str(project_root))
     assert not (workspace_env / "ledger.db").exists()

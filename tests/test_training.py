@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from torch import nn
 
 from dpops import evaluation, training
 from dpops import model as modeling
@@ -25,7 +26,7 @@ from tests.tiny_models import tiny_bert, tiny_llama
 
 LORA = {"classification": LoraSettings(target_modules=["query", "value"]), "causal_lm": LoraSettings(target_modules=["q_proj", "v_proj"])}
 METHODS = {"classification": ["lora", "full", "head", "bitfit"], "causal_lm": ["lora", "full", "bitfit"]}
-CASES = [(task, method, mode) for task, methods in METHODS.items() for method in methods for mode in ("hooks", "ghost")]
+CASES = [(task, method, mode) for task, methods in METHODS.items() for method in methods for mode in ("hooks", "ghost", "bk")]
 TEXTS = ["a fine film", "dull , slow and far too long for what it says", "yes", "the cast is superb and the script sharp",
          "no", "an odd little thing"]
 
@@ -116,13 +117,61 @@ def test_empty_poisson_batch_still_adds_noise(bases):
     assert all(not torch.equal(b, p) for b, p in zip(before, params, strict=True))
 
 
-def test_ghost_clipping_refuses_tied_weights(tmp_path):
+@pytest.mark.parametrize("mode", ["ghost", "bk"])
+def test_per_layer_clipping_refuses_tied_weights(tmp_path, mode):
     base = tiny_llama(tmp_path / "tied", tie_word_embeddings=True)
     net = modeling.build("causal_lm", "full", base, n_labels=2, lora=LORA["causal_lm"])
     params = [p for p in net.parameters() if p.requires_grad]
-    with pytest.raises(ConfigError, match="training.grad_sample_mode"):
-        training.make_private(net, torch.optim.SGD(params, lr=0.1), task="causal_lm", mode="ghost", noise_multiplier=1.0,
+    with pytest.raises(ConfigError, match="training.grad_sample_mode.*tied weights"):
+        training.make_private(net, torch.optim.SGD(params, lr=0.1), task="causal_lm", mode=mode, noise_multiplier=1.0,
                               max_grad_norm=1.0, expected_batch_size=4)
+
+
+def test_bookkeeping_backward_computes_no_unclipped_weight_gradient(bases):
+    """Book-keeping's one backward pass computes only what flows between layers: autograd never
+    accumulates a weight gradient (the clipped sum is written once, by book-keeping itself)."""
+    net = _net("classification", "full", bases["classification"])
+    params = [p for p in net.parameters() if p.requires_grad]
+    private = training.make_private(net, torch.optim.SGD(params, lr=0.0), task="classification", mode="bk",
+                                    noise_multiplier=0.0, max_grad_norm=1.0, expected_batch_size=6)
+    accumulated = []
+    for p in params:
+        p.register_post_accumulate_grad_hook(lambda p: accumulated.append(p))
+    private.backward(*_batch(bases["classification"]))
+    assert accumulated == []
+    assert all(p.grad is not None and p.grad.shape == p.shape for p in params)
+    assert all(p.requires_grad for p in params), "the weights are trainable again after the pass"
+
+
+class _Conv(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.head = nn.Conv1d(4, 4, 1), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.conv(x).mean(-1))
+
+
+class _Twice(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.layer(self.layer(x))
+
+
+def test_bookkeeping_refuses_layers_it_cannot_clip():
+    from dpops import bookkeeping
+
+    with pytest.raises(ConfigError, match=r"training.grad_sample_mode.*'conv' \(Conv1d\)"):
+        bookkeeping.BookKeeping(_Conv(), max_grad_norm=1.0)
+    frozen = _Conv()
+    frozen.conv.requires_grad_(False)  # a frozen layer of any kind is fine: only trainable weights are clipped
+    bookkeeping.BookKeeping(frozen, max_grad_norm=1.0)(torch.randn(3, 4, 5))
+    twice = bookkeeping.BookKeeping(_Twice(), max_grad_norm=1.0)
+    with pytest.raises(ConfigError, match="'layer', which runs more than once"):
+        twice(torch.randn(3, 4))
 
 
 def test_lora_target_modules_that_do_not_exist_name_the_field(bases):
@@ -176,7 +225,8 @@ def test_causal_lm_trains_and_reloads(bases, tmp_path):
     assert losses.shape == (6,) and predictions is None
 
 
-@pytest.mark.parametrize("task,method,mode", [("classification", "lora", "hooks"), ("classification", "full", "ghost")])
+@pytest.mark.parametrize("task,method,mode", [("classification", "lora", "hooks"), ("classification", "full", "ghost"),
+                                              ("classification", "full", "bk")])
 def test_bf16_autocast_step_stays_close_to_the_fp32_reference(bases, task, method, mode):
     """bf16 autocast runs the forward pass in bfloat16; weights, clipping and noise stay fp32."""
     base = bases[task]

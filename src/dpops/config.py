@@ -169,16 +169,18 @@ class DPSettings(_Strict):
 
 
 # The per-sample gradient mode each method uses unless the job names one; chosen from
-# benchmarks/train_speed.py: hooks where few weights train, ghost clipping for full fine-tuning
-# (it never materialises a per-example copy of every weight).
-DEFAULT_GRAD_SAMPLE_MODE = {"lora": "hooks", "head": "hooks", "bitfit": "hooks", "full": "ghost"}
+# benchmarks/train_speed.py: hooks where few weights train, book-keeping for full fine-tuning
+# (it never materialises a per-example copy of every weight, and needs one backward pass where
+# ghost clipping needs two).
+DEFAULT_GRAD_SAMPLE_MODE = {"lora": "hooks", "head": "hooks", "bitfit": "hooks", "full": "bk"}
 
 
 class TrainingSettings(_Strict):
-    grad_sample_mode: Optional[Literal["hooks", "ghost"]] = Field(
+    grad_sample_mode: Optional[Literal["hooks", "ghost", "bk"]] = Field(
         default=None,
-        description="How Opacus clips per-example gradients: 'hooks' (per-example gradients per layer) or 'ghost' "
-        "(ghost clipping: per-example norms without per-example gradients). None: the method's default.",
+        description="How per-example gradients are clipped: 'hooks' (Opacus: per-example gradients per layer), 'ghost' "
+        "(Opacus ghost clipping: per-example norms without per-example gradients, two backward passes) or 'bk' "
+        "(book-keeping: the same norms and the clipped sum in one backward pass). None: the method's default.",
     )
     max_physical_batch_size: Optional[int] = Field(
         default=None,

@@ -10,11 +10,12 @@ trainable weights are saved, and loading re-creates the frozen base from its dir
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -37,26 +38,34 @@ def base_model_path(cfg: ModelConfig) -> Path:
     return Path(module.get_model_path())
 
 
-def check_grad_sample_mode(task: str, method: str, mode: str, model_cfg: ModelConfig) -> None:
+def check_grad_sample_mode(task: str, method: str, mode: str, model_cfg: ModelConfig, lora: Optional[LoraSettings] = None) -> None:
     """Refuse, from the model's config alone (no weights loaded), a mode the trainer would refuse
-    only once the charge is running: ghost clipping cannot clip tied weights, and full
-    fine-tuning of a language model whose config ties its output layer to its input embeddings
-    trains such a weight. (The trainer checks the built model again.)
+    only once the charge is running. Ghost clipping and book-keeping cannot clip tied weights, and
+    full fine-tuning of a language model whose config ties its output layer to its input
+    embeddings trains such a weight. Book-keeping also refuses a trainable layer it has no rule
+    for: checked on the model's skeleton (built on the meta device, no weights). (The trainer
+    checks the built model again.)
 
     Raises:
         ConfigError: naming the field.
     """
-    if mode != "ghost" or task != "causal_lm" or method != "full":
+    if mode not in ("ghost", "bk"):
         return
     _offline()
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(str(base_model_path(model_cfg)), local_files_only=True)
-    if getattr(config, "tie_word_embeddings", False):
-        raise ConfigError(
-            "field 'training.grad_sample_mode': 'ghost' cannot clip tied weights, and this model's config ties its "
-            "output layer to its input embeddings (tie_word_embeddings); use 'hooks'"
-        )
+    base = base_model_path(model_cfg)
+    if task == "causal_lm" and method == "full":
+        config = AutoConfig.from_pretrained(str(base), local_files_only=True)
+        if getattr(config, "tie_word_embeddings", False):
+            raise ConfigError(
+                f"field 'training.grad_sample_mode': {mode!r} cannot clip tied weights, and this model's config ties its "
+                "output layer to its input embeddings (tie_word_embeddings); use 'hooks'"
+            )
+    if mode == "bk":
+        from dpops import bookkeeping
+
+        bookkeeping.check(build(task, method, base, n_labels=2, lora=lora or LoraSettings(), skeleton=True))
 
 
 def _offline() -> None:
@@ -94,12 +103,12 @@ class SentenceClassifier(nn.Module):
     parts are trainable (full fine-tuning trains the position and token-type embeddings too).
     """
 
-    def __init__(self, base_path: Path, n_labels: int, lora: LoraSettings, method: str = "lora") -> None:
+    def __init__(self, base_path: Path, n_labels: int, lora: LoraSettings, method: str = "lora", skeleton: bool = False) -> None:
         super().__init__()
         _offline()
         from transformers import AutoModel
 
-        encoder = AutoModel.from_pretrained(str(base_path), local_files_only=True)
+        encoder = _pretrained(AutoModel, base_path, skeleton)
         if getattr(encoder, "pooler", None) is not None:
             # BERT's [CLS] pooler is unused here (mean pooling); dropped so that every trainable
             # weight gets a gradient, which Opacus requires of each per-example step
@@ -126,12 +135,12 @@ class CausalLM(nn.Module):
     ``token_type_ids`` is accepted and unused (decoders have none).
     """
 
-    def __init__(self, base_path: Path, lora: LoraSettings, method: str = "lora") -> None:
+    def __init__(self, base_path: Path, lora: LoraSettings, method: str = "lora", skeleton: bool = False) -> None:
         super().__init__()
         _offline()
         from transformers import AutoModelForCausalLM
 
-        lm = AutoModelForCausalLM.from_pretrained(str(base_path), local_files_only=True)
+        lm = _pretrained(AutoModelForCausalLM, base_path, skeleton)
         lm.config.use_cache = False  # no key/value cache while training: nothing to reuse
         self.lm = apply_method(lm, method, lora)
 
@@ -141,17 +150,33 @@ class CausalLM(nn.Module):
         return self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
 
 
+def _pretrained(auto_class, base_path: Path, skeleton: bool) -> nn.Module:
+    """The pretrained model at ``base_path``; with ``skeleton``, only its layers (meta device, no weights read)."""
+    if not skeleton:
+        return auto_class.from_pretrained(str(base_path), local_files_only=True)
+    from transformers import AutoConfig
+
+    return auto_class.from_config(AutoConfig.from_pretrained(str(base_path), local_files_only=True))
+
+
 def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def build(task: str, method: str, base_path: Path, *, n_labels: int, lora: LoraSettings) -> nn.Module:
+def build(task: str, method: str, base_path: Path, *, n_labels: int, lora: LoraSettings, skeleton: bool = False) -> nn.Module:
     """The model of ``task`` around the pretrained weights at ``base_path``, trainable as ``method`` says.
+
+    With ``skeleton``, the same layers on the meta device, from the config alone: for checks that
+    need the model's structure before anything is charged.
 
     Raises:
         ConfigError: the method leaves nothing to train in this model (e.g. 'bitfit' on a model without biases).
     """
-    net = SentenceClassifier(base_path, n_labels, lora, method) if task == "classification" else CausalLM(base_path, lora, method)
+    with torch.device("meta") if skeleton else contextlib.nullcontext():
+        if task == "classification":
+            net = SentenceClassifier(base_path, n_labels, lora, method, skeleton=skeleton)
+        else:
+            net = CausalLM(base_path, lora, method, skeleton=skeleton)
     if not any(p.requires_grad for p in net.parameters()):
         raise ConfigError(f"field 'method' = {method!r}: leaves no trainable weight in the model at {base_path}")
     return net

@@ -30,7 +30,7 @@ def _load(job_path: str) -> tuple[cfgmod.JobConfig, cfgmod.DatasetConfig]:
     ds = cfgmod.dataset_config_for(job, job_path)
     cfgmod.check_training(job, ds, job_path)  # from stage 1 on: refused before anything is charged
     try:
-        modeling.check_grad_sample_mode(job.task, job.method, job.grad_sample_mode, job.model)
+        modeling.check_grad_sample_mode(job.task, job.method, job.grad_sample_mode, job.model, job.lora)
     except cfgmod.ConfigError as exc:
         raise cfgmod.ConfigError(f"{job_path}: {exc}. Nothing was charged or trained.") from None
     return job, ds

@@ -12,8 +12,10 @@ gradients are clipped is its ``grad_sample_mode``:
 * ``hooks``: Opacus computes every per-example gradient (``p.grad_sample``), then clips and sums.
   Cheap when few weights train (LoRA, head, BitFiT).
 * ``ghost``: ghost clipping computes per-example gradient *norms* without materialising
-  per-example gradients, then a second backward pass sums the clipped gradients. The choice for
-  full fine-tuning, where a per-example copy of every weight would not fit.
+  per-example gradients, then a second backward pass sums the clipped gradients.
+* ``bk``: book-keeping (:mod:`dpops.bookkeeping`): the same norms and the clipped sum from one
+  backward pass. The choice for full fine-tuning, where a per-example copy of every weight would
+  not fit and a second backward pass would cost nearly as much as the first.
 
 A Poisson batch larger than ``training.max_physical_batch_size`` is processed in pieces: each
 piece is clipped and summed into the same step (Opacus's ``signal_skip_step``, the protocol of its
@@ -46,7 +48,7 @@ import torch
 from torch import nn
 from torch.utils.data import Subset, TensorDataset
 
-from dpops import accounting, users
+from dpops import accounting, bookkeeping, users
 from dpops import model as modeling
 from dpops.accounting import SubsampledGaussian
 from dpops.config import JobConfig, TrainingSettings
@@ -94,8 +96,8 @@ class PrivateModel:
         """Forward and backward over one physical batch; returns its mean loss (NaN when empty).
 
         Afterwards, in mode ``hooks``, every trainable ``p.grad_sample`` holds the per-example
-        gradients [batch, *p.shape]; in mode ``ghost``, ``p.grad`` holds the sum of the clipped
-        per-example gradients. ``optimizer.step()`` then clips (hooks), sums and adds noise.
+        gradients [batch, *p.shape]; in modes ``ghost`` and ``bk``, ``p.grad`` holds the sum of
+        the clipped per-example gradients. ``optimizer.step()`` then clips (hooks), sums and adds noise.
         """
         if len(y) == 0:
             self._empty_batch()
@@ -109,6 +111,8 @@ class PrivateModel:
             from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 
             DPTensorFastGradientClipping(self.module, self.optimizer, losses, loss_reduction="mean").backward()
+        elif self.mode == bookkeeping.MODE:
+            self.module.backward(losses)
         else:
             losses.mean().backward()
         return float(losses.detach().mean())
@@ -116,7 +120,7 @@ class PrivateModel:
     def _empty_batch(self) -> None:
         """An empty Poisson batch is still a step of the mechanism: a zero sum, to which noise is added."""
         for p in self.params:
-            if self.mode == "ghost":
+            if self.mode in ("ghost", bookkeeping.MODE):
                 p.grad = torch.zeros_like(p)
             else:
                 p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
@@ -175,6 +179,9 @@ def make_private(
         net = DPDDP(net)  # broadcasts rank 0's weights; gradients are summed by the optimizer
     if mode == "ghost":
         module = GradSampleModuleFastGradientClipping(net, batch_first=True, loss_reduction="mean", max_grad_norm=max_grad_norm)
+        optimizer_class = DistributedDPOptimizerFastGradientClipping if distributed else DPOptimizerFastGradientClipping
+    elif mode == bookkeeping.MODE:
+        module = bookkeeping.BookKeeping(net, max_grad_norm=max_grad_norm)  # refuses what it cannot clip
         optimizer_class = DistributedDPOptimizerFastGradientClipping if distributed else DPOptimizerFastGradientClipping
     else:
         module = GradSampleModule(net, batch_first=True, loss_reduction="mean", strict=True)
