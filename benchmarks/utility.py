@@ -37,6 +37,7 @@ def main() -> None:
     parser.add_argument("--eval-max-records", type=int, default=None)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--max-length", type=int, default=32)
+    parser.add_argument("--no-non-private", action="store_true", help="skip the non-private run (e.g. when it was run at this lr)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/utility.json"))
     args = parser.parse_args()
 
@@ -64,7 +65,7 @@ def main() -> None:
                        noise_multiplier=0.0, max_grad_norm=1e6, delta=ds.privacy.delta, target_epsilon=math.inf, epsilon=math.inf)
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name, plan in [("non_private", non_private), *plans]:
+        for name, plan in ([] if args.no_non_private else [("non_private", non_private)]) + plans:
             start = time.perf_counter()
             result = training.train(job, plan, train_df, labels=list(ds.labels), output_dir=Path(tmp) / name)
             metrics = evaluation.evaluate(result.model_dir, eval_df)
@@ -75,9 +76,10 @@ def main() -> None:
             })
             print(json.dumps(runs[-1]), flush=True)
 
-    baseline = runs[0]["accuracy"]
-    for r in runs[1:]:
-        r["points_below_non_private"] = round(100 * (baseline - r["accuracy"]), 2)
+    if not args.no_non_private:
+        baseline = runs[0]["accuracy"]
+        for r in runs[1:]:
+            r["points_below_non_private"] = round(100 * (baseline - r["accuracy"]), 2)
     full = args.max_records is None and args.eval_max_records is None and (args.steps, args.batch) == (150, 128)
     result = {
         "protocol": "full" if full else "reduced",
