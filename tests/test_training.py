@@ -169,9 +169,12 @@ def test_bookkeeping_refuses_layers_it_cannot_clip():
     frozen = _Conv()
     frozen.conv.requires_grad_(False)  # a frozen layer of any kind is fine: only trainable weights are clipped
     bookkeeping.BookKeeping(frozen, max_grad_norm=1.0)(torch.randn(3, 4, 5))
-    twice = bookkeeping.BookKeeping(_Twice(), max_grad_norm=1.0)
+    inner = _Twice()
+    twice = bookkeeping.BookKeeping(inner, max_grad_norm=1.0)
     with pytest.raises(ConfigError, match="'layer', which runs more than once"):
         twice(torch.randn(3, 4))
+    inner(torch.randn(3, 4)).sum().backward()  # outside the wrapper the model is untouched by its hooks
+    assert inner.layer.weight.grad is not None
 
 
 def test_lora_target_modules_that_do_not_exist_name_the_field(bases):

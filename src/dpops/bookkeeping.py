@@ -95,6 +95,7 @@ class BookKeeping(nn.Module):
         }
         self._inputs: dict[str, torch.Tensor] = {}
         self._grads: dict[str, torch.Tensor] = {}
+        self._recording = False  # the hooks act only inside this wrapper's forward pass
         for name, module in self._layers:
             module.register_forward_hook(self._forward_hook(name))
 
@@ -107,15 +108,17 @@ class BookKeeping(nn.Module):
         self._grads.clear()
         for p in self.params:  # detached: the backward pass computes no weight gradient
             p.requires_grad_(False)
+        self._recording = True
         try:
             return self._module(*args, **kwargs)
         finally:
+            self._recording = False
             for p in self.params:
                 p.requires_grad_(True)
 
     def _forward_hook(self, name: str):
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor):
-            if not torch.is_grad_enabled() or not isinstance(output, torch.Tensor):
+            if not self._recording or not torch.is_grad_enabled() or not isinstance(output, torch.Tensor):
                 return None
             if name in self._inputs:
                 raise ConfigError(
