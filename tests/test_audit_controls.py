@@ -55,9 +55,12 @@ def control_job(tmp_path, project_root, tiny_model_dir):
     shutil.copytree(project_root / "configs", tmp_path / "configs")
     job = tmp_path / "configs" / "jobs" / "sst2_smoke.yaml"
     data = yaml.safe_load(job.read_text())
-    data.update(  # q = 1 (expected batch above n): every step sees every record, so memorising is quick
+    # q = 1 (expected batch above n): every step sees every record, so memorising is quick. 60 steps:
+    # at 40 the noise-ignored run once memorised too few canaries (bound 0.92, 84/100 guesses right)
+    # for the 2x margin; at 60 it guessed 40/40 right (bound 1.84) in each of 4 runs.
+    data.update(
         train_max_records=100, model={"path": str(tiny_model_dir), "max_length": 16},
-        dp={"target_epsilon": CLAIM, "expected_batch_size": 512, "steps": 40, "max_grad_norm": 1.0},
+        dp={"target_epsilon": CLAIM, "expected_batch_size": 512, "steps": 60, "max_grad_norm": 1.0},
         optim={"learning_rate": 0.005}, audit={"canaries": 200, "members": 100, "non_members": 100},
         lora={"r": 8, "target_modules": ["query", "value"]},
     )
