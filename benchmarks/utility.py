@@ -20,6 +20,7 @@ but not the baseline cannot flatter the gap. On 2 CPU cores a run of 150 steps o
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -42,6 +43,8 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=32)
     parser.add_argument("--non-private-learning-rates", default="0.001,0.005",
                         help="comma-separated learning rates of the non-private runs; DP is compared with the best")
+    parser.add_argument("--clip-only", action="store_true",
+                        help="also run with the DP runs' clipping bound and no noise (not private): separates clipping from noise")
     parser.add_argument("--no-non-private", action="store_true", help="skip the non-private runs (e.g. when they were run already)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/utility.json"))
     args = parser.parse_args()
@@ -70,6 +73,9 @@ def main() -> None:
                        noise_multiplier=0.0, max_grad_norm=1e6, delta=ds.privacy.delta, target_epsilon=math.inf, epsilon=math.inf)
     np_rates = [float(r) for r in args.non_private_learning_rates.split(",") if r]
     todo = [] if args.no_non_private else [(f"non_private_lr_{lr:g}", non_private, lr) for lr in np_rates]
+    if args.clip_only:
+        clip = DPSettings(target_epsilon=1.0).max_grad_norm
+        todo.append((f"clip_only_C_{clip:g}", dataclasses.replace(non_private, max_grad_norm=clip), args.learning_rate))
     todo += [(name, plan, args.learning_rate) for name, plan in plans]
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -85,11 +91,11 @@ def main() -> None:
             })
             print(json.dumps(runs[-1]), flush=True)
 
-    baselines = [r for r in runs if r["epsilon"] is None]
+    baselines = [r for r in runs if r["run"].startswith("non_private")]
     if baselines:
         best = max(r["accuracy"] for r in baselines)
         for r in runs:
-            if r["epsilon"] is not None:
+            if r["run"] not in {b["run"] for b in baselines}:
                 r["points_below_best_non_private"] = round(100 * (best - r["accuracy"]), 2)
     full = args.max_records is None and args.eval_max_records is None
     result = {
