@@ -62,8 +62,7 @@ def main() -> None:
     job = JobConfig(
         name="utility", dataset="sst2", registered_model="none", model={"max_length": args.max_length},
         dp=DPSettings(target_epsilon=1.0, expected_batch_size=args.batch, steps=args.steps),
-        optim={"learning_rate": args.learning_rate},
-    )
+    )  # each run sets its own learning rate
     n = len(train_df)
     plans: list[tuple[str, Plan]] = []
     for eps in (float(e) for e in args.epsilons.split(",") if e):  # --epsilons "": the non-private run only

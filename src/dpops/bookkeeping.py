@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dpops.errors import ConfigError
+from dpops.model import tied_trainable
 
 MODE = "bk"
 
@@ -54,13 +55,12 @@ def check(net: nn.Module) -> list[tuple[str, nn.Module]]:
     Raises:
         ConfigError: naming the field and the first layer book-keeping cannot clip.
     """
-    owners: dict[int, list[str]] = {}
+    tied = tied_trainable(net)
+    if tied:
+        raise ConfigError(f"field 'training.grad_sample_mode': 'bk' cannot clip tied weights ({tied[:2]}); use 'hooks'")
     layers = []
     for name, module in net.named_modules():
-        own = [p for p in module.parameters(recurse=False)]
-        for p in own:
-            owners.setdefault(id(p), []).append(name)
-        if not any(p.requires_grad for p in own):
+        if not any(p.requires_grad for p in module.parameters(recurse=False)):
             continue
         if not _supported(module):
             raise ConfigError(
@@ -68,12 +68,6 @@ def check(net: nn.Module) -> list[tuple[str, nn.Module]]:
                 f"({type(module).__name__}); use 'ghost' or 'hooks'"
             )
         layers.append((name, module))
-    for p in net.parameters():
-        if p.requires_grad and len(owners.get(id(p), [])) > 1:
-            raise ConfigError(
-                f"field 'training.grad_sample_mode': 'bk' cannot clip tied weights (shared by layers "
-                f"{owners[id(p)][:2]}); use 'hooks'"
-            )
     return layers
 
 
@@ -89,8 +83,8 @@ class BookKeeping(nn.Module):
         self._module = net
         self.max_grad_norm = float(max_grad_norm)
         self._layers = check(net)
-        self._trainable = {
-            name: [(pname, p) for pname, p in module.named_parameters(recurse=False) if p.requires_grad]
+        self._trainable = {  # layer name -> its trainable weights by name ('weight', 'bias')
+            name: {pname: p for pname, p in module.named_parameters(recurse=False) if p.requires_grad}
             for name, module in self._layers
         }
         self._inputs: dict[str, torch.Tensor] = {}
@@ -101,7 +95,7 @@ class BookKeeping(nn.Module):
 
     @property
     def params(self) -> list[nn.Parameter]:
-        return [p for pairs in self._trainable.values() for _, p in pairs]
+        return [p for weights in self._trainable.values() for p in weights.values()]
 
     def forward(self, *args, **kwargs):
         self._inputs.clear()
@@ -173,7 +167,7 @@ class BookKeeping(nn.Module):
 
     def _squared_norms(self, module: nn.Module, name: str) -> torch.Tensor:
         total = 0.0
-        trainable = dict(self._trainable[name])
+        trainable = self._trainable[name]
         if isinstance(module, nn.Embedding):
             ids, g = self._inputs[name], self._grads[name].float()
             ids, g = ids.reshape(len(ids), -1), g.reshape(len(ids), -1, g.shape[-1])
@@ -195,7 +189,7 @@ class BookKeeping(nn.Module):
         return total + per_example.pow(2).sum(dim=1)
 
     def _clipped_sum(self, module: nn.Module, name: str, factors: torch.Tensor) -> None:
-        trainable = dict(self._trainable[name])
+        trainable = self._trainable[name]
         if isinstance(module, nn.Embedding):
             ids, g = self._inputs[name], self._grads[name]
             weighted = (g.reshape(len(ids), -1, g.shape[-1]).float() * factors[:, None, None]).reshape(-1, g.shape[-1])

@@ -159,6 +159,15 @@ def _pretrained(auto_class, base_path: Path, skeleton: bool) -> nn.Module:
     return auto_class.from_config(AutoConfig.from_pretrained(str(base_path), local_files_only=True))
 
 
+def tied_trainable(net: nn.Module) -> list[str]:
+    """Names of trainable weights that more than one layer uses (tied weights)."""
+    users: dict[int, int] = {}
+    for m in net.modules():
+        for p in m.parameters(recurse=False):
+            users[id(p)] = users.get(id(p), 0) + 1
+    return [n for n, p in net.named_parameters() if p.requires_grad and users.get(id(p), 0) > 1]
+
+
 def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
 

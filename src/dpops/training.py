@@ -57,6 +57,9 @@ from dpops.privacy import Plan
 
 log = logging.getLogger("dpops.training")
 
+# Modes whose backward pass leaves the clipped per-example sum in p.grad (Opacus's fast-gradient-clipping optimizers)
+CLIPPED_IN_BACKWARD = ("ghost", bookkeeping.MODE)
+
 
 @dataclass
 class TrainResult:
@@ -120,19 +123,10 @@ class PrivateModel:
     def _empty_batch(self) -> None:
         """An empty Poisson batch is still a step of the mechanism: a zero sum, to which noise is added."""
         for p in self.params:
-            if self.mode in ("ghost", bookkeeping.MODE):
+            if self.mode in CLIPPED_IN_BACKWARD:
                 p.grad = torch.zeros_like(p)
             else:
                 p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
-
-
-def _shared_trainable(net: nn.Module) -> list[str]:
-    """Names of trainable weights used by more than one module (tied weights)."""
-    users: dict[int, int] = {}
-    for m in net.modules():
-        for p in m.parameters(recurse=False):
-            users[id(p)] = users.get(id(p), 0) + 1
-    return [n for n, p in net.named_parameters() if p.requires_grad and users.get(id(p), 0) > 1]
 
 
 def make_private(
@@ -166,10 +160,9 @@ def make_private(
         DPOptimizerFastGradientClipping,
     )
 
-    if mode == "ghost" and _shared_trainable(net):
-        raise ConfigError(
-            f"field 'training.grad_sample_mode': 'ghost' cannot clip tied weights ({_shared_trainable(net)[:2]}); use 'hooks'"
-        )
+    tied = modeling.tied_trainable(net) if mode == "ghost" else []  # (bk checks its own, see below)
+    if tied:
+        raise ConfigError(f"field 'training.grad_sample_mode': 'ghost' cannot clip tied weights ({tied[:2]}); use 'hooks'")
     params = [p for p in net.parameters() if p.requires_grad]
     net.train()  # Opacus records activations in training mode only (from_pretrained returns eval mode)
     world = torch.distributed.get_world_size() if distributed else 1
@@ -177,11 +170,11 @@ def make_private(
         from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
 
         net = DPDDP(net)  # broadcasts rank 0's weights; gradients are summed by the optimizer
-    if mode == "ghost":
-        module = GradSampleModuleFastGradientClipping(net, batch_first=True, loss_reduction="mean", max_grad_norm=max_grad_norm)
-        optimizer_class = DistributedDPOptimizerFastGradientClipping if distributed else DPOptimizerFastGradientClipping
-    elif mode == bookkeeping.MODE:
-        module = bookkeeping.BookKeeping(net, max_grad_norm=max_grad_norm)  # refuses what it cannot clip
+    if mode in CLIPPED_IN_BACKWARD:  # p.grad arrives clipped and summed: the optimizer only adds noise
+        if mode == "ghost":
+            module = GradSampleModuleFastGradientClipping(net, batch_first=True, loss_reduction="mean", max_grad_norm=max_grad_norm)
+        else:
+            module = bookkeeping.BookKeeping(net, max_grad_norm=max_grad_norm)  # refuses what it cannot clip
         optimizer_class = DistributedDPOptimizerFastGradientClipping if distributed else DPOptimizerFastGradientClipping
     else:
         module = GradSampleModule(net, batch_first=True, loss_reduction="mean", strict=True)
