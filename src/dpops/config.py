@@ -205,8 +205,20 @@ class TrainingSettings(_Strict):
 
 
 class OptimSettings(_Strict):
-    learning_rate: float = Field(default=1e-3, gt=0, description="Adam learning rate.")
+    learning_rate: float = Field(default=1e-3, gt=0, description="Adam learning rate (the peak, with a schedule).")
     weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay.")
+    schedule: Literal["constant", "linear", "cosine"] = Field(
+        default="constant",
+        description="Learning rate over the planned steps after warm-up: 'constant', or decayed to 0 at the last "
+        "step ('linear', 'cosine'). Post-processing of the noisy gradients: no privacy cost.",
+    )
+    warmup_steps: int = Field(default=0, ge=0, description="Steps over which the learning rate rises linearly to its peak.")
+    ema_decay: Optional[float] = Field(
+        default=None, gt=0, lt=1,
+        description="Keep an exponential moving average of the trainable weights (decay ramped up as "
+        "min(ema_decay, (1 + t) / (10 + t)) at step t) and save it instead of the last weights. Post-processing: "
+        "no privacy cost. None: save the last weights.",
+    )
 
 
 class AuditSettings(_Strict):
@@ -260,6 +272,11 @@ class JobConfig(_Strict):
             raise ValueError(
                 "field 'method': 'head' needs task 'classification' (a language model's output layer is usually "
                 "tied to its input embeddings). Use 'lora', 'bitfit' or 'full'."
+            )
+        if self.optim.warmup_steps >= self.dp.steps and self.optim.warmup_steps > 0:
+            raise ValueError(
+                f"field 'optim.warmup_steps' is {self.optim.warmup_steps}, but the run takes only dp.steps = {self.dp.steps} "
+                "steps: the learning rate would never reach its peak. Use fewer warm-up steps."
             )
         return self
 

@@ -29,6 +29,9 @@ With unit of privacy 'user' (a ``user`` column in the data), users are Poisson-s
 user's per-record gradients are summed into one contribution before clipping (:mod:`dpops.users`).
 That needs the per-example gradients of the whole batch at once: mode ``hooks``, one process, no
 physical pieces.
+
+The optimizer is AdamW, with an optional learning-rate schedule over the planned steps and an
+optional moving average of the weights (``optim``); both only post-process the noisy gradients.
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ from torch.utils.data import Subset, TensorDataset
 from dpops import accounting, bookkeeping, users
 from dpops import model as modeling
 from dpops.accounting import SubsampledGaussian
-from dpops.config import JobConfig, TrainingSettings
+from dpops.config import JobConfig, OptimSettings, TrainingSettings
 from dpops.errors import ConfigError, PrivacyError
 from dpops.privacy import Plan
 
@@ -322,6 +325,8 @@ def train(
 
     params = [p for p in net.parameters() if p.requires_grad]
     inner = torch.optim.AdamW(params, lr=job.optim.learning_rate, weight_decay=job.optim.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(inner, lambda done: learning_rate_factor(job.optim, done, plan.steps))
+    average = WeightAverage(params, job.optim.ema_decay) if job.optim.ema_decay is not None else None
     private = make_private(
         net, inner, task=job.task, mode=job.grad_sample_mode, noise_multiplier=plan.noise_multiplier,
         max_grad_norm=plan.max_grad_norm, expected_batch_size=plan.expected_batch_size, generator=noise,
@@ -336,11 +341,15 @@ def train(
     before = [p.detach().clone() for p in params]
     batches = _logical_batches(loader)
     for step in range(1, plan.steps + 1):
+        lr = schedule.get_last_lr()[0]  # this step's
         loss = _private_step(
             private, next(batches), device=device,
             max_physical=None if per_user else job.training.max_physical_batch_size,
             regroup=loader.merge_grad_samples if per_user else None,
         )
+        schedule.step()
+        if average is not None:
+            average.update(params)
         if step == 1:
             if all(torch.equal(b, p.detach()) for b, p in zip(before, params, strict=True)):
                 raise PrivacyError("trainable weights did not change after the first step")
@@ -355,8 +364,11 @@ def train(
             result.epsilon_by_step.append((step, eps))
             if not math.isnan(loss):
                 result.loss_by_step.append((step, loss))
-            log.info("step %d/%d  epsilon %.3f  loss %.4f  %.1fs", step, plan.steps, eps, loss, time.perf_counter() - start)
+            log.info("step %d/%d  epsilon %.3f  loss %.4f  lr %.2e  %.1fs", step, plan.steps, eps, loss,
+                     lr, time.perf_counter() - start)
     result.seconds = time.perf_counter() - start
+    if average is not None:
+        average.copy_to(params)  # what is saved, scored and fingerprinted is the average
     result.weights_sha256 = _fingerprint(params)
 
     if rank == 0:
@@ -395,6 +407,51 @@ def _private_step(
         if len(y):
             total, count = total + loss * len(y), count + len(y)
     return total / count if count else float("nan")
+
+
+def learning_rate_factor(optim: OptimSettings, done: int, steps: int) -> float:
+    """The fraction of the peak learning rate for the step after ``done`` steps, of ``steps`` in all.
+
+    Warm-up rises linearly to the peak over ``optim.warmup_steps`` steps (the first step already
+    moves: 1 / warmup of the peak); 'linear' and 'cosine' then decay towards 0, reaching
+    1 / (steps - warmup) of the peak (linear) on the last step, never 0, so every step that is
+    charged for also moves the weights.
+    """
+    warmup = optim.warmup_steps
+    if done < warmup:
+        return (done + 1) / warmup
+    if optim.schedule == "constant":
+        return 1.0
+    progress = (done - warmup) / max(1, steps - warmup)  # 0 on the first step after warm-up, < 1 on the last
+    if optim.schedule == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class WeightAverage:
+    """Exponential moving average of the trainable weights (Polyak averaging, as in De et al. 2022).
+
+    The average is a function of the noisy iterates only, so it costs no privacy. The decay ramps up
+    as ``min(decay, (1 + t) / (10 + t))`` after ``t`` updates, so that the initial weights are
+    forgotten quickly in short runs.
+    """
+
+    def __init__(self, params: list[nn.Parameter], decay: float):
+        self.decay = decay
+        self.updates = 0
+        self.average = [p.detach().clone() for p in params]
+
+    @torch.no_grad()
+    def update(self, params: list[nn.Parameter]) -> None:
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for avg, p in zip(self.average, params, strict=True):
+            avg.lerp_(p.detach(), 1.0 - decay)
+
+    @torch.no_grad()
+    def copy_to(self, params: list[nn.Parameter]) -> None:
+        for avg, p in zip(self.average, params, strict=True):
+            p.copy_(avg)
 
 
 def _epsilon_after(plan: Plan, steps: int) -> float:
