@@ -283,9 +283,8 @@ def test_train_follows_the_schedule_and_saves_the_average(bases, tmp_path, monke
     assert rates == pytest.approx([0.01 * f for f in (1, 1, 2 / 3, 1 / 3)])
     net, _, _ = modeling.load(tmp_path / "m")
     saved = {n: p for n, p in net.named_parameters()}
-    trained = [n for n, p in modeling.build("classification", "lora", bases["classification"], n_labels=2,
-                                            lora=job.lora).named_parameters() if p.requires_grad]
-    average = [it.clone() for it in _initial(bases, job)]
+    initial = _initial(bases, job)
+    trained, average = list(initial), list(initial.values())
     for t, weights in enumerate(iterates, start=1):
         d = min(0.9, (1 + t) / (10 + t))
         average = [d * a + (1 - d) * w for a, w in zip(average, weights)]
@@ -295,11 +294,11 @@ def test_train_follows_the_schedule_and_saves_the_average(bases, tmp_path, monke
     assert not all(torch.allclose(saved[n], w) for n, w in zip(trained, iterates[-1]))  # not the last iterate
 
 
-def _initial(bases, job) -> list[torch.Tensor]:
-    """The trainable weights as ``train`` initialises them (its seeded model build)."""
+def _initial(bases, job) -> dict[str, torch.Tensor]:
+    """The trainable weights by name, as ``train`` initialises them (its seeded model build)."""
     torch.manual_seed(job.seed)
     net = modeling.build("classification", "lora", bases["classification"], n_labels=2, lora=job.lora)
-    return [p.detach().clone() for p in net.parameters() if p.requires_grad]
+    return {n: p.detach().clone() for n, p in net.named_parameters() if p.requires_grad}
 
 
 @pytest.mark.parametrize("task,method,mode", [("classification", "lora", "hooks"), ("classification", "full", "ghost"),

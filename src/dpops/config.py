@@ -209,8 +209,8 @@ class OptimSettings(_Strict):
     weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay.")
     schedule: Literal["constant", "linear", "cosine"] = Field(
         default="constant",
-        description="Learning rate over the planned steps after warm-up: 'constant', or decayed to 0 at the last "
-        "step ('linear', 'cosine'). Post-processing of the noisy gradients: no privacy cost.",
+        description="Learning rate over the planned steps after warm-up: 'constant', or decayed towards 0 ('linear', "
+        "'cosine'; never 0, so every charged step moves the weights). Post-processing of the noisy gradients: no privacy cost.",
     )
     warmup_steps: int = Field(default=0, ge=0, description="Steps over which the learning rate rises linearly to its peak.")
     ema_decay: Optional[float] = Field(
@@ -273,7 +273,7 @@ class JobConfig(_Strict):
                 "field 'method': 'head' needs task 'classification' (a language model's output layer is usually "
                 "tied to its input embeddings). Use 'lora', 'bitfit' or 'full'."
             )
-        if self.optim.warmup_steps >= self.dp.steps and self.optim.warmup_steps > 0:
+        if self.optim.warmup_steps >= self.dp.steps:  # (dp.steps >= 1, so no warm-up always passes)
             raise ValueError(
                 f"field 'optim.warmup_steps' is {self.optim.warmup_steps}, but the run takes only dp.steps = {self.dp.steps} "
                 "steps: the learning rate would never reach its peak. Use fewer warm-up steps."
