@@ -240,6 +240,8 @@ def _safe_worker(url: str, barrier, out) -> None:
         out.put("granted")
     except BudgetExceededError:
         out.put("refused")
+    except Exception as exc:  # reported, so the test fails with the reason rather than waiting on the queue
+        out.put(f"error: {type(exc).__name__}: {exc}")
     finally:
         ledger.dispose()
 

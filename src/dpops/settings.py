@@ -16,7 +16,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-#: Telemetry off for every tool dpops drives (see DEVELOPERS.md).
+#: What every dpops process sets unless already set: telemetry off, no downloads, quiet progress output.
 QUIET_ENV = {
     "DVC_NO_ANALYTICS": "1",
     "MLFLOW_DISABLE_TELEMETRY": "true",
@@ -30,6 +30,9 @@ QUIET_ENV = {
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
     # Prefect shows dpops's own log lines (progress, figures; never records) in its run logs.
     "PREFECT_LOGGING_EXTRA_LOGGERS": "dpops",
+    # Prefect waits 20 s for its in-process (ephemeral) server by default; a first start on a busy
+    # 2-core machine (a fresh database to migrate) took longer and the flow failed before any stage.
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
 }
 
 
