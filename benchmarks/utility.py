@@ -10,12 +10,14 @@ C = 1e6): its epsilon is infinite, recorded as such.
 Target (issue 4): DP at epsilon 8 within 3 accuracy points of non-private, on the full train set.
 Non-private training is run at each of ``--non-private-learning-rates`` (default 1e-3 and 5e-3;
 the DP runs use ``--learning-rate``, default 5e-3) and DP is compared with the best of them, so a learning rate that suits DP
-but not the baseline cannot flatter the gap. On 2 CPU cores a run of 150 steps of 512 took 12 to
-33 minutes (the JSON records each run's seconds); ``--max-records`` and ``--steps`` give a reduced run, and the JSON says which was run.
+but not the baseline cannot flatter the gap. Batches run in length-ordered pieces of
+``--max-physical-batch-size`` records (64), padded less: on 2 CPU cores a run of 150 steps of 1024
+took 17 minutes (whole batches of 512 had taken 12 to 33); the JSON records each run's seconds.
+``--max-records`` and ``--steps`` give a reduced run, and the JSON says which was run.
 
     .venv/bin/python benchmarks/utility.py [--epsilons 1,3,8] [--batch 512] [--steps 150] [--learning-rate 0.005]
         [--non-private-learning-rates 0.001,0.005] [--schedule constant|linear|cosine] [--warmup-steps K]
-        [--ema-decay D] [--max-records N] [--eval-max-records N]
+        [--ema-decay D] [--max-physical-batch-size 64] [--max-records N] [--eval-max-records N]
 """
 
 from __future__ import annotations
