@@ -70,9 +70,11 @@ def _hand_clipped_sum(net, task, batch) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize("max_physical", [None, 4])
 @pytest.mark.parametrize("task,method,mode", CASES)
 def test_clipped_summed_gradient_equals_per_example_loop(bases, task, method, mode, max_physical):
+    """In float64: float32 rounding alone reached a relative error of 1.07e-5 on the tiny Llama's full
+    fine-tuning (ghost, bk), where float64 leaves 4e-8 and 2e-7 (the losses are cast to float32)."""
     base = bases[task]
     batch = _batch(base)
-    net = _net(task, method, base)
+    net = _net(task, method, base).double()
     norms, per_example = _hand_clipped_sum(copy.deepcopy(net), task, batch)
     clip = float(norms.median())  # half the examples are clipped, half are not
     assert (norms > clip * 1.01).any() and (norms < clip * 0.99).any()
