@@ -112,7 +112,7 @@ RAW_EVAL = "label\tcontent\n1\tan evaluation sentence\n1\trecord number 3\n"  # 
 def _params(tmp_path, **over):
     p = {"files": {"train": {"path": "raw/train.csv", "format": "csv", "text_column": "body", "label_column": "label"},
                    "eval": {"path": "raw/dev.tsv", "format": "tsv", "text_column": "content", "label_column": "label"}},
-         "holdout_records": 5, "seed": 3, "out_dir": "prepared/toy"}
+         "holdout_fraction": 0.25, "split_key": "toy-key", "out_dir": "prepared/toy"}
     p.update(over)
     (tmp_path / "raw").mkdir(exist_ok=True)
     (tmp_path / "raw/train.csv").write_bytes(RAW_CSV.encode())
@@ -125,33 +125,117 @@ def _read(path):
     return pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, quoting=3)
 
 
-def test_prepare_normalizes_dedupes_and_splits_by_seed(tmp_path):
+def _expected_split(texts, p) -> dict[str, str]:
+    """Each text's split as assign_split gives it for that text alone."""
+    fractions = {k: p[k] for k in ("holdout_fraction", "eval_fraction") if k in p}
+    return {t: prepare.assign_split(t, key=p["split_key"], **fractions) for t in texts}
+
+
+def _splits(root) -> dict[str, str]:
+    """text -> split name, over the prepared splits under ``root``."""
+    return {t: s for s in ("train", "holdout", "eval") for t in _read(root / f"prepared/toy/{s}.tsv")["text"]}
+
+
+def test_prepare_normalizes_dedupes_and_splits_by_key(tmp_path):
     out = prepare.prepare_from_params(_params(tmp_path), "toy")
     assert out["dedupe"] == {"records": 23, "dropped_repeats": 2, "dropped_label_conflicts": 2}
     splits = {s: _read(tmp_path / f"prepared/toy/{s}.tsv") for s in ("train", "holdout", "eval")}
     assert list(splits["train"].columns) == ["label", "text"]
-    assert (len(splits["train"]), len(splits["holdout"]), len(splits["eval"])) == (17, 5, 1)
+    # 22 train-part records, each placed by its own keyed hash; the eval file's one new record in eval
+    expected = _expected_split([t for s in ("train", "holdout") for t in splits[s]["text"]], {"holdout_fraction": 0.25,
+                                                                                             "split_key": "toy-key"})
+    assert len(expected) == 22 and sorted(set(expected.values())) == ["holdout", "train"]
+    assert all(expected[t] == s for s in ("train", "holdout") for t in splits[s]["text"])
+    assert list(splits["eval"]["text"]) == ["an evaluation sentence"]
     texts = [t for df in splits.values() for t in df["text"]]
     assert len(texts) == len(set(texts)) and "a fine film, truly" in texts and "dull and long" in texts
     assert not any("torn between" in t for t in texts)
     stats = json.loads((tmp_path / "prepared/toy/stats.json").read_text())
-    assert stats["train"]["records"] == 17 and stats["dedupe"]["dropped_label_conflicts"] == 2
+    assert stats["train"]["records"] == len(splits["train"]) and stats["dedupe"]["dropped_label_conflicts"] == 2
     first = (tmp_path / "prepared/toy/holdout.tsv").read_bytes()
     prepare.prepare_from_params(_params(tmp_path), "toy")
     assert (tmp_path / "prepared/toy/holdout.tsv").read_bytes() == first
-    prepare.prepare_from_params(_params(tmp_path, seed=4), "toy")
+    prepare.prepare_from_params(_params(tmp_path, split_key="another key"), "toy")  # a new key reshuffles
     assert (tmp_path / "prepared/toy/holdout.tsv").read_bytes() != first
 
 
 def test_prepare_carves_eval_when_the_source_has_one_file(tmp_path):
-    params = _params(tmp_path, eval_records=4)
-    with pytest.raises(ConfigError, match="eval_records"):
+    params = _params(tmp_path, eval_fraction=0.2)
+    with pytest.raises(ConfigError, match=r"field 'prepare\.toy\.eval_fraction' must be given exactly when the raw data has no eval"):
         prepare.prepare_from_params(params, "toy")
     p = yaml.safe_load(params.read_text())
     del p["prepare"]["toy"]["files"]["eval"]
     params.write_text(yaml.safe_dump(p))
     out = prepare.prepare_from_params(params, "toy")
-    assert {s: out["split"][s]["records"] for s in ("train", "holdout", "eval")} == {"train": 13, "holdout": 5, "eval": 4}
+    got = _splits(tmp_path)
+    assert len(got) == 22 and got == _expected_split(got, p["prepare"]["toy"])
+    assert {s: out["split"][s]["records"] for s in ("train", "holdout", "eval")} == \
+        {s: list(got.values()).count(s) for s in ("train", "holdout", "eval")}
+    assert min(out["split"][s]["records"] for s in ("train", "holdout", "eval")) > 0
+
+
+@pytest.mark.parametrize("over, match", [
+    (dict(holdout_fraction=1.5), r"field 'prepare\.toy\.holdout_fraction' must be a number in \(0, 1\)\. Found 1\.5"),
+    (dict(holdout_fraction="10%"), r"field 'prepare\.toy\.holdout_fraction' must be a number in \(0, 1\)"),
+    (dict(split_key=""), r"field 'prepare\.toy\.split_key' must be a non-empty string"),
+    (dict(holdout_fraction=1e-9), r"field 'prepare\.toy\.holdout_fraction': split 'holdout' would be empty"),
+])
+def test_prepare_names_bad_split_params(tmp_path, over, match):
+    with pytest.raises(ConfigError, match=match):
+        prepare.prepare_from_params(_params(tmp_path, **over), "toy")
+
+
+#: A larger raw file for the stability tests: 300 records, no repeats.
+MANY = [(str(i % 2), f"review number {i} of the stability set") for i in range(300)]
+
+
+def _prepare_rows(tmp_path, rows, **over) -> dict[str, str]:
+    """Prepare a one-file source (hold-out and eval carved) from ``rows``; text -> split."""
+    root = tmp_path / f"v{len(list(tmp_path.iterdir()))}"
+    root.mkdir()
+    params = _params(root, eval_fraction=0.2, **over)
+    p = yaml.safe_load(params.read_text())
+    del p["prepare"]["toy"]["files"]["eval"]
+    params.write_text(yaml.safe_dump(p))
+    (root / "raw/train.csv").write_text("label,body\n" + "".join(f"{label},{text}\n" for label, text in rows))
+    prepare.prepare_from_params(params, "toy")
+    return _splits(root)
+
+
+@pytest.mark.parametrize("where", [0, 150, 300])
+@pytest.mark.parametrize("change", ["add", "remove"])
+def test_adding_or_removing_one_raw_record_moves_no_other_record(tmp_path, change, where):
+    """A new data version with one record more or less: every other record keeps its split."""
+    before = _prepare_rows(tmp_path, MANY)
+    rows = list(MANY)
+    if change == "add":
+        rows.insert(where, ("1", "a newly arrived review"))
+    else:
+        del rows[min(where, len(rows) - 1)]
+    after = _prepare_rows(tmp_path, rows)
+    assert abs(len(after) - len(before)) == 1
+    moved = [t for t in set(before) & set(after) if before[t] != after[t]]
+    assert moved == [], f"{len(moved)} records changed split"
+    assert {"train", "holdout", "eval"} == set(before.values())
+
+
+def test_a_records_split_does_not_depend_on_the_rest_of_the_file(tmp_path):
+    """Any subset of the records, in any order, puts each record where it goes alone."""
+    full = _prepare_rows(tmp_path, MANY)
+    subset = MANY[::3][::-1]
+    part = _prepare_rows(tmp_path, subset)
+    assert part == {t: full[t] for _, t in subset}
+    assert full == _expected_split(full, {"holdout_fraction": 0.25, "eval_fraction": 0.2, "split_key": "toy-key"})
+
+
+def test_a_label_conflict_removes_the_record_and_moves_no_other(tmp_path):
+    """A new record with an existing text under another label: dedupe drops both copies, so the
+    existing record leaves every split (it is not moved into hold-out or eval), nothing else moves."""
+    before = _prepare_rows(tmp_path, MANY)
+    label, text = MANY[42]
+    after = _prepare_rows(tmp_path, MANY + [(str(1 - int(label)), text)])
+    assert text in before and text not in after
+    assert after == {t: s for t, s in before.items() if t != text}
 
 
 def test_prepare_names_bad_raw_input(tmp_path):
@@ -160,7 +244,8 @@ def test_prepare_names_bad_raw_input(tmp_path):
     with pytest.raises(DataValidationError, match=r"raw/train.csv: row 2: bytes are not valid UTF-8"):
         prepare.prepare_from_params(params, "toy")
     (tmp_path / "raw/train.csv").write_text("label,text\n1,ok\n")
-    with pytest.raises(DataValidationError, match=r"raw/train.csv: missing column\(s\) \['body'\]"):
+    with pytest.raises(DataValidationError, match=r"raw/train.csv: the header has 2 field\(s\) and no column 'body' "
+                                                  r"\(field 'files\.train\.text_column'\)"):
         prepare.prepare_from_params(params, "toy")
 
 
@@ -187,7 +272,7 @@ def test_dvc_pipeline_reproduces_and_old_revisions_stay_readable(tmp_path, proje
     sh(repo, "git", "commit", "-qm", "v1")
     v1 = data.resolve(cfg, repo=repo, rev="HEAD")
     p = yaml.safe_load(params.read_text())
-    p["prepare"]["toy"]["seed"] = 99
+    p["prepare"]["toy"]["split_key"] = "another key"
     params.write_text(yaml.safe_dump(p))
     dvc(repo, "repro", "-q")
     sh(repo, "git", "add", "-A")

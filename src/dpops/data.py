@@ -16,7 +16,7 @@ from typing import Callable, Optional
 import pandas as pd
 
 from dpops.config import BLOCK_NAME_PATTERN, DatasetConfig
-from dpops.errors import DataValidationError
+from dpops.errors import DataValidationError, describe_exception
 
 TEXT = "text"
 LABEL = "label"
@@ -72,7 +72,7 @@ def read_bytes(repo: str | Path, path: str, rev: Optional[str] = None) -> tuple[
     try:
         fs = DVCFileSystem(str(repo), rev=rev)
     except Exception as exc:  # dvc raises several unrelated types for a bad rev
-        raise DataValidationError(f"{repo}: cannot open revision {rev!r}: {exc}") from None
+        raise DataValidationError(f"{repo}: cannot open revision {rev!r} ({describe_exception(exc)})") from None
     try:
         info = fs.info(path)
         with fs.open(path, "rb") as fh:
@@ -83,7 +83,9 @@ def read_bytes(repo: str | Path, path: str, rev: Optional[str] = None) -> tuple[
             f"{path}: file not found {where} of {repo} (run `dvc pull` and `dvc repro`?)"
         ) from None
     except Exception as exc:  # dvc's RevError, missing cache objects, ...
-        raise DataValidationError(f"{path}: cannot read revision {rev!r} of {repo}: {exc}") from None
+        raise DataValidationError(
+            f"{path}: cannot read revision {rev!r} of {repo} ({describe_exception(exc)}; run `dvc pull`?)"
+        ) from None
     md5 = (info.get("dvc_info") or {}).get("md5") or info.get("md5")
     return data, md5
 
@@ -93,7 +95,8 @@ def _parse(data: bytes, *, source: str, delimiter: str) -> pd.DataFrame:
 
     Parsed here rather than by pandas, which silently turns an extra field into an index or drops
     it; a row whose field count differs from the header's is an error naming that row.
-    Rows count from 1 after the header (row 0).
+    Rows count from 1 after the header (row 0). Errors give counts, never a field: in a file
+    without a header, the "header" is a private record.
     """
     try:
         text = data.decode("utf-8")
@@ -109,8 +112,8 @@ def _parse(data: bytes, *, source: str, delimiter: str) -> pd.DataFrame:
     for i, fields in enumerate(rows, start=1):
         if len(fields) != len(header):
             raise DataValidationError(
-                f"{source}: row {i}: {len(fields)} field(s) separated by {delimiter!r}, but the header has {len(header)} "
-                f"({header}); wrong delimiter?"
+                f"{source}: row {i}: {len(fields)} field(s) separated by {delimiter!r}, but the header has {len(header)}; "
+                "wrong delimiter?"
             )
     return pd.DataFrame(rows, columns=header, dtype=str)
 
@@ -123,11 +126,30 @@ def read_resolved(ref: DataRef) -> bytes:
     return data
 
 
+def _column_fields(cfg: DatasetConfig, *, train: bool = True) -> dict[str, str]:
+    """The columns a split must have, each with the config field naming it: text and label, the
+    user column for unit 'user', and in the training split of a partitioned dataset the block column."""
+    fields = {cfg.text_column: "text_column", cfg.label_column: "label_column"}
+    if cfg.unit == "user":
+        fields.setdefault(cfg.user_column, "user_column")
+    if train and cfg.blocks is not None:
+        fields.setdefault(cfg.blocks.column, "blocks.column")
+    return fields
+
+
 def _columns(cfg: DatasetConfig, *, train: bool = True) -> list[str]:
-    """The columns a split must have: text and label, the user column for unit 'user', and in the
-    training split of a partitioned dataset the block column."""
-    cols = [cfg.text_column, cfg.label_column] + ([cfg.user_column] if cfg.unit == "user" else [])
-    return cols + ([cfg.blocks.column] if train and cfg.blocks is not None else [])
+    return list(_column_fields(cfg, train=train))
+
+
+def _missing_columns(found: list[str], cfg: DatasetConfig, *, train: bool = True) -> str:
+    """Which configured columns the header lacks, by config field, and how many fields it has.
+
+    The header's own names are never repeated: in a file without a header they are a record.
+    """
+    missing = [f"{col!r} (field {field!r})" for col, field in _column_fields(cfg, train=train).items()
+               if col not in found]
+    return (f"the header has {len(found)} field(s) separated by {cfg.delimiter!r} and no column "
+            f"{', '.join(missing)}; no header line, or wrong delimiter?")
 
 
 def load_split(
@@ -152,9 +174,8 @@ def load_split(
     target = path or ref.path
     data = read_resolved(ref) if path is None else read_bytes(ref.repo, target, ref.rev)[0]
     df = _parse(data, source=target, delimiter=cfg.delimiter)
-    missing = [c for c in _columns(cfg, train=path is None) if c not in df.columns]
-    if missing:
-        raise DataValidationError(f"{target}: missing column(s) {missing}; found {list(df.columns)}")
+    if any(c not in df.columns for c in _columns(cfg, train=path is None)):
+        raise DataValidationError(f"{target}: {_missing_columns(list(df.columns), cfg, train=path is None)}")
     if max_records is not None:
         df = df.iloc[:max_records]
     index = {label: i for i, label in enumerate(cfg.labels)}
@@ -318,7 +339,7 @@ def _describe(failures: list[tuple[str, Optional[str]]], raw: pd.DataFrame, cfg:
             label += " (block names are short labels: letters, digits, '_', '.', '-', at most 64 characters)"
         out.append(label)
     if any(name == "expect_column_to_exist" for name, _ in failures):
-        out.append(f"columns found: {list(c for c in raw.columns if c not in _DERIVED)} with delimiter {cfg.delimiter!r}")
+        out.append(_missing_columns([c for c in raw.columns if c not in _DERIVED], cfg))
     if any(name == "expect_table_row_count_to_be_between" for name, _ in failures):
         out.append("the file has no records")
     return out

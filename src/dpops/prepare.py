@@ -10,8 +10,11 @@ with the dataset's parameters from ``params.yaml`` (``prepare.<dataset>``):
 3. ``dedupe``: one record per text. A text repeated with the same label is kept once; a text
    repeated with different labels is dropped entirely (its label is ambiguous). Under record-level
    DP a repeated record is one person counted twice, so duplicates would weaken the guarantee.
-4. ``split``: a seeded shuffle of the ``train`` part carves the hold-out (the audit's non-members,
-   from the same population) and, when there is no ``eval`` part, the evaluation split.
+4. ``split``: each record of the ``train`` part goes to the hold-out (the audit's non-members,
+   from the same population), to the evaluation split when there is no ``eval`` part, or to
+   training, by a keyed hash of its own text (:func:`assign_split`). A record's split depends on
+   nothing but its text and the dataset's ``split_key``, so adding or removing records never moves
+   another record between splits, and a record keeps its split across data versions.
 
 Outputs are tab-separated with a header ``label<TAB>text``; ``stats.json`` beside them holds counts
 only (never a record). Intermediate files live under ``data/interim/`` and are not cached by DVC.
@@ -20,6 +23,8 @@ only (never a record). Intermediate files live under ``data/interim/`` and are n
 from __future__ import annotations
 
 import csv
+import hashlib
+import hmac
 import io
 import json
 import re
@@ -27,11 +32,10 @@ import unicodedata
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import numpy as np
 import pandas as pd
 import yaml
 
-from dpops.errors import ConfigError, DataValidationError
+from dpops.errors import ConfigError, DataValidationError, describe_exception
 
 STEPS = ("ingest", "normalize", "dedupe", "split")
 PARTS = ("train", "eval")
@@ -50,9 +54,14 @@ def _read_text(path: Path) -> str:
         raise DataValidationError(f"{path}: row {row}: bytes are not valid UTF-8 (offset {exc.start})") from None
 
 
-def read_raw(path: Path, *, fmt: str, columns: list[str]) -> pd.DataFrame:
+def read_raw(path: Path, *, fmt: str, columns: dict[str, str]) -> pd.DataFrame:
     """One raw file as strings. ``fmt`` 'csv' honours quotes (texts may hold commas and newlines);
-    'tsv' reads every character literally, as GLUE writes it."""
+    'tsv' reads every character literally, as GLUE writes it. ``columns`` maps the params field
+    naming a column (``text_column``, ``label_column``) to the column's name.
+
+    Errors name the file, a line number and params fields, never the file's content: in a raw file
+    without a header, the header pandas reads is a private record.
+    """
     text = _read_text(path)
     if fmt not in ("csv", "tsv"):
         raise ConfigError(f"params: field 'format' of {path} must be 'csv' or 'tsv'. Found {fmt!r}.")
@@ -60,13 +69,14 @@ def read_raw(path: Path, *, fmt: str, columns: list[str]) -> pd.DataFrame:
     try:
         df = pd.read_csv(io.StringIO(text), sep="," if fmt == "csv" else "\t", dtype=str, keep_default_na=False,
                          na_values=[], quoting=quoting, engine="python")
-    except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
-        raise DataValidationError(f"{path}: cannot be parsed as {fmt}: {exc}") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, csv.Error) as exc:
+        raise DataValidationError(f"{path}: cannot be parsed as {fmt} ({describe_exception(exc)})") from None
     if not isinstance(df.index, pd.RangeIndex):  # pandas turns surplus leading fields into an index
-        raise DataValidationError(f"{path}: rows have more fields than the header ({list(df.columns)}); wrong format?")
-    missing = [c for c in columns if c not in df.columns]
+        raise DataValidationError(f"{path}: rows have more fields than the header ({len(df.columns)}); wrong format?")
+    missing = [f"{column!r} (field {field!r})" for field, column in columns.items() if column not in df.columns]
     if missing:
-        raise DataValidationError(f"{path}: missing column(s) {missing}; found {list(df.columns)}")
+        raise DataValidationError(f"{path}: the header has {len(df.columns)} field(s) and no column {', '.join(missing)}; "
+                                  "no header line, or wrong format?")
     return df
 
 
@@ -79,7 +89,8 @@ def ingest(p: dict[str, Any], root: Path, out: Path) -> dict[str, int]:
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w", encoding="utf-8") as fh:
         for part, spec in _parts(p):
-            df = read_raw(root / spec["path"], fmt=spec["format"], columns=[spec["text_column"], spec["label_column"]])
+            df = read_raw(root / spec["path"], fmt=spec["format"],
+                          columns={f"files.{part}.{k}": spec[k] for k in ("text_column", "label_column")})
             for record in df.to_dict(orient="records"):
                 fh.write(json.dumps({"part": part, **record}, ensure_ascii=False) + "\n")
             counts[part] = len(df)
@@ -112,8 +123,10 @@ def normalize(p: dict[str, Any], src: Path, out: Path) -> dict[str, int]:
 def dedupe(src: Path, out: Path, stats: Path) -> dict[str, int]:
     """``normalized.tsv`` -> ``deduplicated.tsv``: one record per text, across all parts.
 
-    The first occurrence wins (train before eval), so a text never sits in two splits. The counts
-    of dropped records go to ``stats`` for the split step to publish.
+    The first occurrence wins (train before eval), so a text never sits in two splits. A text under
+    two labels is dropped with every copy: a new record that conflicts with an existing one's label
+    removes the existing one from every split (it never moves it into another). The counts of
+    dropped records go to ``stats`` for the split step to publish.
     """
     df = _read_tsv(src)
     labels_per_text = df.groupby("text")["label"].transform("nunique")
@@ -127,24 +140,57 @@ def dedupe(src: Path, out: Path, stats: Path) -> dict[str, int]:
     return counts
 
 
-def split(p: dict[str, Any], src: Path, dedupe_stats: Path, out_dir: Path) -> dict[str, Any]:
-    """``deduplicated.tsv`` -> ``train.tsv``, ``holdout.tsv``, ``eval.tsv`` by a seeded shuffle;
-    ``stats.json``: records and labels per split, and what deduplication dropped."""
+def assign_split(text: str, *, key: str, holdout_fraction: float, eval_fraction: float = 0.0) -> str:
+    """The split of one ``train``-part record: 'holdout', 'eval' or 'train'.
+
+    ``u = HMAC-SHA256(key, text)`` read as a number in [0, 1): hold-out if ``u < holdout_fraction``,
+    eval if ``u < holdout_fraction + eval_fraction``, else train. After deduplication a record's
+    normalized text is unique, so the text is its identity; the result depends on nothing else in
+    the file, hence is the same in every data version that holds the record. Fractions, not
+    counts: a count depends on n, and a changed n would move records.
+
+    >>> assign_split("a fine film", key="k", holdout_fraction=0.5) in ("holdout", "train")
+    True
+    """
+    digest = hmac.new(key.encode("utf-8"), text.encode("utf-8"), hashlib.sha256).digest()
+    u = int.from_bytes(digest[:8], "big") / 2.0**64
+    if u < holdout_fraction:
+        return "holdout"
+    return "eval" if u < holdout_fraction + eval_fraction else "train"
+
+
+def split(p: dict[str, Any], src: Path, dedupe_stats: Path, out_dir: Path, *, dataset: str = "<dataset>") -> dict[str, Any]:
+    """``deduplicated.tsv`` -> ``train.tsv``, ``holdout.tsv``, ``eval.tsv``, each ``train``-part
+    record placed by :func:`assign_split`; ``stats.json``: records and labels per split, and what
+    deduplication dropped. Records keep their order in the file within each split."""
+    def field(name: str) -> str:
+        return f"params: field 'prepare.{dataset}.{name}'"
+
     df = _read_tsv(src)
     train = df[df["part"] == "train"]
-    carved = int(p["holdout_records"]) + int(p.get("eval_records") or 0)
-    has_eval = (df["part"] == "eval").any()
-    if has_eval == bool(p.get("eval_records")):
-        raise ConfigError("params: give field 'eval_records' exactly when the raw data has no eval file")
-    if not 0 < carved < len(train):
-        raise ConfigError(f"params: holdout_records + eval_records must be in (0, {len(train)}). Found {carved}.")
-    order = np.random.default_rng(int(p["seed"])).permutation(len(train))
-    cut = int(p["holdout_records"])
+    has_eval = bool((df["part"] == "eval").any())
+    if has_eval == ("eval_fraction" in p):
+        raise ConfigError(f"{field('eval_fraction')} must be given exactly when the raw data has no eval file")
+    key = p["split_key"]
+    if not isinstance(key, str) or not key:
+        raise ConfigError(f"{field('split_key')} must be a non-empty string")
+    fractions = {"holdout_fraction": p["holdout_fraction"], "eval_fraction": p.get("eval_fraction", 0.0)}
+    for name in (n for n in fractions if n in p):
+        value = p[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+            raise ConfigError(f"{field(name)} must be a number in (0, 1). Found {value!r}.")
+    if sum(fractions.values()) >= 1:
+        raise ConfigError(f"{field('holdout_fraction')} + 'eval_fraction' must be below 1. Found {sum(fractions.values()):g}.")
+    where = train["text"].map(lambda t: assign_split(t, key=key, **fractions))
     splits = {
-        "holdout": train.iloc[np.sort(order[:cut])],
-        "eval": train.iloc[np.sort(order[cut:carved])] if not has_eval else df[df["part"] == "eval"],
-        "train": train.iloc[np.sort(order[carved:])],
+        "holdout": train[where == "holdout"],
+        "eval": train[where == "eval"] if not has_eval else df[df["part"] == "eval"],
+        "train": train[where == "train"],
     }
+    for name, part in splits.items():
+        if part.empty:
+            hint = "eval_fraction" if name == "eval" else "holdout_fraction"
+            raise ConfigError(f"{field(hint)}: split {name!r} would be empty ({len(train)} records in the train part)")
     stats: dict[str, Any] = {"dedupe": json.loads(dedupe_stats.read_text())}
     for name, part in splits.items():
         _write(part, out_dir / f"{name}.tsv", ["label", "text"])
@@ -168,7 +214,7 @@ def run_step(step: str, p: dict[str, Any], root: Path, dataset: str) -> dict[str
         "ingest": lambda: ingest(p, root, interim / "ingested.jsonl"),
         "normalize": lambda: normalize(p, interim / "ingested.jsonl", interim / "normalized.tsv"),
         "dedupe": lambda: dedupe(interim / "normalized.tsv", interim / "deduplicated.tsv", interim / "dedupe.json"),
-        "split": lambda: split(p, interim / "deduplicated.tsv", interim / "dedupe.json", out_dir),
+        "split": lambda: split(p, interim / "deduplicated.tsv", interim / "dedupe.json", out_dir, dataset=dataset),
     }
     if step not in steps:
         raise ConfigError(f"step must be one of {list(STEPS)}. Found {step!r}.")
@@ -191,7 +237,7 @@ def dataset_params(params_path: Path, dataset: str) -> dict[str, Any]:
         p = params["prepare"][dataset]
     except (KeyError, TypeError):
         raise ConfigError(f"{params_path}: no field 'prepare.{dataset}'") from None
-    for key in ("files", "holdout_records", "seed", "out_dir"):
+    for key in ("files", "holdout_fraction", "split_key", "out_dir"):
         if key not in p:
             raise ConfigError(f"{params_path}: field 'prepare.{dataset}.{key}' is missing")
     return p
