@@ -6,19 +6,29 @@ DVC repository; one case also goes through `dpops run` (the Prefect flow).
 """
 
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 import yaml
 
-from dpops import stages
-from dpops.errors import DpopsError
+from dpops import prepare, stages
+from dpops.errors import MAX_MESSAGE_CHARS, DpopsError
 from dpops.ledger import Ledger
 from tests.dvc_repo import make_repo
 
 GOOD = ["1\ta fine and moving film", "0\tdull , long and flat", "1\twarm and funny throughout", "0\ta mess from start to end"]
 SECRETS = ("fine and moving", "dull , long", "warm and funny", "mess from start", "xxxxxxxx", "caf")
+#: The first record of a file without a header line: no 4 characters of it may reach a message.
+SECRET = "Qz9#Wv7@Kp3!Xj5&Rb8%"
+#: One line of 50 MB (no header, no newline): the message about it stays within the bound.
+HUGE_LINE = "y" * 50_000_000
+
+
+def _leaks(message: str, secret: str = SECRET) -> bool:
+    """True when any 4 consecutive characters of ``secret`` appear in ``message``."""
+    return any(secret[i:i + 4] in message for i in range(len(secret) - 3))
 
 
 def _tsv(rows: list[str], header: str = "label\ttext") -> str:
@@ -76,7 +86,9 @@ CASES = {
     "missing file": (dict(dataset={"files": {"train": "data/nope.tsv", "holdout": "data/holdout.tsv", "eval": "data/eval.tsv"}}),
                      r"data/nope\.tsv: file not found"),
     "wrong delimiter (comma file, tab config)": (dict(train=_tsv([r.replace("\t", ",") for r in GOOD], "label,text")),
-                                                 r"data/train\.tsv: .*expect_column_to_exist\(text\).*columns found: \['label,text'\]"),
+                                                 r"data/train\.tsv: .*expect_column_to_exist\(text\).*the header has 1 field\(s\) "
+                                                 r"separated by '\\t' and no column 'text' \(field 'text_column'\), 'label' "
+                                                 r"\(field 'label_column'\)"),
     "wrong delimiter (tab file, comma config)": (dict(dataset={"delimiter": ","}),
                                                  r"data/train\.tsv: row 2: 2 field\(s\) separated by ','.*wrong delimiter"),
     "missing column": (dict(train=_tsv(GOOD, "label\tsentence")), r"data/train\.tsv: .*expect_column_to_exist\(text\)"),
@@ -96,7 +108,8 @@ CASES = {
     "epsilon <= 0 (dataset cap)": (dict(dataset={"privacy": {"epsilon_cap": -1, "delta": 1e-3}}),
                                    r"configs/datasets/toy\.yaml: field 'privacy\.epsilon_cap'"),
     # datasets partitioned into blocks (field 'blocks')
-    "block column missing": (dict(dataset=BLOCKS), r"data/train\.tsv: .*expect_column_to_exist\(month\).*columns found: \['label', 'text'\]"),
+    "block column missing": (dict(dataset=BLOCKS), r"data/train\.tsv: .*expect_column_to_exist\(month\).*the header has 2 field\(s\) "
+                                                   r"separated by '\\t' and no column 'month' \(field 'blocks\.column'\)"),
     "empty block name": (dict(dataset=BLOCKS, train=_tsv(_in_months(GOOD[:2]) + ["\t0\tan odd one"], "month\tlabel\ttext")),
                          r"data/train\.tsv: .*expect_column_values_to_not_be_null\(month\) first at row 3"),
     "block name that is free text": (dict(dataset=BLOCKS, train=_tsv(_in_months(GOOD[:3]) + ["xxxxxxxx xxxx\t0\tan odd one"],
@@ -115,6 +128,13 @@ CASES = {
     "delta >= 1/n of the fresh blocks": (dict(dataset={**BLOCKS, "privacy": {"epsilon_cap": 5.0, "delta": 0.08}},
                                               train=_tsv(_in_months(GOOD), "month\tlabel\ttext"), dp={"blocks": "fresh"}),
                                          r"configs/datasets/toy\.yaml: .*'privacy\.delta' = 0\.08 must be below 1/n = 0\.0714 \(n = 14"),
+    # files without a header line: the first record is read as the header, and never echoed
+    "no header line (first record a secret)": (dict(train="\n".join([f"1\t{SECRET}", *GOOD]) + "\n"),
+                                               r"data/train\.tsv: .*expect_column_to_exist\(text\).*the header has 2 field\(s\) "
+                                               r"separated by '\\t' and no column 'text' \(field 'text_column'\)"),
+    "no header line, wrong delimiter": (dict(train="\n".join([f"1,{SECRET}", *GOOD]) + "\n", dataset={"delimiter": ","}),
+                                        r"data/train\.tsv: row 1: 1 field\(s\) separated by ',', but the header has 2; wrong delimiter\?$"),
+    "one line of 50 MB": (dict(train=HUGE_LINE), r"data/train\.tsv: .*the header has 1 field\(s\) .*no column 'text'"),
 }
 
 
@@ -125,8 +145,89 @@ def test_bad_input_is_named_and_nothing_is_charged(case, tmp_path, workspace_env
                        holdout_header=setup.get("holdout_header", "label\ttext"))
     with pytest.raises(DpopsError, match=match) as err:
         _until_reserve(repo, job)
-    assert not any(s in str(err.value) for s in SECRETS), str(err.value)[:300]
+    message = str(err.value)
+    assert not any(s in message for s in SECRETS) and not _leaks(message) and "yyyy" not in message, message[:300]
+    assert len(message) <= MAX_MESSAGE_CHARS
     _assert_nothing_happened(workspace_env)
+
+
+@pytest.mark.parametrize("split", ["holdout", "eval"])
+def test_a_headerless_holdout_or_eval_file_is_not_echoed(split, tmp_path, workspace_env):
+    """The other splits are read by later stages (load_split): their errors follow the same rule."""
+    from dpops import config, data
+
+    repo, job = _setup(tmp_path, _tsv(GOOD))
+    (repo / f"data/{split}.tsv").write_text("\n".join([f"1\t{SECRET}", *GOOD]) + "\n")
+    cfg = config.load_dataset_config(repo / "configs/datasets/toy.yaml")
+    ref = data.resolve(cfg, repo=repo)
+    with pytest.raises(DpopsError, match=rf"data/{split}\.tsv: the header has 2 field\(s\) .*no column 'text' "
+                                         r"\(field 'text_column'\)") as err:
+        data.load_split(ref, cfg, path=f"data/{split}.tsv")
+    assert not _leaks(str(err.value))
+
+
+def _raw_params(tmp_path, train: str, fmt: str) -> object:
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw/train.txt").write_text(train)
+    p = {"files": {"train": {"path": "raw/train.txt", "format": fmt, "text_column": "text", "label_column": "label"}},
+         "holdout_fraction": 0.2, "eval_fraction": 0.2, "split_key": "k", "out_dir": "prepared/toy"}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"prepare": {"toy": p}}))
+    return tmp_path / "params.yaml"
+
+
+RAW_CASES = {  # raw file, format, message
+    "no header line (csv)": ("\n".join([f"1,{SECRET}", "0,dull and long"]) + "\n", "csv",
+                             r"raw/train\.txt: the header has 2 field\(s\) and no column 'text' \(field 'files\.train\.text_column'\), "
+                             r"'label' \(field 'files\.train\.label_column'\); no header line"),
+    "no header line (tsv)": ("\n".join([f"1\t{SECRET}", "0\tdull and long"]) + "\n", "tsv", r"the header has 2 field\(s\) and no column"),
+    "more fields than the header": ("\n".join([SECRET, f"1,{SECRET},{SECRET}"]) + "\n", "csv",
+                                    r"raw/train\.txt: rows have more fields than the header \(1\); wrong format\?"),
+    "unclosed quote": (f'label,text\n1,"{SECRET}\n', "csv", r"raw/train\.txt: cannot be parsed as csv \(ParserError\)"),
+    "one line of 50 MB": (HUGE_LINE, "tsv", r"raw/train\.txt: cannot be parsed as tsv \(ParserError\)$"),  # csv's field limit
+    "one quoted field of 50 MB": (f'label,text\n1,"{HUGE_LINE}"\n', "csv", r"raw/train\.txt: cannot be parsed as csv \(ParserError\)"),
+}
+
+
+@pytest.mark.parametrize("case", list(RAW_CASES))
+def test_prepare_never_echoes_a_raw_file(case, tmp_path):
+    """The DVC stages (``dpops prepare``): same rule as the run's stages, raw files included."""
+    train, fmt, match = RAW_CASES[case]
+    with pytest.raises(DpopsError, match=match) as err:
+        prepare.prepare_from_params(_raw_params(tmp_path, train, fmt), "toy", "ingest")
+    message = str(err.value)
+    assert not _leaks(message) and "yyyy" not in message and len(message) <= MAX_MESSAGE_CHARS, message[:300]
+
+
+def test_every_dpops_error_message_is_bounded():
+    """However long the text handed to it, a dpops error's message stays within the bound and says
+    how much was cut; the pickled copy a Prefect worker sends back is the same."""
+    import pickle
+
+    from dpops import errors
+
+    classes = [c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, DpopsError)]
+    assert len(classes) >= 7
+    for cls in classes:
+        err = cls("a" * 10 + "z" * 10_000_000)
+        message = str(err)
+        cut = re.search(r" \[\.\.\. (\d+) characters cut\]$", message)
+        assert len(message) <= MAX_MESSAGE_CHARS and message.startswith("a" * 10 + "z") and cut
+        assert cut.start() + int(cut.group(1)) == 10_000_010  # characters kept + characters cut
+        assert str(pickle.loads(pickle.dumps(err))) == str(err)
+    assert str(DpopsError("short")) == "short"
+
+
+def test_a_foreign_exception_enters_a_message_as_its_class_only(tmp_path):
+    """DVC's and pandas' messages may quote a line or a content hash: only the class (and a line
+    number) is kept. Checked on a real DVC error: a revision that does not exist."""
+    from dpops import data
+    from dpops.errors import describe_exception
+
+    assert describe_exception(ValueError(f"Expected 2 fields in line 3, saw 3: {SECRET}")) == "ValueError at line 3"
+    repo = make_repo(tmp_path / "repo", {"data/train.tsv": _tsv(GOOD)})
+    with pytest.raises(DpopsError, match=r"cannot (open|read) revision 'no-such-rev-Qz9#'.* \(\w+(Error|Exception)\b") as err:
+        data.read_bytes(repo, "data/train.tsv", rev="no-such-rev-Qz9#")
+    assert str(err.value).count("no-such-rev") == 1, str(err.value)
 
 
 @pytest.mark.slow

@@ -138,7 +138,7 @@ def test_validation_names_a_missing_user_column_and_repeated_user_records(tmp_pa
     repo = make_repo(tmp_path / "repo2", no_user)
     ref = data.resolve(cfg, repo=repo)
     assert ref.n_users is None
-    with pytest.raises(DataValidationError, match=r"expect_column_to_exist\(user\).*columns found: \['label', 'text'\]"):
+    with pytest.raises(DataValidationError, match=r"expect_column_to_exist\(user\).*the header has 2 field\(s\) separated by '\\t' and no column 'user' \(field 'user_column'\)"):
         data.validate(ref, cfg)
 
 
