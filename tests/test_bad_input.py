@@ -5,6 +5,7 @@ Every case runs the real stages in the flow's order (resolve, validate, plan, re
 DVC repository; one case also goes through `dpops run` (the Prefect flow).
 """
 
+import logging
 import os
 import re
 import subprocess
@@ -139,15 +140,18 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_bad_input_is_named_and_nothing_is_charged(case, tmp_path, workspace_env):
+def test_bad_input_is_named_and_nothing_is_charged(case, tmp_path, workspace_env, caplog, recwarn):
     setup, match = CASES[case]
     repo, job = _setup(tmp_path, setup.get("train", _tsv(GOOD)), dataset=setup.get("dataset"), dp=setup.get("dp"),
                        holdout_header=setup.get("holdout_header", "label\ttext"))
+    caplog.set_level(logging.DEBUG)
     with pytest.raises(DpopsError, match=match) as err:
         _until_reserve(repo, job)
     message = str(err.value)
     assert not any(s in message for s in SECRETS) and not _leaks(message) and "yyyy" not in message, message[:300]
     assert len(message) <= MAX_MESSAGE_CHARS
+    emitted = [r.getMessage() for r in caplog.records] + [str(w.message) for w in recwarn]  # every log line and warning
+    assert not any(_leaks(line) or "yyyy" in line for line in emitted)
     _assert_nothing_happened(workspace_env)
 
 
