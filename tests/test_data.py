@@ -254,7 +254,7 @@ def test_dvc_pipeline_reproduces_and_old_revisions_stay_readable(tmp_path, proje
     """The project's stages (dvc.yaml) on a one-dataset repo: `dvc repro`, then a new version."""
     repo = tmp_path / "repo"
     repo.mkdir()
-    params = _params(repo, out_dir="data/prepared/toy")
+    _params(repo, out_dir="data/prepared/toy")
     pipeline = yaml.safe_load((project_root / "dvc.yaml").read_text())
     pipeline["vars"] = [{"datasets": ["toy"]}]
     for stage in pipeline["stages"].values():  # raw files live in raw/; the stages' code in the project
