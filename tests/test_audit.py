@@ -198,3 +198,25 @@ def test_the_audit_stage_reads_no_record_and_releases_only_canary_figures(tmp_pa
     assert md == audit_report.markdown(out) and "membership inference on the canaries: AUC" in md
     assert "hold-out" not in md and "members (train)" not in md
     assert (tmp_path / "run/audit" / audit_report.PLOT_FILE).stat().st_size > 0
+
+
+def test_every_project_job_makes_a_claim_its_canaries_can_test(project_root):
+    """Under the project policy (no INCONCLUSIVE promoted), plan would refuse a job whose target
+    epsilon is at or above what its canaries can refute; the planned epsilon is at most the target."""
+    from dpops import config
+
+    for path in sorted((project_root / "configs/jobs").glob("*.yaml")):
+        job = config.load_job_config(path)
+        ds = config.dataset_config_for(job, path)
+        ceiling = audit.one_run_ceiling(job.audit.canaries, delta=ds.privacy.delta)
+        assert job.dp.target_epsilon < ceiling, (path.name, job.dp.target_epsilon, ceiling)
+
+
+def test_the_removed_real_record_fields_are_refused_naming_them(smoke_job):
+    from dpops import config
+    from dpops.errors import ConfigError
+    from tests.helpers import edit_yaml
+
+    edit_yaml(smoke_job, lambda d: d["audit"].update(members=100))
+    with pytest.raises(ConfigError, match=r"field 'audit.members' was removed: the audit scores only canaries"):
+        config.load_job_config(smoke_job)
