@@ -67,14 +67,14 @@ def private_finetune(
     # the spend of the run before it.
     with dataset_slot(ref["dataset"]):
         try:
-            plan = privacy.plan(job_path, ref)
+            plan = privacy.plan(job_path, ref, policy_path)  # the gate's policy: refuses a claim the audit cannot test
             charge_id = privacy.reserve(job_path, ref, plan, run_id)
         except BudgetExceededError as exc:
             return _refused(exc)
         trained = _train(job_path, ref, plan, charge_id, train_deployment)
         budget = privacy.settle(charge_id, trained["steps_run"])
     metrics = evaluation.evaluate(job_path, ref, trained["model_dir"])
-    audit = evaluation.audit(job_path, ref, plan, trained["model_dir"], trained["steps_run"], trained["canaries_path"])
+    audit = evaluation.audit(job_path, plan, trained["model_dir"], trained["steps_run"], trained["canaries_path"])
     rec = tracking.record(job_path, ref, plan, charge_id, trained, metrics, audit, run_id)
     decision = tracking.gate(policy_path, rec)
     summary = {

@@ -13,9 +13,7 @@ def evaluate(job_path: str, ref: dict[str, Any], model_dir: str) -> dict[str, fl
 
 
 @task(name="audit", **TASK_OPTIONS)
-def audit(
-    job_path: str, ref: dict[str, Any], plan: dict[str, Any], model_dir: str, steps_run: int, canaries_path: str
-) -> dict[str, Any]:
-    out = stages.audit(job_path, ref, plan, model_dir, steps_run, canaries_path)
+def audit(job_path: str, plan: dict[str, Any], model_dir: str, steps_run: int, canaries_path: str) -> dict[str, Any]:
+    out = stages.audit(job_path, plan, model_dir, steps_run, canaries_path)
     create_markdown_artifact(key="dpops-audit", markdown=audit_report.markdown(out), description="dpops privacy audit")
     return out

@@ -7,8 +7,8 @@ from tasks import TASK_OPTIONS
 
 
 @task(name="plan", **TASK_OPTIONS)
-def plan(job_path: str, ref: dict[str, Any]) -> dict[str, Any]:
-    return stages.plan(job_path, ref)
+def plan(job_path: str, ref: dict[str, Any], policy_path: Optional[str] = None) -> dict[str, Any]:
+    return stages.plan(job_path, ref, policy_path=policy_path)
 
 
 @task(name="reserve", **TASK_OPTIONS)

@@ -32,23 +32,44 @@ def test_lower_bound_large_when_members_are_separable():
     assert lb > 3.0
 
 
-def _run(member_losses, non_member_losses, mechanism, *, canary_scores=None, included=None):
+def _run(mechanism, *, canary_scores=None, included=None):
     rng = np.random.default_rng(2)
     if canary_scores is None:  # canaries the model did not memorise
         canary_scores, included = rng.normal(size=200), rng.random(200) < 0.5
-    return audit.run_audit(member_losses=member_losses, non_member_losses=non_member_losses, canary_scores=canary_scores,
-                           canary_included=included, mechanism=mechanism, delta=1e-5)
+    return audit.run_audit(canary_scores=canary_scores, canary_included=included, mechanism=mechanism, delta=1e-5)
+
+
+def test_membership_inference_figures_are_those_of_the_canaries():
+    """Members are the included canaries, non-members the others: the released AUC, TPRs and bound
+    are exactly the statistics of those two sets (no other score enters)."""
+    rng = np.random.default_rng(1)
+    included = rng.random(300) < 0.5
+    scores = np.where(included, 1.0, 0.0) + rng.normal(0, 0.5, size=300)
+    res = _run(SubsampledGaussian(1.0, 0.01, 100), canary_scores=scores, included=included)
+    members, non = scores[included], scores[~included]
+    assert res.mia_auc == pytest.approx(audit.auc(members, non)) and res.mia_auc > 0.8
+    assert res.mia_tpr_at_1pct_fpr == pytest.approx(audit.tpr_at_fpr(members, non, 0.01))
+    assert res.mia_tpr_at_01pct_fpr == pytest.approx(audit.tpr_at_fpr(members, non, 0.001))
+    assert res.mia_epsilon_lower_bound == pytest.approx(audit.epsilon_lower_bound(members, non, delta=1e-5))
+    assert not {"members", "non_members"} & set(res.to_dict())
 
 
 def test_audit_fails_a_claim_below_the_mia_lower_bound_and_passes_a_generous_one():
     rng = np.random.default_rng(1)
-    members_loss = rng.normal(0.1, 0.05, size=500)  # memorized: low loss
-    non_members_loss = rng.normal(1.0, 0.3, size=500)
+    included = rng.random(400) < 0.5
     tiny = SubsampledGaussian(20.0, 0.01, 10)  # claims a tiny epsilon
-    res = _run(members_loss, non_members_loss, tiny)
-    assert res.verdict == audit.FAIL and not res.passed and "membership-inference lower bound" in res.reasons[0]
-    fair = _run(rng.normal(1, 0.3, 500), rng.normal(1, 0.3, 500), tiny)
+    # memorised canaries, scored so that the canary MIA bound fires: members all score high
+    separated = np.where(included, rng.normal(5, 0.1, 400), rng.normal(0, 1, 400))
+    res = _run(tiny, canary_scores=separated, included=included)
+    assert res.verdict == audit.FAIL and not res.passed
+    assert any("membership-inference lower bound" in r and "(canaries)" in r for r in res.reasons)
+    fair = _run(tiny, canary_scores=rng.normal(size=400), included=included)
     assert fair.verdict == audit.PASS and fair.passed and fair.cross_check_ok
+
+
+def test_canaries_all_on_one_side_leave_the_membership_inference_undefined():
+    res = _run(SubsampledGaussian(1.0, 0.01, 100), canary_scores=np.linspace(0, 1, 10), included=[True] * 10)
+    assert res.mia_auc is None and res.mia_tpr_at_1pct_fpr is None and res.mia_epsilon_lower_bound == 0.0
 
 
 def test_one_run_bound_matches_the_papers_worked_examples():
@@ -100,11 +121,10 @@ def test_canary_lower_bound_above_the_claim_fails_and_a_claim_above_the_ceiling_
     rng = np.random.default_rng(3)
     included = rng.random(200) < 0.5
     scores = np.where(included, 1.0, -1.0)  # every canary identified
-    same = rng.normal(1, 0.3, 300)
-    broken = _run(same, same, SubsampledGaussian(20.0, 0.01, 10), canary_scores=scores, included=included)
+    broken = _run(SubsampledGaussian(20.0, 0.01, 10), canary_scores=scores, included=included)
     assert broken.verdict == audit.FAIL and "canary audit" in broken.reasons[0]
     huge_claim = SubsampledGaussian(0.3, 0.5, 200)  # epsilon far above what 200 canaries can refute
-    res = _run(same, same, huge_claim, canary_scores=rng.normal(size=200), included=included)
+    res = _run(huge_claim, canary_scores=rng.normal(size=200), included=included)
     assert res.verdict == audit.INCONCLUSIVE and not res.passed and "neither confirm nor refute" in res.reasons[0]
 
 
@@ -119,9 +139,84 @@ def test_accounting_mismatch_fails_the_audit(monkeypatch):
 
     real = accounting.epsilon
     monkeypatch.setattr(accounting, "epsilon", lambda mechs, *, delta: 1.1 * real(mechs, delta=delta))
-    rng = np.random.default_rng(5)
-    same = rng.normal(1, 0.3, 300)
-    res = _run(same, same, SubsampledGaussian(0.9, 0.002, 400))
+    res = _run(SubsampledGaussian(0.9, 0.002, 400))
     assert res.verdict == audit.FAIL and not res.cross_check_ok
     assert res.reasons == (f"accounting cross-check mismatch: dpops {res.accountant_epsilon:.6f} vs dp_accounting "
                            f"{res.cross_check_epsilon:.6f}",)
+
+
+# --------------------------------------------------------------------------- the audit stage: canaries only
+
+#: Every figure the audit stage releases (its result, hence MLflow's ``audit_*`` metrics, the
+#: Prefect artifact and the summary table). Each is a figure of the canaries or of the mechanism.
+RELEASED = {"claimed_epsilon", "delta", "verdict", "passed", "reasons", "canaries", "canaries_included", "canary_guesses",
+            "canary_guesses_in", "canary_correct", "canary_epsilon_lower_bound", "canary_ceiling", "mia_auc",
+            "mia_tpr_at_1pct_fpr", "mia_tpr_at_01pct_fpr", "mia_epsilon_lower_bound", "accountant_epsilon",
+            "cross_check_epsilon", "cross_check_ok"}
+
+
+def test_the_audit_stage_reads_no_record_and_releases_only_canary_figures(tmp_path, smoke_job, monkeypatch):
+    """No split of the dataset is loaded (training or hold-out), only canaries are scored, and
+    audit.json / audit.md hold only figures recomputable from the canaries' scores."""
+    import json
+
+    import pandas as pd
+
+    from dpops import audit_report, canaries, data, evaluation, stages
+    from dpops import model as modeling
+    from dpops.config import LoraSettings, ModelConfig
+    from tests.tiny_models import tiny_bert
+
+    base = tiny_bert(tmp_path / "base")
+    lora = LoraSettings()
+    net = modeling.build("classification", "lora", base, n_labels=2, lora=lora)
+    model_dir = modeling.save(net, tmp_path / "model", model_cfg=ModelConfig(path=str(base), max_length=16), lora=lora,
+                              labels=["0", "1"])
+    drawn = canaries.draw(100, n_labels=2, seed=0)
+    canaries_path = drawn.save(tmp_path / "run" / canaries.FILE)
+
+    def reads_data(*args, **kwargs):
+        raise AssertionError("the audit read a file of the dataset")
+
+    monkeypatch.setattr(data, "load_split", reads_data)
+    monkeypatch.setattr(pd, "read_csv", reads_data)
+    scored, real_loss = [], evaluation.per_example_loss
+    monkeypatch.setattr(evaluation, "per_example_loss",
+                        lambda model, rows, **kw: (scored.extend(rows["text"]), real_loss(model, rows, **kw))[1])
+    plan = {"noise_multiplier": 1.0, "sample_rate": 0.05, "delta": 1e-5}
+    out = stages.audit(str(smoke_job), plan, str(model_dir), 5, str(canaries_path))
+
+    assert sorted(scored) == sorted(drawn.texts)  # every canary once, nothing else
+    assert set(out) == RELEASED | {"report_dir"}
+    report = json.loads((tmp_path / "run/audit" / audit_report.JSON_FILE).read_text())
+    assert set(report) == RELEASED | {"canary_scores", "canary_included", "canary_histogram"}
+    scores, inc = np.asarray(report["canary_scores"]), np.asarray(report["canary_included"])
+    assert inc.tolist() == drawn.included and sum(report["canary_histogram"]["first"]) == inc.sum()
+    assert report["mia_auc"] == pytest.approx(audit.auc(scores[inc], scores[~inc]))
+    assert report["mia_epsilon_lower_bound"] == pytest.approx(audit.epsilon_lower_bound(scores[inc], scores[~inc], delta=1e-5))
+    md = (tmp_path / "run/audit" / audit_report.MARKDOWN_FILE).read_text()
+    assert md == audit_report.markdown(out) and "membership inference on the canaries: AUC" in md
+    assert "hold-out" not in md and "members (train)" not in md
+    assert (tmp_path / "run/audit" / audit_report.PLOT_FILE).stat().st_size > 0
+
+
+def test_every_project_job_makes_a_claim_its_canaries_can_test(project_root):
+    """Under the project policy (no INCONCLUSIVE promoted), plan would refuse a job whose target
+    epsilon is at or above what its canaries can refute; the planned epsilon is at most the target."""
+    from dpops import config
+
+    for path in sorted((project_root / "configs/jobs").glob("*.yaml")):
+        job = config.load_job_config(path)
+        ds = config.dataset_config_for(job, path)
+        ceiling = audit.one_run_ceiling(job.audit.canaries, delta=ds.privacy.delta)
+        assert job.dp.target_epsilon < ceiling, (path.name, job.dp.target_epsilon, ceiling)
+
+
+def test_the_removed_real_record_fields_are_refused_naming_them(smoke_job):
+    from dpops import config
+    from dpops.errors import ConfigError
+    from tests.helpers import edit_yaml
+
+    edit_yaml(smoke_job, lambda d: d["audit"].update(members=100))
+    with pytest.raises(ConfigError, match=r"field 'audit.members' was removed: the audit scores only canaries"):
+        config.load_job_config(smoke_job)

@@ -61,7 +61,7 @@ def control_job(tmp_path, project_root, tiny_model_dir):
     data.update(
         train_max_records=100, model={"path": str(tiny_model_dir), "max_length": 16},
         dp={"target_epsilon": CLAIM, "expected_batch_size": 512, "steps": 60, "max_grad_norm": 1.0},
-        optim={"learning_rate": 0.005}, audit={"canaries": 200, "members": 100, "non_members": 100},
+        optim={"learning_rate": 0.005}, audit={"canaries": 200},
         lora={"r": 8, "target_modules": ["query", "value"]},
     )
     job.write_text(yaml.safe_dump(data))
@@ -73,9 +73,9 @@ def _audited_run(job, project_root):
     plan = stages.plan(str(job), ref)
     charge_id = stages.reserve(str(job), ref, plan)
     trained = stages.train(str(job), ref, plan, charge_id)
-    out = stages.audit(str(job), ref, plan, trained["model_dir"], trained["steps_run"], trained["canaries_path"])
+    out = stages.audit(str(job), plan, trained["model_dir"], trained["steps_run"], trained["canaries_path"])
     print(f"claimed {out['claimed_epsilon']:.3f}  canary lower bound {out['canary_epsilon_lower_bound']:.3f} "
-          f"({out['canary_correct']}/{out['canary_guesses']})  MIA AUC {out['mia_auc']:.3f}  verdict {out['verdict']}")
+          f"({out['canary_correct']}/{out['canary_guesses']})  canary MIA AUC {out['mia_auc']}  verdict {out['verdict']}")
     return plan, out
 
 

@@ -49,6 +49,11 @@ def monthly(tmp_path, tiny_model):
     return repo, job
 
 
+def _policy(job: Path) -> str:
+    """The fixture's policy: it accepts an INCONCLUSIVE audit (10 canaries cannot test epsilon 2)."""
+    return str(job.parent.parent / "policy.yaml")
+
+
 def _ledger(home: Path) -> Ledger:
     return Ledger(f"sqlite:///{home / 'ledger.db'}")
 
@@ -56,7 +61,7 @@ def _ledger(home: Path) -> Ledger:
 def _until_reserve(job: Path, repo: Path):
     ref = stages.resolve(str(job), str(repo))
     stages.validate(str(job), ref)
-    plan = stages.plan(str(job), ref)
+    plan = stages.plan(str(job), ref, policy_path=_policy(job))
     return ref, plan, stages.reserve(str(job), ref, plan)
 
 
@@ -78,7 +83,7 @@ def test_resolve_counts_each_block_in_order_of_arrival(monthly):
     ref = stages.resolve(str(job), str(repo))
     assert ref["blocks"] == {JAN: 20, FEB: 20} and ref["n_users"] == 40
     stages.validate(str(job), ref)
-    plan = stages.plan(str(job), ref)
+    plan = stages.plan(str(job), ref, policy_path=_policy(job))
     assert plan["blocks"] == [JAN, FEB] and plan["n_records"] == 40 + 10
     # A value that is not a block name (here free text) never reaches the reference; validation names its row.
     commit(repo, {"data/train.tsv": _train_tsv([JAN], extra=("u099\ta secret note\t1\tan odd ticket",))}, "bad")
@@ -102,7 +107,7 @@ def test_recurring_fresh_runs_exhaust_a_month_then_train_on_the_new_one_only(mon
     # Run 2, same data: January cannot take another run, and there is no other block.
     ref = stages.resolve(str(job), str(repo))
     with pytest.raises(BudgetExceededError, match=rf"'monthly': refused. no block can still admit.*'{JAN}' spent 3\.0"):
-        stages.plan(str(job), ref)
+        stages.plan(str(job), ref, policy_path=_policy(job))
     assert len(ledger.charges("monthly")) == 1 and len(list((workspace_env / "runs").iterdir())) == 1
 
     # February arrives: the fresh run reads February only.
@@ -123,12 +128,13 @@ def test_recurring_fresh_runs_exhaust_a_month_then_train_on_the_new_one_only(mon
     texts = set(df["text"])
     assert _texts(FEB) <= texts and not (texts & _texts(JAN))  # the rest are the included canaries
     assert len(df) - 40 <= 10
-    # The audit's members (training records) are February's too; hold-out and eval need no block column.
+    # The audit scores the canaries only, no record of any block; eval needs no block column.
     scored = []
     real_loss = evaluation.per_example_loss
     monkeypatch.setattr(evaluation, "per_example_loss", lambda model, rows, **kw: (scored.append(rows), real_loss(model, rows, **kw))[1])
-    stages.audit(str(job), ref3, plan3, out3["model_dir"], out3["steps_run"], out3["canaries_path"])
-    assert set(scored[0]["text"]) <= _texts(FEB) and len(scored[0]) == 20
+    stages.audit(str(job), plan3, out3["model_dir"], out3["steps_run"], out3["canaries_path"])
+    [rows] = scored
+    assert len(rows) == 10 and not set(rows["text"]) & (_texts(JAN) | _texts(FEB))
     assert stages.evaluate(str(job), ref3, out3["model_dir"])["accuracy"] >= 0
 
     spent = {b.name: (b.n_records, b.spent) for b in ledger.budget("monthly").blocks}
@@ -140,7 +146,7 @@ def test_recurring_fresh_runs_exhaust_a_month_then_train_on_the_new_one_only(mon
     # 'all' names every block of this version, so January refuses it at reserve: nothing charged.
     edit_yaml(job, lambda d: d["dp"].update(blocks="all"))
     ref = stages.resolve(str(job), str(repo))
-    plan = stages.plan(str(job), ref)
+    plan = stages.plan(str(job), ref, policy_path=_policy(job))
     assert plan["blocks"] == [JAN, FEB] and plan["n_records"] == 90
     with pytest.raises(BudgetExceededError, match=rf"block '{JAN}': refused"):
         stages.reserve(str(job), ref, plan)
@@ -158,7 +164,7 @@ def test_a_registered_block_that_grew_is_refused_before_any_charge(monthly, work
     stages.validate(str(job), ref)
     with pytest.raises(DataValidationError, match=rf"data/train\.tsv: block '{JAN}' of column 'arrival_month' holds 41 "
                                                   r"records .* registered it with 40.*new block") as err:
-        stages.plan(str(job), ref)
+        stages.plan(str(job), ref, policy_path=_policy(job))
     assert "late ticket" not in str(err.value)
     with pytest.raises(DataValidationError, match="registered it with 40"):  # reserve re-checks too
         stages.reserve(str(job), ref, {"blocks": [JAN]})

@@ -131,3 +131,21 @@ def test_refused_run_ends_cancelled_named_refused_with_reason(prefect_harness, w
     assert [d["name"] for d in report["datasets"]] == ["sst2"] and report["datasets"][0]["charges"] == {}
     assert report["datasets"][0]["spent"] == pytest.approx(ledger.budget("sst2").spent)
     assert "sst2" in report["table"]
+
+
+def test_a_claim_the_canaries_cannot_test_is_refused_at_plan_unless_the_policy_accepts_it(
+    prefect_harness, workspace_env, configs, project_root
+):
+    """The flow hands its policy to plan: with 10 canaries the smoke job's epsilon 1 is untestable,
+    so the project policy refuses it before anything is charged; a policy that accepts
+    INCONCLUSIVE runs it, and the gate then promotes on that verdict."""
+    from dpops.errors import ConfigError
+
+    edit_yaml(configs / "jobs/sst2_smoke.yaml", lambda d: d["audit"].update(canaries=10))
+    with pytest.raises(ConfigError, match=r"field 'audit\.canaries' \(10\) can refute at most.*Nothing was charged"):
+        _run(configs, project_root)
+    assert not (workspace_env / "ledger.db").exists() and not (workspace_env / "runs").exists()
+
+    edit_yaml(configs / "policy.yaml", lambda d: d.update(min_accuracy=0.0, accept_inconclusive=True))
+    summary = _run(configs, project_root)
+    assert summary["audit_verdict"] == "INCONCLUSIVE" and summary["decision"] == "PROMOTED", summary["reasons"]

@@ -15,6 +15,7 @@ from dpops.accounting import SubsampledGaussian
 from dpops.cli import app
 from dpops.config import PolicyConfig
 from dpops.ledger import Ledger
+from tests.helpers import policy_accepting_inconclusive
 
 POLICY = PolicyConfig(min_accuracy=0.7)
 GOOD_AUDIT = {"verdict": "PASS", "reasons": [], "claimed_epsilon": 1.0, "canary_epsilon_lower_bound": 0.1,
@@ -64,6 +65,23 @@ def test_inconclusive_audit_and_missing_evidence_refuse(ledger):
     assert reasons == ["charge %s was recorded for model None, not 'm/1'" % bare,
                        "no audit result is recorded in the ledger for this charge",
                        "no accuracy is recorded in the ledger for this charge"]
+
+
+def test_an_inconclusive_audit_promotes_only_when_the_policy_accepts_it(ledger):
+    accepting = PolicyConfig(min_accuracy=0.7, accept_inconclusive=True)
+    inconclusive = _charge(ledger, audit={**GOOD_AUDIT, "verdict": "INCONCLUSIVE", "reasons": ["claimed epsilon 4 is at or above"]})
+    assert gate.decide(ledger, charge_id=inconclusive, policy=POLICY).reasons == [
+        "audit verdict INCONCLUSIVE: claimed epsilon 4 is at or above"]
+    assert gate.decide(ledger, charge_id=inconclusive, policy=accepting).promote
+    failed = _charge(ledger, audit={**GOOD_AUDIT, "verdict": "FAIL", "reasons": ["canary audit: bound 4.1"]})
+    assert gate.decide(ledger, charge_id=failed, policy=accepting).reasons == ["audit verdict FAIL: canary audit: bound 4.1"]
+
+
+def test_the_default_and_the_project_policy_refuse_an_inconclusive_audit(project_root):
+    from dpops import config
+
+    assert not PolicyConfig().accept_inconclusive
+    assert not config.load_policy(project_root / "configs/policy.yaml").accept_inconclusive
 
 
 def test_an_edited_ledger_refuses(ledger):
@@ -208,15 +226,15 @@ def test_a_language_model_run_is_recorded_and_gated_on_its_eval_loss(workspace_e
     data = yaml.safe_load(job.read_text())
     data.update(task="causal_lm", model={"path": str(tiny_llama(tmp_path / "llama")), "max_length": 16},
                 lora={"target_modules": ["q_proj", "v_proj"]}, train_max_records=64, eval_max_records=40,
-                dp={**data["dp"], "steps": 2, "expected_batch_size": 16}, audit={"canaries": 10, "members": 10, "non_members": 10})
+                dp={**data["dp"], "steps": 2, "expected_batch_size": 16}, audit={"canaries": 10})
     job.write_text(yaml.safe_dump(data))
     ref = stages.resolve(str(job), str(project_root))
-    plan = stages.plan(str(job), ref)
+    plan = stages.plan(str(job), ref, policy_path=policy_accepting_inconclusive(tmp_path))  # 10 canaries test nothing
     charge_id = stages.reserve(str(job), ref, plan)
     trained = stages.train(str(job), ref, plan, charge_id)
     stages.settle(charge_id, trained["steps_run"])
     metrics = stages.evaluate(str(job), ref, trained["model_dir"])
-    audit = stages.audit(str(job), ref, plan, trained["model_dir"], trained["steps_run"], trained["canaries_path"])
+    audit = stages.audit(str(job), plan, trained["model_dir"], trained["steps_run"], trained["canaries_path"])
     rec = stages.record(str(job), ref, plan, charge_id, trained, metrics, audit)
 
     ledger = Ledger(f"sqlite:///{workspace_env / 'ledger.db'}")
@@ -232,3 +250,37 @@ def test_a_language_model_run_is_recorded_and_gated_on_its_eval_loss(workspace_e
     (policies / "strict.yaml").write_text(yaml.safe_dump({"datasets": {"sst2": {"max_eval_loss": 0.01}}, "require_audit_pass": False}))
     strict = stages.promote(str(policies / "strict.yaml"), rec["model_name"], rec["model_version"])
     assert strict["reasons"] == [f"eval_loss {metrics['eval_loss']:.4f} > policy max_eval_loss 0.01 (dataset 'sst2')"]
+
+
+# --------------------------------------------------------------------------- a claim the audit cannot test
+
+
+def test_a_claim_the_canaries_cannot_test_is_refused_at_plan_before_any_charge(workspace_env, smoke_job, project_root, tmp_path):
+    """10 canaries refute at most epsilon 0.38 at the smoke job's delta; its epsilon 1 would be
+    INCONCLUSIVE, which the project policy never promotes: refused at plan, the ledger untouched."""
+    from dpops import audit, stages
+    from dpops.errors import ConfigError
+    from tests.helpers import edit_yaml
+
+    edit_yaml(smoke_job, lambda d: d["audit"].update(canaries=10))
+    policy = smoke_job.parent.parent / "policy.yaml"
+    ref = stages.resolve(str(smoke_job), str(project_root))
+    for path in (str(policy), None):  # the project's policy, and the defaults when none is given
+        with pytest.raises(ConfigError) as err:
+            stages.plan(str(smoke_job), ref, policy_path=path)
+        assert not (workspace_env / "ledger.db").exists(), "plan must not touch the ledger"
+    accepted = stages.plan(str(smoke_job), ref, policy_path=policy_accepting_inconclusive(tmp_path))
+    ceiling = audit.one_run_ceiling(10, delta=accepted["delta"])
+    message = str(err.value)
+    for part in (str(smoke_job), "field 'audit.canaries' (10)", "field 'dp.target_epsilon' is 1", f"claim epsilon {accepted['epsilon']:.3f}",
+                 f"refute at most epsilon {ceiling:.3f}", "INCONCLUSIVE", "accept_inconclusive", "Nothing was charged"):
+        assert part in message, (part, message)
+    assert accepted["epsilon"] >= ceiling
+    no_audit_gate = tmp_path / "no_audit.yaml"
+    no_audit_gate.write_text("min_accuracy: 0.7\nrequire_audit_pass: false\n")  # the verdict does not gate: nothing to refuse
+    assert stages.plan(str(smoke_job), ref, policy_path=str(no_audit_gate)) == accepted
+    charge_id = stages.reserve(str(smoke_job), ref, accepted)  # accepted: the charge is admitted
+    assert Ledger(f"sqlite:///{workspace_env / 'ledger.db'}").charge(charge_id).state == "reserved"
+    # enough canaries for the claim: planned under the strict policy
+    edit_yaml(smoke_job, lambda d: d["audit"].update(canaries=100))
+    assert stages.plan(str(smoke_job), ref, policy_path=str(policy))["epsilon"] < audit.one_run_ceiling(100, delta=accepted["delta"])

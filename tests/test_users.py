@@ -19,6 +19,7 @@ from dpops.config import DatasetConfig
 from dpops.errors import DataValidationError
 from dpops.ledger import COMMITTED, Ledger
 from tests.dvc_repo import make_repo
+from tests.helpers import policy_accepting_inconclusive
 
 C = 0.5
 
@@ -156,7 +157,7 @@ def test_user_level_run_through_the_stages_charges_users(tmp_path, workspace_env
     ref = stages.resolve(str(job), str(repo))
     assert (ref["n_records"], ref["n_users"]) == (72, 24)
     stages.validate(str(job), ref)
-    plan = stages.plan(str(job), ref)
+    plan = stages.plan(str(job), ref, policy_path=policy_accepting_inconclusive(tmp_path))  # 10 canaries test nothing
     # n counts users, plus the audit's canaries (each a user of its own): 24 + 10.
     assert plan["n_records"] == 34 and plan["sample_rate"] == 1 / 6
     charge_id = stages.reserve(str(job), ref, plan)

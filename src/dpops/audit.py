@@ -1,6 +1,8 @@
 """Audit (stage 8): one-run canary audit, membership inference, accounting cross-check.
 
-Three independent checks of a run's privacy claim:
+Three checks of a run's privacy claim. The first two score only the synthetic canaries
+(:mod:`dpops.canaries`) with the DP model, so every figure they release is post-processing of the
+DP output: no real record, training or hold-out, is scored, and no statistic of one is computed.
 
 * **One-run canary audit** (Steinke, Nasr & Jagielski 2023, "Privacy auditing with one (1)
   training run"). ``m`` synthetic canaries (see :mod:`dpops.canaries`) are each included in the
@@ -8,24 +10,27 @@ Three independent checks of a run's privacy claim:
   which were included. ``v`` correct guesses out of ``r`` imply an empirical epsilon lower bound
   (:func:`one_run_epsilon_lower_bound`). This is the audit that can fail a run: canaries carry
   content no real record has, so a run without noise memorises them.
-* **Loss-threshold membership inference** on training records (members) against hold-out
-  records (non-members): AUC, TPR at low FPR, and a Clopper-Pearson epsilon lower bound. On real
-  records this attack is weak even against non-private models here; it is reported and also
-  gates, but it rarely fires.
+* **Loss-threshold membership inference** on the canaries: the included ones are the members,
+  the others the non-members. AUC, TPR at low FPR, and a Clopper-Pearson epsilon lower bound (it
+  treats the canaries as independent trials, so it is a heuristic beside the one-run bound, which
+  is the rigorous test of the same scores); it is reported and also gates.
 * **Accounting cross-check**: the run epsilon recomputed by Google's ``dp_accounting``.
 
 Verdict (:func:`run_audit`): FAIL when a lower bound exceeds the claimed epsilon (the DP
 implementation or its accounting is broken) or the accountants disagree; INCONCLUSIVE when the
-claim is above what ``m`` canaries can ever refute (:func:`one_run_ceiling`); PASS otherwise. A
-PASS is evidence against gross bugs (noise missing or far too small, sampling mismatch), never
-proof of the claim.
+claim is at or above what ``m`` canaries can ever refute (:func:`one_run_ceiling`); PASS otherwise.
+A PASS is evidence against gross bugs (noise missing or far too small, sampling mismatch), never
+proof of the claim. The plan stage refuses, before anything is charged, a job whose planned claim
+would be INCONCLUSIVE, unless the policy accepts that verdict (``accept_inconclusive``).
+
+The dataset's hold-out split is not read here: nothing dpops releases is computed from it.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 from scipy.stats import beta, binom
@@ -256,12 +261,12 @@ class AuditResult:
     canary_correct: int
     canary_epsilon_lower_bound: float
     canary_ceiling: float
-    mia_auc: float
-    mia_tpr_at_1pct_fpr: float
-    mia_tpr_at_01pct_fpr: float
+    #: Membership inference on the canaries (members: the included ones). AUC and TPRs are None
+    #: when every canary fell on one side (then there is nothing to compare).
+    mia_auc: Optional[float]
+    mia_tpr_at_1pct_fpr: Optional[float]
+    mia_tpr_at_01pct_fpr: Optional[float]
     mia_epsilon_lower_bound: float
-    members: int
-    non_members: int
     accountant_epsilon: float
     cross_check_epsilon: float
     cross_check_ok: bool
@@ -274,8 +279,6 @@ class AuditResult:
 
 def run_audit(
     *,
-    member_losses: Sequence[float],
-    non_member_losses: Sequence[float],
     canary_scores: Sequence[float],
     canary_included: Sequence[bool],
     mechanism: SubsampledGaussian,
@@ -284,19 +287,23 @@ def run_audit(
 ) -> AuditResult:
     """Run the three checks and decide the verdict (see the module docstring).
 
+    Only canaries are scored: a real record's score is a non-private statistic of private data,
+    and nothing computed from one may be released (or gate without being charged).
+
     Args:
-        member_losses, non_member_losses: per-record losses of training and hold-out records.
-        canary_scores: one score per canary, higher = more likely trained on.
+        canary_scores: one score per canary, higher = more likely trained on (the DP model's -loss).
         canary_included: whether each canary was in the training data (the auditor's secret).
         mechanism: the mechanism actually run (steps run, not planned); its epsilon is the claim.
         rel_tolerance: largest relative difference tolerated between the two accountants.
     """
-    members = -np.asarray(member_losses, dtype=float)  # lower loss -> more likely a member
-    non_members = -np.asarray(non_member_losses, dtype=float)
+    scores = np.asarray(canary_scores, dtype=float)
+    inc = np.asarray(canary_included, dtype=bool)
+    members, non_members = scores[inc], scores[~inc]
     ours, theirs = cross_check_epsilon(mechanism, delta=delta)
     ok = math.isclose(ours, theirs, rel_tol=rel_tolerance, abs_tol=1e-12)
     mia_lb = epsilon_lower_bound(members, non_members, delta=delta)
-    canary = canary_audit(canary_scores, canary_included, delta=delta)
+    both_sides = len(members) > 0 and len(non_members) > 0
+    canary = canary_audit(scores, inc, delta=delta)
     reasons = []
     if canary.epsilon_lower_bound > ours:
         reasons.append(
@@ -304,7 +311,7 @@ def run_audit(
             f"{canary.guesses} guesses right, {canary.canaries} canaries) exceeds the claimed epsilon {ours:.3f}"
         )
     if mia_lb > ours:
-        reasons.append(f"membership-inference lower bound {mia_lb:.3f} exceeds the claimed epsilon {ours:.3f}")
+        reasons.append(f"membership-inference lower bound {mia_lb:.3f} (canaries) exceeds the claimed epsilon {ours:.3f}")
     if not ok:
         reasons.append(f"accounting cross-check mismatch: dpops {ours:.6f} vs dp_accounting {theirs:.6f}")
     if reasons:
@@ -322,9 +329,8 @@ def run_audit(
         canaries=canary.canaries, canaries_included=canary.included, canary_guesses=canary.guesses,
         canary_guesses_in=canary.guesses_in, canary_correct=canary.correct, canary_epsilon_lower_bound=canary.epsilon_lower_bound,
         canary_ceiling=canary.ceiling,
-        mia_auc=auc(members, non_members),
-        mia_tpr_at_1pct_fpr=tpr_at_fpr(members, non_members, 0.01),
-        mia_tpr_at_01pct_fpr=tpr_at_fpr(members, non_members, 0.001),
-        mia_epsilon_lower_bound=mia_lb, members=len(members), non_members=len(non_members),
-        accountant_epsilon=ours, cross_check_epsilon=theirs, cross_check_ok=ok,
+        mia_auc=auc(members, non_members) if both_sides else None,
+        mia_tpr_at_1pct_fpr=tpr_at_fpr(members, non_members, 0.01) if both_sides else None,
+        mia_tpr_at_01pct_fpr=tpr_at_fpr(members, non_members, 0.001) if both_sides else None,
+        mia_epsilon_lower_bound=mia_lb, accountant_epsilon=ours, cross_check_epsilon=theirs, cross_check_ok=ok,
     )

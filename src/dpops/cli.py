@@ -27,7 +27,9 @@ def _fail(exc: BaseException | str, code: int = 2) -> None:
 @app.command()
 def run(
     job: Path = typer.Argument(..., help="Job config, e.g. configs/jobs/sst2_lora.yaml"),
-    policy: Optional[Path] = typer.Option(None, help="Gate policy (default: configs/policy.yaml beside the job's configs)."),
+    policy: Optional[Path] = typer.Option(
+        None, help="Gate policy (default: configs/policy.yaml beside the job's configs); plan reads it too, to refuse "
+        "a claim the audit cannot test before anything is charged."),
     summary_json: Optional[Path] = typer.Option(None, help="Also write the run summary (figures only) to this JSON file."),
 ) -> None:
     """Run one private fine-tune through every stage (Prefect flow, in-process by default)."""

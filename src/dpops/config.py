@@ -30,7 +30,10 @@ class PrivacyBudget(_Strict):
 
 class SplitFiles(_Strict):
     train: str = Field(description="Path (relative to the repository root) of the private training split, a DVC output.")
-    holdout: str = Field(description="Records from the same population never used in training; the audit's non-members.")
+    holdout: str = Field(
+        description="Records from the same population never used in training. Produced by `prepare` and versioned, "
+        "but no stage reads it now: nothing dpops releases is computed from it (the audit scores only canaries).",
+    )
     eval: str = Field(description="Held-out split used to measure utility.")
 
 
@@ -225,10 +228,19 @@ class AuditSettings(_Strict):
     canaries: int = Field(
         default=1000, ge=10,
         description="Canaries of the one-run audit, each trained on with probability 1/2; counted in n. "
-        "More canaries refute larger claims: at most about 2.8, 4.4, 5.0 for 100, 500, 1000 at delta 1e-5.",
+        "More canaries refute larger claims: at most about 2.8, 4.4, 5.0 for 100, 500, 1000 at delta 1e-5. A job "
+        "whose epsilon is at or above that is refused at plan unless the policy sets `accept_inconclusive`.",
     )
-    members: int = Field(default=500, ge=10, description="Training records scored by the membership-inference audit.")
-    non_members: int = Field(default=500, ge=10, description="Hold-out records scored by the membership-inference audit.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _removed_fields(cls, data: Any) -> Any:
+        """Say why the fields of the old membership inference on real records are refused."""
+        for name in ("members", "non_members"):
+            if isinstance(data, dict) and name in data:
+                raise ValueError(f"field 'audit.{name}' was removed: the audit scores only canaries, never a real "
+                                 "record (a real record's score is not covered by the guarantee). Delete it.")
+        return data
 
 
 class JobConfig(_Strict):
@@ -340,6 +352,12 @@ class PolicyConfig(UtilityPolicy):
         "the budget, audit and ledger conditions hold for every dataset.",
     )
     require_audit_pass: bool = Field(default=True, description="Promotion needs the audit to pass.")
+    accept_inconclusive: bool = Field(
+        default=False,
+        description="With `require_audit_pass`, also promote a model whose audit is INCONCLUSIVE: its epsilon is at or "
+        "above the most its canaries can refute, so the audit tested nothing. false: the plan stage refuses such a "
+        "job before anything is charged (it could never be promoted), naming `audit.canaries` and `dp.target_epsilon`.",
+    )
     require_ledger_verified: bool = Field(default=True, description="Promotion needs the ledger's hash chain to verify.")
     alias: str = Field(default="production", description="MLflow alias set on promotion.")
 

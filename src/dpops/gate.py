@@ -2,7 +2,8 @@
 
 Every condition is read from the ledger, never from MLflow tags (which anyone with write access
 can edit): the charge of the version, its state, its dataset's budget, the hash chain, and the
-audit verdict, task and utility figures that the record stage appended to the charge's chain. The
+audit verdict, task and utility figures that the record stage appended to the charge's chain (an
+INCONCLUSIVE verdict promotes only when the policy sets ``accept_inconclusive``). The
 MLflow tag ``dpops.charge_id`` is only a pointer, and the charge must name the same model version
 back. Each failed condition is named.
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from dpops.audit import INCONCLUSIVE, PASS
 from dpops.config import TASK_UTILITY, PolicyConfig
 from dpops.ledger import COMMITTED, Ledger
 
@@ -54,11 +56,14 @@ def evidence(ledger: Ledger, charge_id: str) -> dict[str, Any]:
     return notes
 
 
-def _audit_reasons(notes: dict[str, Any]) -> list[str]:
+def _audit_reasons(notes: dict[str, Any], policy: PolicyConfig) -> list[str]:
+    """Why the recorded audit verdict refuses: PASS never does, INCONCLUSIVE only when the policy
+    does not accept it (``accept_inconclusive``), anything else always."""
     audit = notes.get("audit")
     if not isinstance(audit, dict):
         return ["no audit result is recorded in the ledger for this charge"]
-    if audit.get("verdict") == "PASS":
+    verdict = audit.get("verdict")
+    if verdict == PASS or (verdict == INCONCLUSIVE and policy.accept_inconclusive):
         return []
     why = "; ".join(audit.get("reasons") or [])
     return [f"audit verdict {audit.get('verdict')}" + (f": {why}" if why else "")]
@@ -88,7 +93,7 @@ def decide(ledger: Ledger, *, charge_id: str, policy: PolicyConfig, model: Optio
         if problems:
             reasons.append(f"ledger does not verify: {problems[0]}" + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""))
     if policy.require_audit_pass:
-        reasons.extend(_audit_reasons(notes))
+        reasons.extend(_audit_reasons(notes, policy))
     reasons.extend(_utility_reasons(notes, policy, charge.dataset))
     return Decision(promote=not reasons, reasons=reasons)
 

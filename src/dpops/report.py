@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional
 
 from dpops.ledger import DatasetBudget
 
@@ -20,8 +20,8 @@ def _rows(summary: dict[str, Any], ui_command: str = "") -> list[tuple[str, str]
                                               for b in summary["blocks"])))
     rows += [
         _utility_row(summary),
-        ("audit", f"{summary['audit_verdict']} (canary epsilon lower bound {summary['canary_epsilon_lower_bound']:.3f} "
-                  f"of at most {summary['canary_ceiling']:.2f}; MIA AUC {summary['mia_auc']:.3f}, "
+        ("audit", f"{summary['audit_verdict']} (canaries only: epsilon lower bound {summary['canary_epsilon_lower_bound']:.3f} "
+                  f"of at most {summary['canary_ceiling']:.2f}; membership-inference AUC {_auc(summary['mia_auc'])}, "
                   f"lower bound {summary['mia_epsilon_lower_bound']:.3f})"),
         ("gate", summary["decision"] + (f" -> alias '{summary['alias']}'" if summary["decision"] == "PROMOTED" else f": {'; '.join(summary['reasons'])}")),
         ("model", f"{summary['model']} (MLflow run {summary['mlflow_run_id']})"),
@@ -29,6 +29,11 @@ def _rows(summary: dict[str, Any], ui_command: str = "") -> list[tuple[str, str]
     if ui_command:
         rows.append(("open the MLflow UI", ui_command))
     return rows
+
+
+def _auc(value: Optional[float]) -> str:
+    """The canary membership-inference AUC (None: every canary fell on one side)."""
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def _utility_row(summary: dict[str, Any]) -> tuple[str, str]:

@@ -80,12 +80,17 @@ def validate(job_path: str, ref: dict[str, Any]) -> dict[str, Any]:
     return {"success": report.success, "n_records": report.n_records, "checks": len(report.checks)}
 
 
-def plan(job_path: str, ref: dict[str, Any]) -> dict[str, Any]:
+def plan(job_path: str, ref: dict[str, Any], *, policy_path: Optional[str] = None) -> dict[str, Any]:
     """Stage 3: noise multiplier calibrated to the job's target epsilon.
 
     For unit 'user', n is the number of users: the trainer samples and clips users (dpops.users).
     n also counts every audit canary (each its own unit; about half are trained on), so
     delta < 1/n holds for the largest dataset the run can see.
+
+    A plan whose epsilon its canaries cannot refute (the audit would be INCONCLUSIVE) is refused
+    here, before anything is charged, unless the gate's policy (``policy_path``; None: the policy
+    defaults) would promote such a model: otherwise the run would spend its budget on a model the
+    gate can never promote.
     """
     job, ds = _load(job_path)
     data_ref = _ref(ref)
@@ -100,19 +105,45 @@ def plan(job_path: str, ref: dict[str, Any]) -> dict[str, Any]:
             f"{data_ref.path}: dataset {ds.name!r} is partitioned into blocks, but column {ds.blocks.column!r} is missing "
             "or holds a value that is not a block name. Nothing was charged or trained."
         )
+    policy = cfgmod.load_policy(policy_path) if policy_path else cfgmod.PolicyConfig()
     ledger = _ledger() if job.dp.fit_to_budget is not None or mode is not None else None
     try:
         if mode is None:
-            return privacy.plan(dataset=ds, dp=job.dp, n_records=data_ref.n_units + job.audit.canaries, ledger=ledger).to_dict()
-        # A partitioned dataset: n is the units of the blocks read (+ canaries), and the charge names them.
-        blocks = privacy.blocks_in(ledger, ds, data_ref.blocks, source=data_ref.path)
-        return privacy.plan_blocks(dataset=ds, dp=job.dp, blocks=blocks, extra_units=job.audit.canaries, ledger=ledger,
-                                   mode=mode).to_dict()
+            planned = privacy.plan(dataset=ds, dp=job.dp, n_records=data_ref.n_units + job.audit.canaries, ledger=ledger)
+        else:  # a partitioned dataset: n is the units of the blocks read (+ canaries), and the charge names them.
+            blocks = privacy.blocks_in(ledger, ds, data_ref.blocks, source=data_ref.path)
+            planned = privacy.plan_blocks(dataset=ds, dp=job.dp, blocks=blocks, extra_units=job.audit.canaries,
+                                          ledger=ledger, mode=mode)
     except cfgmod.ConfigError as exc:  # name the file that holds the field (e.g. privacy.delta)
         raise cfgmod.ConfigError(f"{_dataset_file(job_path, ds)}: {exc}") from None
     finally:
         if ledger is not None:
             ledger.dispose()
+    _check_auditable(job_path, job, planned, policy, policy_path)
+    return planned.to_dict()
+
+
+def _check_auditable(
+    job_path: str, job: cfgmod.JobConfig, planned: privacy.Plan, policy: cfgmod.PolicyConfig, policy_path: Optional[str]
+) -> None:
+    """Refuse a plan the audit could only call INCONCLUSIVE when the policy never promotes that verdict.
+
+    The audit's claim is the epsilon of the steps run, at most the plan's, against the same
+    ceiling (same canaries, same delta): a plan below the ceiling can never be INCONCLUSIVE.
+    """
+    if not policy.require_audit_pass or policy.accept_inconclusive:
+        return
+    ceiling = auditing.one_run_ceiling(job.audit.canaries, delta=planned.delta)
+    if planned.epsilon < ceiling:
+        return
+    source = policy_path or "the policy defaults (no policy file given)"
+    raise cfgmod.ConfigError(
+        f"{job_path}: the run would claim epsilon {planned.epsilon:.3f} (field 'dp.target_epsilon' is "
+        f"{job.dp.target_epsilon:g}), but field 'audit.canaries' ({job.audit.canaries}) can refute at most epsilon "
+        f"{ceiling:.3f} at delta {planned.delta:g}: the audit would be INCONCLUSIVE, which {source} never promotes "
+        "(accept_inconclusive: false). Raise audit.canaries, lower dp.target_epsilon, or set accept_inconclusive: true "
+        "in the policy. Nothing was charged or trained."
+    )
 
 
 def _plan_obj(p: dict[str, Any]) -> privacy.Plan:
@@ -251,33 +282,24 @@ def evaluate(job_path: str, ref: dict[str, Any], model_dir: str) -> dict[str, fl
     return evaluation.evaluate(model_dir, df, batch_size=job.eval_batch_size)
 
 
-def audit(
-    job_path: str, ref: dict[str, Any], p: dict[str, Any], model_dir: str, steps_run: int, canaries_path: str
-) -> dict[str, Any]:
-    """Stage 8: one-run canary audit + membership inference + accounting cross-check.
+def audit(job_path: str, p: dict[str, Any], model_dir: str, steps_run: int, canaries_path: str) -> dict[str, Any]:
+    """Stage 8: one-run canary audit + membership inference on the canaries + accounting cross-check.
 
-    Writes the report (JSON, markdown, plot; figures only) beside the canaries and returns the
-    audit's figures with ``report_dir``.
+    Reads no record of the dataset (it is not given the data reference): only the canaries are
+    scored, by the DP model, so every figure is post-processing of the DP output. Writes the
+    report (JSON, markdown, plot; figures only) beside the canaries and returns the audit's
+    figures with ``report_dir``.
     """
-    job, ds = _load(job_path)
-    members = datamod.load_split(_ref(ref), ds, max_records=job.train_max_records, blocks=p.get("blocks"))
-    members = members.sample(n=min(job.audit.members, len(members)), random_state=job.seed)
-    holdout = datamod.load_split(_ref(ref), ds, path=ds.files.holdout)
-    holdout = holdout.sample(n=min(job.audit.non_members, len(holdout)), random_state=job.seed)
+    job, _ = _load(job_path)
     drawn = canaries.Canaries.load(Path(canaries_path))
-    m_loss, _ = evaluation.per_example_loss(model_dir, members, batch_size=job.eval_batch_size)
-    n_loss, _ = evaluation.per_example_loss(model_dir, holdout, batch_size=job.eval_batch_size)
     c_loss, _ = evaluation.per_example_loss(model_dir, drawn.all_rows(), batch_size=job.eval_batch_size)
+    scores = (-c_loss).tolist()  # lower loss -> more likely trained on
     result = auditing.run_audit(
-        member_losses=m_loss.tolist(), non_member_losses=n_loss.tolist(),
-        canary_scores=(-c_loss).tolist(), canary_included=drawn.included,  # lower loss -> more likely trained on
+        canary_scores=scores, canary_included=drawn.included,
         mechanism=SubsampledGaussian(p["noise_multiplier"], p["sample_rate"], steps_run), delta=p["delta"],
     )
     report_dir = Path(canaries_path).parent / "audit"
-    audit_report.write(
-        result, report_dir, canary_scores=(-c_loss).tolist(), canary_included=drawn.included,
-        member_scores=(-m_loss).tolist(), non_member_scores=(-n_loss).tolist(),
-    )
+    audit_report.write(result, report_dir, canary_scores=scores, canary_included=drawn.included)
     return {**result.to_dict(), "report_dir": str(report_dir)}
 
 
