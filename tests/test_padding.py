@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dpops import training
 from dpops import model as modeling
+from dpops import training
 from dpops.config import LoraSettings
 from dpops.errors import PrivacyError
 from tests.tiny_models import tiny_llama_left_padding
