@@ -158,8 +158,9 @@ def train(job_path: str, ref: dict[str, Any], p: dict[str, Any], charge_id: str)
     Progress is recorded before each chunk of steps (:func:`progress_recorder`), and a
     ``finished`` event with the steps run once the trainer has returned (the only steps below the
     reserved ones :func:`settle` may commit). If anything fails after the charge is running (a
-    process killed included), it becomes ``failed_charged``: data was read, so the spend is real. What this machine cannot run (no GPU,
-    too few GPUs) is refused before the charge starts, and the reservation is released.
+    process killed included), it becomes ``failed_charged``: data was read, so the spend is real.
+    What this machine cannot run (no GPU, too few GPUs) is refused before the charge starts, and
+    the reservation is released.
     """
     job, ds = _load(job_path)
     ws = workspace()
