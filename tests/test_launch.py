@@ -99,6 +99,10 @@ def test_two_processes_train_once_and_the_charge_commits_at_the_planned_steps(wo
     budget = stages.settle(charge_id, out["steps_run"])
     charge = _ledger(workspace_env).charge(charge_id)
     assert charge.state == COMMITTED and charge.steps_run == charge.mechanism.steps == 3 and budget["spent"] > 0
+    events = [(e["event"], e["payload"]) for e in _ledger(workspace_env).history("sst2") if e["charge"] == charge_id]
+    # rank 0 recorded the progress before step 1 (all 3 steps: fewer than 10); the stage, the accepted result
+    assert events[1:] == [("running", {}), ("progress", {"steps_done": 3}), ("finished", {"steps_run": 3}),
+                          ("committed", {"steps_run": 3})]
     metrics = stages.evaluate(str(smoke_job), ref, out["model_dir"])  # the saved model loads and predicts
     assert 0.0 <= metrics["accuracy"] <= 1.0
 
@@ -120,6 +124,8 @@ def test_a_killed_process_leaves_the_charge_charged_in_full(workspace_env, smoke
     ledger = _ledger(workspace_env)
     charge = ledger.charge(charge_id)
     assert charge.state == FAILED_CHARGED and charge.charged == charge.mechanism, "charged at its reserved size"
+    kinds = [e["event"] for e in ledger.history("sst2") if e["charge"] == charge_id]
+    assert "finished" not in kinds and ledger.progress(charge_id) == 3, "progress recorded ahead; no completed result"
     assert ledger.budget("sst2").spent > 0
     run_dir = workspace_env / "runs" / charge_id
     assert not (run_dir / "launch" / launch.RESULT).exists() and not (run_dir / "model").exists()

@@ -64,6 +64,7 @@ def test_state_machine_and_what_is_charged(ledger_url):
     ledger.start(committed.id)
     with pytest.raises(LedgerError, match="never released"):
         ledger.release(committed.id, reason="oops")
+    ledger.record_finished(committed.id, steps_run=200)  # the trainer's completed result
     ledger.commit(committed.id, steps_run=200)
     assert ledger.charge(committed.id).state == COMMITTED
 
@@ -103,6 +104,68 @@ def test_progress_is_recorded_durably_and_changes_no_figure(ledger_url):
     assert ledger.verify() == []
 
 
+def test_commit_below_the_reserved_steps_needs_the_trainers_completed_result(ledger_url):
+    ledger = _ledger(ledger_url, k=5)
+    c = _reserve(ledger)
+    with pytest.raises(LedgerError, match="only while running"):
+        ledger.record_finished(c.id, steps_run=10)  # never trained
+    ledger.start(c.id)
+    ledger.record_progress(c.id, steps_done=200)  # recorded before steps 1..200
+    with pytest.raises(LedgerError, match="recorded none"):
+        ledger.commit(c.id, steps_run=200)  # whoever settles a run that did not finish cannot claim fewer steps
+    with pytest.raises(LedgerError, match=r"in \[200, 500\]"):
+        ledger.record_finished(c.id, steps_run=150)  # never below the recorded progress
+    ledger.record_finished(c.id, steps_run=200)
+    for again in (lambda: ledger.record_finished(c.id, steps_run=200), lambda: ledger.record_progress(c.id, steps_done=300)):
+        with pytest.raises(LedgerError, match="already finished"):
+            again()
+    with pytest.raises(LedgerError, match="below the 200 steps its progress"):
+        ledger.commit(c.id, steps_run=150)
+    with pytest.raises(LedgerError, match="it ran 200"):
+        ledger.commit(c.id, steps_run=250)
+    ledger.commit(c.id, steps_run=200)
+    assert ledger.charge(c.id).steps_run == 200
+    full = _reserve(ledger)
+    ledger.start(full.id)
+    ledger.record_progress(full.id, steps_done=10)
+    ledger.commit(full.id, steps_run=RUN.steps)  # the reserved steps need no completed result: charged in full
+    events = [e["event"] for e in ledger.history("notes") if e["charge"] == c.id]
+    assert events == ["reserved", "running", "progress", "finished", "committed"]
+    assert ledger.verify() == []
+
+
+def test_commit_reads_the_progress_under_the_dataset_lock(ledger_url):
+    """A progress event written while a commit waits for the dataset's lock is seen by that commit."""
+    import threading
+    import time
+
+    from dpops.ledger import PROGRESS
+
+    ledger = _ledger(ledger_url, k=5)
+    c = _reserve(ledger)
+    ledger.start(c.id)
+    ledger.record_progress(c.id, steps_done=100)
+    ledger.record_finished(c.id, steps_run=100)
+    outcome = []
+
+    def settle():
+        try:
+            ledger.commit(c.id, steps_run=100)
+            outcome.append("committed")
+        except LedgerError as exc:
+            outcome.append(str(exc))
+
+    with ledger.engine.begin() as conn:  # another writer holds the lock, and appends a progress event beyond 100
+        ds = ledger._lock_dataset(conn, "notes")
+        waiting = threading.Thread(target=settle)
+        waiting.start()
+        time.sleep(1.0)  # the commit has started and waits for the lock
+        ledger._append(conn, ds, PROGRESS, c.id, {"steps_done": 300})
+    waiting.join(timeout=60)
+    assert len(outcome) == 1 and "below the 300 steps" in outcome[0], outcome
+    assert ledger.charge(c.id).state == RUNNING
+
+
 def test_illegal_transitions_are_refused(ledger_url):
     ledger = _ledger(ledger_url)
     c = _reserve(ledger)
@@ -134,6 +197,7 @@ def test_verify_passes_then_detects_edit_delete_and_truncation(ledger_url):
     ledger = _ledger(ledger_url, k=5)
     a = _reserve(ledger)
     ledger.start(a.id)
+    ledger.record_finished(a.id, steps_run=100)
     ledger.commit(a.id, steps_run=100)
     _reserve(ledger)
     assert ledger.verify() == []
@@ -225,6 +289,7 @@ def test_verify_detects_deleted_event(ledger_url):
     ledger = _ledger(ledger_url, k=5)
     a = _reserve(ledger)
     ledger.start(a.id)
+    ledger.record_finished(a.id, steps_run=100)
     ledger.commit(a.id, steps_run=100)
     with ledger.engine.begin() as conn:
         conn.execute(text("DELETE FROM events WHERE kind = 'running'"))
@@ -362,6 +427,7 @@ def _exercise(ledger: Ledger) -> None:
     """Charges in every state, on a plain and on a partitioned dataset."""
     done = _reserve(ledger)
     ledger.start(done.id)
+    ledger.record_finished(done.id, steps_run=123)
     ledger.commit(done.id, steps_run=123)  # early stop: counts 123 of 500 steps
     died = _reserve(ledger, SubsampledGaussian(2.0, 0.01, 300))
     ledger.start(died.id)
@@ -375,6 +441,7 @@ def _exercise(ledger: Ledger) -> None:
         c = ledger.reserve(dataset="tickets", mechanism=RUN, max_grad_norm=1.0, n_records=20_000, job="m",
                            data_version="v", blocks=blocks)
         ledger.start(c.id)
+        ledger.record_finished(c.id, steps_run=400)
         ledger.commit(c.id, steps_run=400)
 
 

@@ -41,9 +41,9 @@ def test_progress_is_recorded_and_a_run_dying_mid_way_stays_charged_in_full(work
         stages.train(str(smoke_job), ref, plan, charge_id)
     ledger = Ledger(f"sqlite:///{workspace_env / 'ledger.db'}")
     events = [e for e in ledger.history("sst2") if e["charge"] == charge_id]
-    assert [e["event"] for e in events] == ["reserved", "running", "progress", "failed_charged"]
-    assert events[2]["payload"] == {"steps_done": 2}
-    # Died after 3 steps, recorded 2: still charged at the 5 reserved steps (data was read).
+    assert [e["event"] for e in events] == ["reserved", "running", "progress", "progress", "failed_charged"]
+    assert [e["payload"] for e in events[2:4]] == [{"steps_done": 2}, {"steps_done": 4}]  # before steps 1 and 3
+    # Died after 3 steps, recorded 4: still charged at the 5 reserved steps (data was read).
     assert [m.steps for m in ledger.counted("sst2")] == [plan["steps"]] == [5]
     assert ledger.verify() == []
 

@@ -10,11 +10,15 @@ directory; never a record) beside the run and runs::
 Every process (:func:`main`) joins the group (gloo on CPU, nccl on GPU, from the job's device),
 reads the training records itself, sha256-checked, through the same function as the one-process
 stage (:func:`dpops.stages.training_records`), and calls :func:`dpops.training.train`, which
-Poisson-samples each process's shard at the plan's q and adds noise on rank 0 only. Rank 0 writes
+Poisson-samples each process's shard at the plan's q and adds noise on rank 0 only. Rank 0 alone
+records the charge's progress in the ledger, before each chunk of steps
+(:func:`dpops.stages.progress_recorder`); the other ranks cannot finish a step without it. Rank 0 writes
 the result: the :class:`~dpops.training.TrainResult` and, for every rank, its steps, weight
 fingerprint and whether it saved. The parent accepts it only when torchrun exits 0 and every rank
 ran exactly the planned steps, every fingerprint is the same and only rank 0 saved; anything
-else raises, and the stage marks the charge ``failed_charged``: the data was read.
+else raises, and the stage marks the charge ``failed_charged``: the data was read. Only an
+accepted result becomes the charge's ``finished`` event (written by the stage), the steps settle
+commits.
 
 torchrun never restarts a process here (``--max-restarts 0``): a restarted group would train
 again, with fresh noise, on data the charge already paid for once.

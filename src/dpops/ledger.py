@@ -32,7 +32,7 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 from sqlalchemy import (
@@ -65,8 +65,10 @@ COMMITTED = "committed"
 FAILED_CHARGED = "failed_charged"
 RELEASED = "released"
 EXPIRED = "expired"
-#: Not a state: a durable note of the steps a running charge has taken (see Ledger.record_progress).
+#: Not a state: a durable bound on the steps a running charge may have taken (see Ledger.record_progress).
 PROGRESS = "progress"
+#: Not a state: the trainer's own completed result, the steps it ran (see Ledger.record_finished).
+FINISHED = "finished"
 
 #: Allowed state changes. Anything else raises LedgerError.
 TRANSITIONS: dict[str, set[str]] = {
@@ -831,11 +833,14 @@ class Ledger:
             "UPDATE datasets SET head_seq = :ev_seq, head_hash = :ev_hash WHERE id = :dataset_id"
         ), params)
 
-    def _transition(self, charge_id: str, new_state: str, payload: dict[str, Any], *, counted: Optional[int] = None) -> Charge:
+    def _transition(self, charge_id: str, new_state: str, payload: dict[str, Any], *, counted: Optional[int] = None,
+                    check: Optional[Callable[[Connection, int], None]] = None) -> Charge:
         """Move a charge to ``new_state``; ``counted`` is the steps it counts afterwards
-        (default: unchanged)."""
+        (default: unchanged). ``check(conn, steps_planned)``, if given, runs under the dataset's
+        lock once the move is known to be allowed, and may refuse it by raising."""
         with self.engine.begin() as conn:
-            ds = self._lock_dataset(conn, dataset_id=self._charge_row(conn, charge_id).dataset_id)
+            dataset_id, planned = self._charge_row(conn, charge_id)
+            ds = self._lock_dataset(conn, dataset_id=dataset_id)
             self._expire_stale(conn, ds)
             cs = _STATES.c
             state, was, lease = conn.execute(
@@ -849,6 +854,8 @@ class Ledger:
                 )
             else:
                 expired_at = None
+                if check is not None:
+                    check(conn, planned)
                 self._set_state(conn, ds, charge_id, new_state, payload,
                                 counted=was if counted is None else counted, was_counted=was)
         if expired_at:
@@ -860,35 +867,74 @@ class Ledger:
         return self._transition(charge_id, RUNNING, {})
 
     def commit(self, charge_id: str, *, steps_run: int) -> Charge:
-        """Settle a running charge at the steps actually run (at most the steps reserved)."""
-        charge = self.charge(charge_id)
-        done = self.progress(charge_id)
-        if steps_run < done:
-            raise LedgerError(f"charge {charge_id}: steps_run {steps_run} is below the {done} steps its progress events record")
-        if not (0 <= steps_run <= charge.mechanism.steps):
-            raise LedgerError(
-                f"charge {charge_id}: steps_run must be in [0, {charge.mechanism.steps}] (the reserved steps). Found {steps_run}."
-            )
-        return self._transition(charge_id, COMMITTED, {"steps_run": int(steps_run)}, counted=int(steps_run))
+        """Settle a running charge at the steps actually run.
+
+        At the steps reserved, always (the charge counts in full). Below them only at exactly the
+        steps of the trainer's own completed result (its ``finished`` event, see
+        :meth:`record_finished`): a run that died has none, and whoever settles it cannot claim
+        it ran fewer steps than it did. Never below the last ``progress`` (which bounds the steps
+        taken from above). Every check reads the events under the dataset's lock, in the
+        transaction that commits, so a progress event written concurrently cannot slip in between.
+        """
+        def check(conn: Connection, planned: int) -> None:
+            if not (0 <= steps_run <= planned):
+                raise LedgerError(f"charge {charge_id}: steps_run must be in [0, {planned}] (the reserved steps). Found {steps_run}.")
+            done = self._last_progress(conn, charge_id)
+            if steps_run < done:
+                raise LedgerError(f"charge {charge_id}: steps_run {steps_run} is below the {done} steps its progress events record")
+            finished = self._finished(conn, charge_id)
+            if steps_run < planned and finished != steps_run:
+                raise LedgerError(
+                    f"charge {charge_id}: steps_run {steps_run} is below the {planned} reserved steps, which is accepted only "
+                    "at the steps of the trainer's completed result; "
+                    + ("it recorded none (the run did not finish)" if finished is None else f"it ran {finished}")
+                )
+
+        return self._transition(charge_id, COMMITTED, {"steps_run": int(steps_run)}, counted=int(steps_run), check=check)
 
     def record_progress(self, charge_id: str, *, steps_done: int) -> None:
-        """Append a durable ``progress`` event: a running charge has taken ``steps_done`` noisy steps.
+        """Append a durable ``progress`` event: a running charge may take up to ``steps_done`` noisy steps.
 
-        For the record (how far a run got, for the privacy officer and for a run that dies); it
-        changes no figure: a running charge counts its reserved steps, and one that dies stays
-        charged at that size. ``steps_done`` must not go back and must not pass the steps reserved.
+        The trainer records it *before* the steps it announces (:func:`dpops.stages.progress_recorder`),
+        so the last progress is never below the steps actually taken, wherever the run dies; a
+        commit is never below it. It changes no figure: a running charge counts its reserved
+        steps, and one that dies stays charged at that size. ``steps_done`` must not go back and
+        must not pass the steps reserved; none is recorded once the trainer has finished.
         """
         with self.engine.begin() as conn:
-            dataset_id, planned = self._charge_row(conn, charge_id)
-            ds = self._lock_dataset(conn, dataset_id=dataset_id)
-            state = conn.scalar(select(_STATES.c.state).where(_STATES.c.charge_id == charge_id))
-            if state != RUNNING:
-                raise LedgerError(f"charge {charge_id}: progress is recorded only while running; it is {state!r}")
+            ds, planned = self._lock_running(conn, charge_id, "progress")
             last = self._last_progress(conn, charge_id)
             if not (last <= steps_done <= planned):
                 raise LedgerError(f"charge {charge_id}: steps_done must be in [{last}, {planned}] (last recorded, reserved). "
                                   f"Found {steps_done}.")
             self._append(conn, ds, PROGRESS, charge_id, {"steps_done": int(steps_done)})
+
+    def record_finished(self, charge_id: str, *, steps_run: int) -> None:
+        """Append the trainer's completed result: a running charge's training returned after ``steps_run`` steps.
+
+        Written once, by the stage that ran the trainer, only when it returned (a run that dies
+        writes none); :meth:`commit` accepts fewer steps than reserved only at exactly these.
+        ``steps_run`` must be in [last progress, reserved].
+        """
+        with self.engine.begin() as conn:
+            ds, planned = self._lock_running(conn, charge_id, "a finished result")
+            last = self._last_progress(conn, charge_id)
+            if not (last <= steps_run <= planned):
+                raise LedgerError(f"charge {charge_id}: steps_run must be in [{last}, {planned}] (last progress, reserved). "
+                                  f"Found {steps_run}.")
+            self._append(conn, ds, FINISHED, charge_id, {"steps_run": int(steps_run)})
+
+    def _lock_running(self, conn: Connection, charge_id: str, what: str) -> tuple[_Locked, int]:
+        """Lock the charge's dataset; refuse unless the charge is running and its trainer has not
+        finished. Returns the locked dataset and the charge's reserved steps."""
+        dataset_id, planned = self._charge_row(conn, charge_id)
+        ds = self._lock_dataset(conn, dataset_id=dataset_id)
+        state = conn.scalar(select(_STATES.c.state).where(_STATES.c.charge_id == charge_id))
+        if state != RUNNING:
+            raise LedgerError(f"charge {charge_id}: {what} is recorded only while running; it is {state!r}")
+        if self._finished(conn, charge_id) is not None:
+            raise LedgerError(f"charge {charge_id}: its trainer has already finished")
+        return ds, planned
 
     @staticmethod
     def _last_progress(conn: Connection, charge_id: str) -> int:
@@ -896,6 +942,13 @@ class Ledger:
         payload = conn.scalar(select(e.payload).where(e.charge_id == charge_id, e.kind == PROGRESS)
                               .order_by(e.seq.desc()).limit(1))
         return int(json.loads(payload)["steps_done"]) if payload else 0
+
+    @staticmethod
+    def _finished(conn: Connection, charge_id: str) -> Optional[int]:
+        """The steps of the charge's ``finished`` event; None when it has none."""
+        e = _EVENTS.c
+        payload = conn.scalar(select(e.payload).where(e.charge_id == charge_id, e.kind == FINISHED).limit(1))
+        return int(json.loads(payload)["steps_run"]) if payload else None
 
     def progress(self, charge_id: str) -> int:
         """The last steps_done recorded for a charge (0 when none)."""

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from dpops.config import LoraSettings, ModelConfig
-from dpops.errors import ConfigError
+from dpops.errors import ConfigError, PrivacyError
 
 WEIGHTS = "trainable.safetensors"
 META = "dpops_model.json"
@@ -206,10 +206,19 @@ def per_example_loss(task: str, outputs: torch.Tensor, labels: torch.Tensor, inp
 
 
 def load_tokenizer(base_path: Path):
+    """The model's tokenizer, padding on the right whatever it was saved with.
+
+    :func:`model_inputs` trims each batch to its longest real sequence by cutting columns on the
+    right, which is right only when every row is its real tokens followed by padding. Llama's and
+    Gemma's tokenizers pad on the left: the trim would then cut real tokens of the other records,
+    by an amount set by the longest record in the batch, so one record's presence would change
+    the others' clipped gradients and the clipping bound (the sensitivity) would no longer hold.
+    """
     _offline()
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(base_path), local_files_only=True)
+    tokenizer.padding_side = "right"
     if tokenizer.pad_token is None:  # decoders (GPT-2, Llama) ship none; padding is masked out anyway
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -221,8 +230,33 @@ def encode(tokenizer: Any, texts: list[str], max_length: int) -> tuple[torch.Ten
     return enc["input_ids"], enc["attention_mask"]
 
 
+def check_right_padded(attention_mask: torch.Tensor) -> None:
+    """Refuse an attention mask any row of which is not a run of ones followed by zeros.
+
+    Raises:
+        PrivacyError: some row has padding before a real token (a left-padding tokenizer) or a
+            value other than 0 and 1. Nothing of the batch is named in the message.
+    """
+    mask = attention_mask
+    if mask.numel() and (((mask != 0) & (mask != 1)).any() or (mask[:, 1:] > mask[:, :-1]).any()):
+        raise PrivacyError(
+            "an attention mask is not right-padded (every row must be ones, then zeros): batches are trimmed to "
+            "their longest row on the right, so padding before real tokens would make one record's presence change "
+            "the others' clipped gradients. Load the tokenizer with dpops.model.load_tokenizer (it pads on the right)."
+        )
+
+
 def model_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Trim a batch to its longest real sequence and add explicit token type and position ids."""
+    """Trim a batch to its longest real sequence and add explicit token type and position ids.
+
+    The trim cuts columns on the right, so each row must be right-padded (checked: see
+    :func:`check_right_padded`); then each record's inputs, and so its gradient, are the same
+    whichever other records share its batch.
+
+    Raises:
+        PrivacyError: the mask is not right-padded.
+    """
+    check_right_padded(attention_mask)
     length = int(attention_mask.sum(dim=1).max().item()) if len(attention_mask) else 1
     length = max(length, 1)
     # contiguous: Opacus's embedding norm sampler (ghost clipping) views the ids flat

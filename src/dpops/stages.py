@@ -186,9 +186,12 @@ def train(job_path: str, ref: dict[str, Any], p: dict[str, Any], charge_id: str)
     which were included stays in the run directory (``canaries_path`` in the result).
     With ``training.nproc_per_node`` above 1 the training runs in that many processes
     (:mod:`dpops.launch`, torchrun), which read the records themselves; the result is rank 0's.
-    If anything fails after the charge is running (a process killed included), it becomes
-    ``failed_charged``: data was read, so the spend is real. What this machine cannot run (no GPU,
-    too few GPUs) is refused before the charge starts, and the reservation is released.
+    Progress is recorded before each chunk of steps (:func:`progress_recorder`), and a
+    ``finished`` event with the steps run once the trainer has returned (the only steps below the
+    reserved ones :func:`settle` may commit). If anything fails after the charge is running (a
+    process killed included), it becomes ``failed_charged``: data was read, so the spend is real.
+    What this machine cannot run (no GPU, too few GPUs) is refused before the charge starts, and
+    the reservation is released.
     """
     job, ds = _load(job_path)
     ws = workspace()
@@ -207,6 +210,9 @@ def train(job_path: str, ref: dict[str, Any], p: dict[str, Any], charge_id: str)
                 df = training_records(job, ds, ref, p, drawn)
                 result = asdict(training.train(job, _plan_obj(p), df, labels=list(ds.labels), output_dir=run_dir / "model",
                                                on_step=progress_recorder(ledger, charge_id, total_steps=p["steps"])))
+            # The trainer returned (torchrun: every rank, checked): its completed result, the only
+            # steps below the reserved ones that settle may commit.
+            ledger.record_finished(charge_id, steps_run=result["steps_run"])
         except BaseException as exc:
             ledger.fail(charge_id, reason=f"{type(exc).__name__} during training")
             raise
@@ -234,18 +240,25 @@ def _check_machine(ledger: Ledger, job: cfgmod.JobConfig, job_path: str, charge_
         raise cfgmod.ConfigError(f"{job_path}: {exc}. Nothing was read or trained.") from None
 
 
-#: A running charge's steps are appended to the ledger (a ``progress`` event) this often, and at the last.
+#: A running charge's progress is appended to the ledger (a ``progress`` event) once per this many steps.
 PROGRESS_EVERY = 10
 
 
 def progress_recorder(ledger: Ledger, charge_id: str, *, total_steps: int, every: Optional[int] = None):
-    """The trainer's ``on_step``: durably record how far a running charge got (it changes no
-    figure; a run that dies stays charged at its reserved size, the record says where it died)."""
+    """The trainer's ``on_step``: before each chunk of ``every`` steps, durably record the steps
+    the run will have taken at its end (before step 1: 10; before step 11: 20; at most
+    ``total_steps``).
+
+    Recorded before the steps, not after, so the last progress is never below the steps actually
+    taken, wherever the run dies (a kill mid-chunk, an exception in a step or in this very call:
+    the steps it announces are not taken until it returns); ``Ledger.commit`` refuses fewer. It
+    changes no figure: a run that dies stays charged at its reserved size.
+    """
     every = every or PROGRESS_EVERY
 
-    def on_step(step: int) -> None:
-        if step % every == 0 or step == total_steps:
-            ledger.record_progress(charge_id, steps_done=step)
+    def on_step(step: int) -> None:  # ``step`` is about to be taken
+        if (step - 1) % every == 0:
+            ledger.record_progress(charge_id, steps_done=min(step - 1 + every, total_steps))
     return on_step
 
 
@@ -266,7 +279,12 @@ def training_records(
 
 def settle(charge_id: str, steps_run: int) -> dict[str, Any]:
     """Stage 6: commit the charge at the steps actually run; return the dataset's budget (and, for
-    a partitioned dataset, every block's, and those of the blocks read as ``blocks_read``)."""
+    a partitioned dataset, every block's, and those of the blocks read as ``blocks_read``).
+
+    ``steps_run`` is the train stage's result. The ledger accepts it below the reserved steps only
+    when it is exactly what the trainer's ``finished`` event says (the train stage wrote it), and
+    never below the recorded progress: a run that died cannot be settled for less than it ran.
+    """
     ledger = _ledger()
     try:
         charge = privacy.settle(ledger, charge_id, steps_run=steps_run)

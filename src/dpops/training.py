@@ -294,7 +294,9 @@ def train(
             users are sampled and clipped, see :mod:`dpops.users`); at most ``plan.n_records``
             privacy units (the n delta was checked for; it counts every audit canary, of which
             about half are included). Sampling stays at ``plan.sample_rate`` whatever the count.
-        on_step: called with the number of steps done after each step (for durable progress).
+        on_step: called (rank 0) with each step's number, 1 for the first, before the step's
+            batch is drawn: for durable progress recorded ahead of the steps taken
+            (:func:`dpops.stages.progress_recorder`). If it raises, that step is not taken.
 
     Raises:
         PrivacyError: the data or the sampler differ from what the plan assumed, or the trainable
@@ -351,6 +353,8 @@ def train(
     before = [p.detach().clone() for p in params]
     batches = _logical_batches(loader)
     for step in range(1, plan.steps + 1):
+        if on_step is not None and rank == 0:
+            on_step(step)  # before the step: durable progress must never be below the steps taken
         lr = schedule.get_last_lr()[0]  # this step's
         loss = _private_step(
             private, next(batches), device=device,
@@ -367,8 +371,6 @@ def train(
         result.steps_run = step
         if rank != 0:
             continue
-        if on_step is not None:
-            on_step(step)
         if step % log_every == 0 or step == plan.steps:
             eps = _epsilon_after(plan, step)
             result.epsilon_by_step.append((step, eps))
