@@ -12,8 +12,8 @@ import math
 
 import pytest
 
-from dpops import stages, tracking
 from dpops import model as modeling
+from dpops import stages, tracking
 from dpops.settings import workspace
 from tests.helpers import edit_yaml
 from tests.tiny_models import tiny_bert

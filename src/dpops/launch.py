@@ -7,9 +7,10 @@ directory; never a record) beside the run and runs::
 
     python -m torch.distributed.run --standalone --nproc_per_node N --max-restarts 0 -m dpops.launch --request FILE
 
-Every process (:func:`main`) joins the group (gloo on CPU, nccl on GPU, from the job's device),
-reads the training records itself, sha256-checked, through the same function as the one-process
-stage (:func:`dpops.stages.training_records`), and calls :func:`dpops.training.train`, which
+Every process (:func:`main`) first reads the charge from the ledger and refuses a request whose
+plan is not the running charge's mechanism (:func:`_running_charge`), then joins the group (gloo
+on CPU, nccl on GPU, from the job's device), reads the training records itself, sha256-checked,
+through the same function as the one-process stage (:func:`dpops.stages.training_records`), and calls :func:`dpops.training.train`, which
 Poisson-samples each process's shard at the plan's q and adds noise on rank 0 only. Rank 0 writes
 the result: the :class:`~dpops.training.TrainResult` and, for every rank, its steps, weight
 fingerprint and whether it saved. The parent accepts it only when torchrun exits 0 and every rank

@@ -64,10 +64,9 @@ import torch
 from torch import nn
 from torch.utils.data import Subset, TensorDataset
 
-from dpops import accounting, bookkeeping, users
+from dpops import accounting, bookkeeping, privacy, users
 from dpops import model as modeling
 from dpops.accounting import SubsampledGaussian
-from dpops import privacy
 from dpops.config import DatasetConfig, JobConfig, OptimSettings, TrainingSettings
 from dpops.errors import ConfigError, PrivacyError
 from dpops.ledger import RUNNING, Charge
