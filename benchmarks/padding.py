@@ -7,7 +7,9 @@ before cutting it into pieces of ``training.max_physical_batch_size``, so each p
 to its own longest text. This script runs the trainer's own step (``training._private_step``: per-
 example gradients in mode hooks, clipping, noise, AdamW) on the same Poisson batch whole and in
 pieces of each ``--pieces`` size, interleaved over ``--reps`` repetitions, and reports the median
-seconds per step and the token slots computed per real token.
+seconds per step and the token slots computed per real token. It reads SST-2 with no ledger
+charge, so it refuses to run unless the dataset config says ``public: true`` (SST-2 is a public
+stand-in).
 
     .venv/bin/python benchmarks/padding.py [--batch 512] [--pieces 32,64,128,256] [--reps 3]
 """
@@ -42,6 +44,7 @@ def main() -> None:
     from dpops.config import LoraSettings, ModelConfig, load_dataset_config
 
     ds = load_dataset_config(ROOT / "configs/datasets/sst2.yaml")
+    training.require_public(ds, "an uncharged benchmark")  # it reads the records with no ledger charge
     train_df = datamod.load_split(datamod.resolve(ds, repo=ROOT), ds)
     base = modeling.base_model_path(ModelConfig())
     ids, mask = modeling.encode(modeling.load_tokenizer(base), train_df["text"].tolist(), args.max_length)

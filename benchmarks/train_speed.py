@@ -9,7 +9,8 @@ shared) and medians are reported.
 
 Memory is reported twice: ``peak_rss_mb`` (the whole process: Python, torch, the model) and
 ``train_peak_mb`` (peak minus the resident size after the model and batch were set up: what the
-steps themselves add). Ratios are DP / non-private of the same method.
+steps themselves add). Ratios are DP / non-private of the same method. The batch is one made-up
+sentence repeated, not records of any dataset: nothing private is read, so nothing is charged.
 
 Targets (issue 4), on CPU: DP-LoRA <= 1.05x time and <= 1.15x memory; full fine-tuning <= 1.6x
 time and <= 1.25x memory. On a GPU: full fine-tuning <= 1.25x time and <= 1.1x memory.

@@ -5,7 +5,10 @@ q = 1 / ceil(n / batch), exactly ``--steps`` steps, AdamW) on the SST-2 training
 repository and is scored on its evaluation split. The DP runs take the plan the pipeline would make
 (noise calibrated to the target epsilon at the dataset's delta, which is below 1/n). The
 non-private run uses the same trainer with no noise and no clipping bound that binds (sigma 0,
-C = 1e6): its epsilon is infinite, recorded as such.
+C = 1e6): its epsilon is infinite, recorded as such. None of these runs is charged to the ledger,
+and some are not private at all, so the trainer allows them only because SST-2 is public (its
+dataset config sets ``public: true``); on a private dataset it refuses them (README, "Tuning on
+private data").
 
 Target (issue 4): DP at epsilon 8 within 3 accuracy points of non-private, on the full train set.
 Non-private training is run at each of ``--non-private-learning-rates`` (default 1e-3 and 5e-3;
@@ -67,6 +70,7 @@ def main() -> None:
     from dpops.privacy import Plan
 
     ds = load_dataset_config(ROOT / "configs/datasets/sst2.yaml")
+    training.require_public(ds, "a benchmark of uncharged and non-private runs")  # before a record is read
     ref = datamod.resolve(ds, repo=ROOT, max_records=args.max_records)
     train_df = datamod.load_split(ref, ds, max_records=args.max_records)
     eval_df = datamod.load_split(ref, ds, path=ds.files.eval, max_records=args.eval_max_records)
@@ -97,7 +101,7 @@ def main() -> None:
             optim = job.optim.model_copy(update={"learning_rate": lr, "schedule": args.schedule,
                                                  "warmup_steps": args.warmup_steps, "ema_decay": args.ema_decay})
             run_job = job.model_copy(update={"optim": optim})
-            result = training.train(run_job, plan, train_df, labels=list(ds.labels), output_dir=Path(tmp) / name)
+            result = training.train(run_job, plan, train_df, dataset=ds, labels=list(ds.labels), output_dir=Path(tmp) / name)
             metrics = evaluation.evaluate(result.model_dir, eval_df)
             runs.append({
                 "run": name, "learning_rate": lr, "epsilon": None if math.isinf(plan.epsilon) else plan.epsilon, "delta": plan.delta,

@@ -32,8 +32,9 @@ from tasks import data, evaluation, privacy, tracking, training
 
 @flow(name="dp-train", retries=0, persist_result=True, result_serializer="json", log_prints=False)
 def dp_train(job_path: str, ref: dict[str, Any], plan: dict[str, Any], charge_id: str) -> dict[str, Any]:
-    """Stage 5 alone. Its result (paths, step count, per-step epsilon and loss; never records) is
-    persisted as JSON so that a parent waiting on a deployment run can read it back."""
+    """Stage 5 alone. Its result (paths, step count, per-step epsilon, seconds, weight fingerprint;
+    never records, nor any statistic of a private batch such as its loss) is persisted as JSON so
+    that a parent waiting on a deployment run can read it back."""
     return training.train(job_path, ref, plan, charge_id)
 
 

@@ -18,3 +18,13 @@ def policy_accepting_inconclusive(directory: Path) -> str:
     path = Path(directory) / "policy_accepting_inconclusive.yaml"
     path.write_text(yaml.safe_dump({"min_accuracy": 0.0, "accept_inconclusive": True}))
     return str(path)
+
+
+def public_dataset(name: str = "d", **fields):
+    """A dataset config declared public (``public: true``): the trainer may then run on it without a
+    ledger charge or without noise, as the unit tests of the trainer do."""
+    from dpops.config import DatasetConfig
+
+    return DatasetConfig(**{"name": name, "files": {"train": "t", "holdout": "h", "eval": "e"}, "text_column": "text",
+                            "label_column": "label", "labels": ["0", "1"], "privacy": {"epsilon_cap": 8, "delta": 1e-3},
+                            "public": True, **fields})

@@ -18,6 +18,7 @@ import torch
 from dpops import training
 from dpops.config import JobConfig
 from dpops.privacy import Plan
+from tests.helpers import public_dataset
 from tests.tiny_models import tiny_bert
 
 TEXTS = ["a fine film", "dull and slow", "yes", "the cast is superb", "no", "an odd little thing", "sharp", "too long"]
@@ -38,7 +39,7 @@ def _worker(rank: int, world: int, port: int, base: str, out: str, mode: str) ->
         plan = Plan(dataset="d", n_records=len(df), sample_rate=0.25, expected_batch_size=8.0, steps=3, noise_multiplier=1.0,
                     max_grad_norm=1.0, delta=1e-3, target_epsilon=8.0, epsilon=8.0)
         steps = []
-        result = training.train(job, plan, df, labels=["0", "1"], output_dir=Path(out) / "model", on_step=steps.append)
+        result = training.train(job, plan, df, dataset=public_dataset(), labels=["0", "1"], output_dir=Path(out) / "model", on_step=steps.append)
         summary = {"steps_run": result.steps_run, "world_size": result.world_size, "on_step": steps,
                    "model_dir": result.model_dir, "weights_sha256": result.weights_sha256}
         (Path(out) / f"rank{rank}.json").write_text(json.dumps(summary))

@@ -75,6 +75,13 @@ class DatasetConfig(_Strict):
     min_text_chars: int = Field(default=1, ge=0, description="Shortest allowed text, in characters.")
     max_text_chars: int = Field(default=2000, gt=0, description="Longest allowed text, in characters.")
     privacy: PrivacyBudget = Field(description="The dataset's budget.")
+    public: bool = Field(
+        default=False,
+        description="True only for data that is public (e.g. a public stand-in for private text): then the "
+        "library may also train on it without a ledger charge or without noise (non-private baselines, "
+        "hyperparameter sweeps). False (the default): every training run on it is DP-SGD under a running "
+        "ledger charge whose mechanism is the one trained.",
+    )
     blocks: Optional[BlockSettings] = Field(
         default=None,
         description="Partition the training records into blocks (Sage, Lecuyer et al. 2019), each with its own "

@@ -7,9 +7,10 @@ directory; never a record) beside the run and runs::
 
     python -m torch.distributed.run --standalone --nproc_per_node N --max-restarts 0 -m dpops.launch --request FILE
 
-Every process (:func:`main`) joins the group (gloo on CPU, nccl on GPU, from the job's device),
-reads the training records itself, sha256-checked, through the same function as the one-process
-stage (:func:`dpops.stages.training_records`), and calls :func:`dpops.training.train`, which
+Every process (:func:`main`) first reads the charge from the ledger and refuses a request whose
+plan is not the running charge's mechanism (:func:`_running_charge`), then joins the group (gloo
+on CPU, nccl on GPU, from the job's device), reads the training records itself, sha256-checked,
+through the same function as the one-process stage (:func:`dpops.stages.training_records`), and calls :func:`dpops.training.train`, which
 Poisson-samples each process's shard at the plan's q and adds noise on rank 0 only. Rank 0 alone
 records the charge's progress in the ledger, before each chunk of steps
 (:func:`dpops.stages.progress_recorder`); the other ranks cannot finish a step without it. Rank 0 writes
@@ -40,8 +41,10 @@ from typing import Any, Optional
 import torch
 
 from dpops import training
-from dpops.config import JobConfig
+from dpops.config import DatasetConfig, JobConfig
 from dpops.errors import ConfigError, PrivacyError, TrainingError
+from dpops.ledger import Charge
+from dpops.privacy import Plan
 
 log = logging.getLogger("dpops.launch")
 
@@ -160,11 +163,12 @@ def run_worker(request: dict[str, Any]) -> None:
     """One process of the group: read the records, train, and (rank 0) write the result."""
     from dpops import canaries, stages
     from dpops import config as cfgmod
-    from dpops.privacy import Plan
 
     job = cfgmod.load_job_config(request["job_path"])
     ds = cfgmod.dataset_config_for(job, request["job_path"])
     cfgmod.check_training(job, ds, request["job_path"])
+    plan = Plan(**request["plan"])
+    charge = _running_charge(request["charge_id"], job, plan, ds)  # before joining the group or reading a record
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device, _ = training.resolve_device(job.training, local_rank=local_rank)
     if device.type == "cuda":
@@ -177,7 +181,7 @@ def run_worker(request: dict[str, Any]) -> None:
         ledger = stages._ledger() if rank == 0 else None  # rank 0 alone steps the optimizer's noise and reports
         try:
             on_step = stages.progress_recorder(ledger, request["charge_id"], total_steps=request["plan"]["steps"]) if ledger else None
-            result = training.train(job, Plan(**request["plan"]), df, labels=list(ds.labels),
+            result = training.train(job, plan, df, dataset=ds, charge=charge, labels=list(ds.labels),
                                     output_dir=Path(request["output_dir"]), on_step=on_step)
         finally:
             if ledger is not None:
@@ -194,6 +198,31 @@ def run_worker(request: dict[str, Any]) -> None:
             tmp.replace(path)
     finally:
         torch.distributed.destroy_process_group()
+
+
+def _running_charge(charge_id: str, job: JobConfig, plan: Plan, ds: DatasetConfig) -> Charge:
+    """The request's charge as the ledger holds it, checked against the request's plan.
+
+    The request file is only a reference: what a process trains must be what the ledger charged,
+    so each process reads the charge itself and refuses (:func:`dpops.training.authorize`) a plan
+    that differs from it, or a charge that is not running, before it reads a record. The charge
+    is already running (the parent started it), so a refusal here leaves it charged in full: the
+    parent sees the failed processes and marks it ``failed_charged``; the ledger cannot tell that
+    nothing was read, and a charge never goes down on a process's word.
+
+    Raises:
+        PrivacyError: the plan is not the running charge's mechanism.
+    """
+    from dpops import stages
+
+    ledger = stages._ledger()
+    try:
+        charge = ledger.charge(charge_id)
+        delta = ledger.budget(charge.dataset).delta
+    finally:
+        ledger.dispose()
+    training.authorize(job, plan, ds, charge, unit=ds.unit, delta=delta)
+    return charge
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -48,6 +48,35 @@ class Plan:
         return asdict(self)
 
 
+def charge_differences(p: Plan, charge: Charge, *, unit: str, delta: Optional[float] = None) -> list[str]:
+    """Every way the mechanism ``p`` describes differs from the one ``charge`` admitted (empty: none).
+
+    Compared exactly (JSON and the ledger's doubles carry a float unchanged): the dataset, sigma,
+    q, steps, clipping bound C, n, the unit of privacy (``unit``: what the run trains with) and the
+    blocks read; and the plan's expected batch size must be q * n, the one it was planned with.
+    With ``delta`` (the dataset's delta as the ledger registered it; a charge does not carry it),
+    the plan's delta too: every epsilon the run reports is computed at it. Only figures are named,
+    never records.
+    """
+    mechanism = charge.mechanism
+    pairs = [
+        ("dataset", p.dataset, charge.dataset),
+        ("noise_multiplier", p.noise_multiplier, mechanism.noise_multiplier),
+        ("sample_rate", p.sample_rate, mechanism.sample_rate),
+        ("steps", p.steps, mechanism.steps),
+        ("max_grad_norm", p.max_grad_norm, charge.max_grad_norm),
+        ("n_records", p.n_records, charge.n_records),
+        ("unit", unit, charge.unit),
+        ("blocks", sorted(p.blocks or []), sorted(charge.blocks)),
+    ]
+    if delta is not None:
+        pairs.append(("delta", p.delta, delta))
+    found = [f"{name} {mine!r} (charged: {charged!r})" for name, mine, charged in pairs if mine != charged]
+    if not math.isclose(p.expected_batch_size, p.sample_rate * p.n_records, rel_tol=1e-12):
+        found.append(f"expected_batch_size {p.expected_batch_size!r} (q * n: {p.sample_rate * p.n_records!r})")
+    return found
+
+
 def sample_rate_for(n_records: int, expected_batch_size: int) -> float:
     """q = 1 / ceil(n / B): the convention of Opacus's DP data loader, so planned and used agree."""
     return 1.0 / math.ceil(n_records / expected_batch_size)

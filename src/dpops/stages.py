@@ -180,7 +180,13 @@ def reserve(job_path: str, ref: dict[str, Any], p: dict[str, Any], *, flow_run_i
 
 
 def train(job_path: str, ref: dict[str, Any], p: dict[str, Any], charge_id: str) -> dict[str, Any]:
-    """Stage 5: mark the charge running (durably, before reading data), then DP fine-tune.
+    """Stage 5: check the plan is the charge, mark the charge running (durably, before reading
+    data), then DP fine-tune.
+
+    The plan ``p`` arrives as a parameter (of a Prefect task or a ``dp-train`` deployment run):
+    before the charge starts it is compared with what the ledger charged (:func:`_check_plan`), and
+    a plan that differs in any figure is refused and its reservation released; the trainer then
+    checks it again against the running charge (:func:`dpops.training.authorize`).
 
     The audit's canaries are drawn first and the included ones appended to the training records;
     which were included stays in the run directory (``canaries_path`` in the result).
@@ -199,7 +205,8 @@ def train(job_path: str, ref: dict[str, Any], p: dict[str, Any], charge_id: str)
     ledger = _ledger(ws)
     try:
         _check_machine(ledger, job, job_path, charge_id)
-        ledger.start(charge_id)  # refused for a charge already started: nothing below happens
+        _check_plan(ledger, ds, p, job_path, charge_id)
+        charge = ledger.start(charge_id)  # refused for a charge already started: nothing below happens
         try:
             drawn = canaries.draw(job.audit.canaries, n_labels=len(ds.labels), seed=job.seed)
             canaries_path = drawn.save(run_dir / canaries.FILE)
@@ -208,7 +215,8 @@ def train(job_path: str, ref: dict[str, Any], p: dict[str, Any], charge_id: str)
                                                 run_dir=run_dir, nproc=job.training.nproc_per_node)
             else:
                 df = training_records(job, ds, ref, p, drawn)
-                result = asdict(training.train(job, _plan_obj(p), df, labels=list(ds.labels), output_dir=run_dir / "model",
+                result = asdict(training.train(job, _plan_obj(p), df, dataset=ds, charge=charge, labels=list(ds.labels),
+                                               output_dir=run_dir / "model",
                                                on_step=progress_recorder(ledger, charge_id, total_steps=p["steps"])))
             # The trainer returned (torchrun: every rank, checked): its completed result, the only
             # steps below the reserved ones that settle may commit.
@@ -238,6 +246,28 @@ def _check_machine(ledger: Ledger, job: cfgmod.JobConfig, job_path: str, charge_
         if ledger.charge(charge_id).state == RESERVED:
             ledger.release(charge_id, reason=f"refused before training: {exc}")
         raise cfgmod.ConfigError(f"{job_path}: {exc}. Nothing was read or trained.") from None
+
+
+def _check_plan(ledger: Ledger, ds: cfgmod.DatasetConfig, p: dict[str, Any], job_path: str, charge_id: str) -> None:
+    """Refuse, before the charge starts, a plan that is not the mechanism the ledger charged.
+
+    Compared with the charge (:func:`dpops.privacy.charge_differences`: sigma, q, steps, C, n,
+    unit, blocks, dataset) and with the dataset's registered delta (the figure every reported
+    epsilon is computed at). On a difference the reservation is released, with the differences as
+    its reason, rather than left reserved: nothing was read yet (the charge is still ``reserved``),
+    so releasing is exact; it frees the budget now rather than when the lease runs out, and the
+    reason stays on the dataset's hash chain, where a privacy officer sees that a run was handed a
+    plan it was not charged for.
+    """
+    charge = ledger.charge(charge_id)
+    found = privacy.charge_differences(_plan_obj(p), charge, unit=ds.unit, delta=ledger.budget(charge.dataset).delta)
+    if not found:
+        return
+    why = f"the plan handed to the train stage is not what charge {charge_id} admitted: {'; '.join(found)}"
+    if charge.state == RESERVED:
+        ledger.release(charge_id, reason=f"refused before training: {why}")
+    raise PrivacyError(f"{job_path}: {why}. Nothing was read or trained"
+                       + ("; the reservation was released." if charge.state == RESERVED else "."))
 
 
 #: A running charge's progress is appended to the ledger (a ``progress`` event) once per this many steps.
@@ -339,7 +369,7 @@ def record(
         b = ledger.budget(charge.dataset, estimate=True)
         budget = {**_budget_view(b, read=list(charge.blocks)), "pld_estimate": b.pld_estimate}
         plan_out = {**p, "epsilon_spent": audit_out["accountant_epsilon"], "steps_run": train_out["steps_run"]}
-        train_view = {k: train_out[k] for k in ("epsilon_by_step", "loss_by_step", "steps_run", "seconds", "grad_sample_mode", "trainable_parameters")}
+        train_view = {k: train_out[k] for k in ("epsilon_by_step", "steps_run", "seconds", "grad_sample_mode", "trainable_parameters")}
         data_view = {k: ref[k] for k in ("dataset", "rev", "path", "sha256", "dvc_md5", "n_records", "version")}
         if ref.get("blocks"):
             data_view["blocks"] = dict(ref["blocks"])  # block names and their counts

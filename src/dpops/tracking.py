@@ -1,7 +1,10 @@
 """MLflow record (stage 9): params, epsilon per step, metrics, privacy report, model version.
 
 MLflow shows the figures; the ledger decides. Nothing logged here contains a record: only
-counts, hashes, configs and metrics.
+counts, hashes, configs and metrics. No training-loss curve is logged: the loss of a private
+Poisson batch is a raw statistic of private records, and a DP estimate of it would be a mechanism
+of its own that the ledger would have to charge. The run's tag ``dpops.train_loss_curve`` says so
+(:data:`TRAIN_LOSS_CURVE`).
 """
 
 from __future__ import annotations
@@ -51,6 +54,9 @@ def _experiment(mlflow: Any, client: Any, name: str, ws: Workspace) -> str:
         location = (ws.artifacts / name).as_uri()
     return client.create_experiment(name, artifact_location=location)
 
+
+#: Value of the run tag ``dpops.train_loss_curve``: no training loss is shown, neither raw nor DP.
+TRAIN_LOSS_CURVE = "not released (the loss of private batches is not DP; no DP estimate is charged)"
 
 #: Longest list of block names logged as one param or tag (MLflow limits their length); a longer
 #: list is logged as a count, and the names stay in ``privacy_report.json``.
@@ -108,6 +114,7 @@ def record(
         "dpops.sampler": plan["sampler"],
         "dpops.cumulative_epsilon": f"{dataset_budget['spent']:.6f}",
         "dpops.epsilon_cap": f"{dataset_budget['epsilon_cap']:g}",
+        "dpops.train_loss_curve": TRAIN_LOSS_CURVE,
     }
     blocks_read = list(plan.get("blocks") or [])
     if blocks_read:  # a partitioned dataset: which blocks this run read (names only)
@@ -127,8 +134,6 @@ def record(
         mlflow.log_params({k: ("None" if v is None else v) for k, v in params.items()})
         for step, eps in train["epsilon_by_step"]:
             mlflow.log_metric("epsilon", eps, step=step)
-        for step, loss in train["loss_by_step"]:
-            mlflow.log_metric("train_loss", loss, step=step)
         mlflow.log_metrics({
             "epsilon_run": plan["epsilon_spent"],
             "steps_run": train["steps_run"],

@@ -33,6 +33,18 @@ physical pieces.
 
 The optimizer is AdamW, with an optional learning-rate schedule over the planned steps and an
 optional moving average of the weights (``optim``); both only post-process the noisy gradients.
+
+What may train (:func:`authorize`, before anything else): DP-SGD under a ledger charge that is
+``running`` and whose mechanism (dataset, sigma > 0, q, steps, C, n, unit, blocks) is exactly the
+plan's, so the mechanism trained is the mechanism charged. Without a charge, or without noise (a
+non-private baseline, a hyperparameter sweep), only a dataset whose config says ``public: true``.
+
+What leaves the trainer (:class:`TrainResult`, the log lines): the DP weights and functions of them
+(the saved model, its fingerprint), the plan's epsilon after each step, the learning rate, the
+seconds taken and the machine it ran on. Never a statistic of a private batch: not its loss (the
+training-loss curve is not released; a DP estimate of it, e.g. clipped per-example losses plus
+Gaussian noise, would be a mechanism of its own that the ledger would have to charge, which dpops
+does not do) and not its size (a Poisson batch's size is a noisy count of the private records).
 """
 
 from __future__ import annotations
@@ -52,11 +64,12 @@ import torch
 from torch import nn
 from torch.utils.data import Subset, TensorDataset
 
-from dpops import accounting, bookkeeping, users
+from dpops import accounting, bookkeeping, privacy, users
 from dpops import model as modeling
 from dpops.accounting import SubsampledGaussian
-from dpops.config import JobConfig, OptimSettings, TrainingSettings
+from dpops.config import DatasetConfig, JobConfig, OptimSettings, TrainingSettings
 from dpops.errors import ConfigError, PrivacyError
+from dpops.ledger import RUNNING, Charge
 from dpops.privacy import Plan
 
 log = logging.getLogger("dpops.training")
@@ -70,7 +83,6 @@ class TrainResult:
     steps_run: int
     seconds: float
     epsilon_by_step: list[tuple[int, float]] = field(default_factory=list)
-    loss_by_step: list[tuple[int, float]] = field(default_factory=list)
     trainable_parameters: int = 0
     total_parameters: int = 0
     grad_sample_mode: str = "hooks"
@@ -99,8 +111,9 @@ class PrivateModel:
     mode: str
     autocast_dtype: Optional[torch.dtype] = None
 
-    def backward(self, ids: torch.Tensor, mask: torch.Tensor, y: torch.Tensor) -> float:
-        """Forward and backward over one physical batch; returns its mean loss (NaN when empty).
+    def backward(self, ids: torch.Tensor, mask: torch.Tensor, y: torch.Tensor) -> None:
+        """Forward and backward over one physical batch (its loss is not returned: a raw statistic
+        of private records).
 
         Afterwards, in mode ``hooks``, every trainable ``p.grad_sample`` holds the per-example
         gradients [batch, *p.shape]; in modes ``ghost`` and ``bk``, ``p.grad`` holds the sum of
@@ -108,7 +121,7 @@ class PrivateModel:
         """
         if len(y) == 0:
             self._empty_batch()
-            return float("nan")
+            return
         inputs = modeling.model_inputs(ids, mask)
         device_type = ids.device.type
         with torch.autocast(device_type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None):
@@ -122,7 +135,6 @@ class PrivateModel:
             self.module.backward(losses)
         else:
             losses.mean().backward()
-        return float(losses.detach().mean())
 
     def _empty_batch(self) -> None:
         """An empty Poisson batch is still a step of the mechanism: a zero sum, to which noise is added."""
@@ -271,6 +283,59 @@ def resolve_device(settings: TrainingSettings, *, local_rank: int = 0) -> tuple[
     return device, (torch.bfloat16 if bf16 else None)
 
 
+# --------------------------------------------------------------------------- what may train
+
+
+def require_public(dataset: DatasetConfig, what: str) -> None:
+    """Refuse ``what`` (computation no ledger charge covers) unless the dataset is declared public.
+
+    Raises:
+        PrivacyError: the dataset config does not set ``public: true``.
+    """
+    if not dataset.public:
+        raise PrivacyError(
+            f"dataset {dataset.name!r} is not public (dataset config field 'public' is false): {what} is refused on it. "
+            "Private data is trained on only by DP-SGD under a running ledger charge (the pipeline's train stage); "
+            "tune on a public proxy dataset, or as charged runs. Nothing was trained."
+        )
+
+
+def authorize(
+    job: JobConfig, plan: Plan, dataset: DatasetConfig, charge: Optional[Charge], *, unit: str, delta: Optional[float] = None
+) -> None:
+    """Refuse a run the ledger did not admit as it would run; called before any training.
+
+    With a ``charge`` (read from the ledger): it must be ``running`` (marked before the first
+    private record was read) and its mechanism must equal the plan's in every figure the guarantee
+    depends on (:func:`dpops.privacy.charge_differences`; ``unit`` is the unit trained, 'user' when
+    the records name users), with sigma > 0; with ``delta`` (the ledger's, for a caller that holds
+    the ledger), the plan's delta too. Without one, only a public dataset (config field
+    ``public``) may be trained on, then also without noise (sigma 0: a non-private baseline).
+
+    Raises:
+        PrivacyError: any of the above does not hold. The message names figures and fields only.
+    """
+    if plan.dataset != dataset.name or job.dataset != dataset.name:
+        raise PrivacyError(f"the plan is for dataset {plan.dataset!r} and the job for {job.dataset!r}, but the dataset "
+                           f"config is {dataset.name!r}. Nothing was trained.")
+    sigma = plan.noise_multiplier
+    if not (math.isfinite(sigma) and sigma >= 0):
+        raise PrivacyError(f"noise multiplier {sigma!r}: must be a finite number >= 0. Nothing was trained.")
+    if charge is None:
+        require_public(dataset, "training without a running ledger charge" + (" and without noise" if sigma == 0 else ""))
+        return
+    if sigma == 0:
+        raise PrivacyError(f"charge {charge.id}: noise multiplier 0 is not DP-SGD; a charge admits sigma > 0 only. "
+                           "Nothing was trained.")
+    if charge.state != RUNNING:
+        raise PrivacyError(f"charge {charge.id} is {charge.state!r}, not 'running': the ledger must mark it running "
+                           "(Ledger.start) before its data is read and trained on. Nothing was trained.")
+    found = privacy.charge_differences(plan, charge, unit=unit, delta=delta)
+    if found:
+        raise PrivacyError(f"the plan differs from what charge {charge.id} admitted: {'; '.join(found)}. The mechanism "
+                           "trained must be the one charged. Nothing was trained.")
+
+
 # --------------------------------------------------------------------------- the run
 
 
@@ -279,8 +344,10 @@ def train(
     plan: Plan,
     train_df: pd.DataFrame,
     *,
+    dataset: DatasetConfig,
     labels: list[str],
     output_dir: Path,
+    charge: Optional[Charge] = None,
     on_step: Optional[Callable[[int], None]] = None,
     log_every: int = 10,
 ) -> TrainResult:
@@ -294,19 +361,25 @@ def train(
             users are sampled and clipped, see :mod:`dpops.users`); at most ``plan.n_records``
             privacy units (the n delta was checked for; it counts every audit canary, of which
             about half are included). Sampling stays at ``plan.sample_rate`` whatever the count.
+        dataset: the config of the dataset the records come from (its ``public`` flag decides
+            whether a run without ``charge`` is allowed).
+        charge: the run's ledger charge, read from the ledger once ``running``; its mechanism must
+            be the plan's (:func:`authorize`). None only for a public dataset.
         on_step: called (rank 0) with each step's number, 1 for the first, before the step's
             batch is drawn: for durable progress recorded ahead of the steps taken
             (:func:`dpops.stages.progress_recorder`). If it raises, that step is not taken.
 
     Raises:
-        PrivacyError: the data or the sampler differ from what the plan assumed, or the trainable
-            weights did not move on the first step.
+        PrivacyError: the run is not authorized (:func:`authorize`), the data or the sampler
+            differ from what the plan assumed, or the trainable weights did not move on the
+            first step.
         ConfigError: the job asks for something this machine or model cannot do.
     """
+    per_user = users.USER in train_df.columns
+    authorize(job, plan, dataset, charge, unit="user" if per_user else "record")
     if users.units(train_df) > plan.n_records:
         raise PrivacyError(f"plan is for at most n = {plan.n_records} units but {users.units(train_df)} were loaded")
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    per_user = users.USER in train_df.columns
     if per_user and (job.grad_sample_mode != "hooks" or distributed):
         raise ConfigError(
             "unit 'user' needs every per-example gradient of a batch in one process: field "
@@ -356,7 +429,7 @@ def train(
         if on_step is not None and rank == 0:
             on_step(step)  # before the step: durable progress must never be below the steps taken
         lr = schedule.get_last_lr()[0]  # this step's
-        loss = _private_step(
+        _private_step(
             private, next(batches), device=device,
             max_physical=None if per_user else job.training.max_physical_batch_size,
             regroup=loader.merge_grad_samples if per_user else None,
@@ -374,10 +447,7 @@ def train(
         if step % log_every == 0 or step == plan.steps:
             eps = _epsilon_after(plan, step)
             result.epsilon_by_step.append((step, eps))
-            if not math.isnan(loss):
-                result.loss_by_step.append((step, loss))
-            log.info("step %d/%d  epsilon %.3f  loss %.4f  lr %.2e  %.1fs", step, plan.steps, eps, loss,
-                     lr, time.perf_counter() - start)
+            log.info("step %d/%d  epsilon %.3f  lr %.2e  %.1fs", step, plan.steps, eps, lr, time.perf_counter() - start)
     result.seconds = time.perf_counter() - start
     if average is not None:
         average.copy_to(params)  # what is saved, scored and fingerprinted is the average
@@ -397,18 +467,18 @@ def _private_step(
     device: torch.device,
     max_physical: Optional[int],
     regroup: Optional[Callable[[list[nn.Parameter]], None]] = None,
-) -> float:
-    """One noisy step on one Poisson batch, in physical pieces; returns the batch's mean loss (NaN if empty).
+) -> None:
+    """One noisy step on one Poisson batch, in physical pieces. Returns nothing: the batch's loss
+    and size are raw statistics of private records.
 
     ``regroup`` (unit 'user') turns the per-record ``p.grad_sample`` rows into one row per user
     before the optimizer clips them.
     """
     optimizer = private.optimizer
     pieces = _pieces(batch, max_physical)
-    total, count = 0.0, 0
     for i, piece in enumerate(pieces):
         ids, mask, y = (t.to(device) for t in piece)
-        loss = private.backward(ids, mask, y)
+        private.backward(ids, mask, y)
         # Here (mode hooks) each trainable p.grad_sample holds this piece's per-example gradients:
         # the one place to regroup them (per user) before the optimizer clips them.
         if regroup is not None:
@@ -416,9 +486,6 @@ def _private_step(
         optimizer.signal_skip_step(do_skip=i < len(pieces) - 1)  # clip and sum now, step after the last piece
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if len(y):
-            total, count = total + loss * len(y), count + len(y)
-    return total / count if count else float("nan")
 
 
 def learning_rate_factor(optim: OptimSettings, done: int, steps: int) -> float:
@@ -467,7 +534,8 @@ class WeightAverage:
 
 
 def _epsilon_after(plan: Plan, steps: int) -> float:
-    """Run epsilon after ``steps`` steps; infinite without noise (a non-private baseline is never hidden)."""
+    """Run epsilon after ``steps`` steps; infinite without noise (a non-private baseline on a public
+    dataset is never hidden)."""
     if plan.noise_multiplier == 0:
         return math.inf
     return accounting.epsilon([SubsampledGaussian(plan.noise_multiplier, plan.sample_rate, steps)], delta=plan.delta)
