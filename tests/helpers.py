@@ -1,5 +1,6 @@
 """Small helpers shared by the tests."""
 
+import re
 from pathlib import Path
 
 import yaml
@@ -10,3 +11,8 @@ def edit_yaml(path: Path, fn) -> None:
     data = yaml.safe_load(Path(path).read_text())
     fn(data)
     Path(path).write_text(yaml.safe_dump(data))
+
+
+def steward_file(message: str) -> Path:
+    """The steward-only file a validation error points to (it holds the first offending rows)."""
+    return Path(re.search(r"for the data steward only: (\S+\.txt)\.", message).group(1))

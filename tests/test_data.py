@@ -19,6 +19,7 @@ from dpops.config import DatasetConfig
 from dpops.errors import ConfigError, DataValidationError
 from tests import dvc_repo
 from tests.dvc_repo import commit, dvc, make_repo, sh, tsv
+from tests.helpers import steward_file
 
 ROWS = [("1", "a fine film"), ("0", "dull and long"), ("1", "warm , funny"), ("0", "a mess")]
 
@@ -90,11 +91,6 @@ def test_a_fingerprint_key_file_readable_by_others_is_refused(repo):
 def test_validation_passes_on_good_data(repo):
     report = data.validate(data.resolve(_cfg(), repo=repo), _cfg())
     assert report.success and report.n_records == 4 and not report.failures
-
-
-def steward_file(message: str) -> Path:
-    """The steward-only file a validation error points to."""
-    return Path(re.search(r"for the data steward only: (\S+\.txt)\.", message).group(1))
 
 
 @pytest.mark.parametrize(

@@ -20,7 +20,7 @@ from dpops.config import DatasetConfig
 from dpops.errors import DataValidationError
 from dpops.ledger import COMMITTED, Ledger
 from tests.dvc_repo import make_repo
-from tests.test_data import steward_file
+from tests.helpers import steward_file
 
 C = 0.5
 
