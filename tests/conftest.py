@@ -29,6 +29,14 @@ def smoke_job(tmp_path, project_root) -> Path:
     return tmp_path / "configs" / "jobs" / "sst2_smoke.yaml"
 
 
+@pytest.fixture(autouse=True)
+def _workspace_in_tmp(tmp_path, monkeypatch):
+    """Every test's DPOPS_HOME is under tmp_path (the data fingerprint key file and steward-only
+    output are written there on first use, never into the project); workspace_env uses the same."""
+    monkeypatch.setenv("DPOPS_HOME", str(tmp_path / "dpops-home"))
+    monkeypatch.delenv("DPOPS_FINGERPRINT_KEY", raising=False)
+
+
 @pytest.fixture
 def workspace_env(tmp_path, monkeypatch):
     """A fresh dpops workspace (ledger, MLflow store, runs) under tmp_path."""

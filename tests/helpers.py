@@ -1,5 +1,6 @@
 """Small helpers shared by the tests."""
 
+import re
 from pathlib import Path
 
 import yaml
@@ -28,3 +29,8 @@ def public_dataset(name: str = "d", **fields):
     return DatasetConfig(**{"name": name, "files": {"train": "t", "holdout": "h", "eval": "e"}, "text_column": "text",
                             "label_column": "label", "labels": ["0", "1"], "privacy": {"epsilon_cap": 8, "delta": 1e-3},
                             "public": True, **fields})
+
+
+def steward_file(message: str) -> Path:
+    """The steward-only file a validation error points to (it holds the first offending rows)."""
+    return Path(re.search(r"for the data steward only: (\S+\.txt)\.", message).group(1))

@@ -94,15 +94,15 @@ CASES = {
                                                  r"data/train\.tsv: row 2: 2 field\(s\) separated by ','.*wrong delimiter"),
     "missing column": (dict(train=_tsv(GOOD, "label\tsentence")), r"data/train\.tsv: .*expect_column_to_exist\(text\)"),
     "null texts": (dict(train=_tsv(GOOD[:2] + ["0\t"] + GOOD[2:])),
-                   r"data/train\.tsv: .*expect_column_values_to_not_be_null\(text\) first at row 3"),
+                   r"data/train\.tsv: .*expect_column_values_to_not_be_null\(text\)"),
     "unknown labels": (dict(train=_tsv(GOOD[:1] + ["7\tan odd one"] + GOOD[1:])),
-                       r"data/train\.tsv: .*expect_column_values_to_be_in_set\(label\) first at row 2"),
+                       r"data/train\.tsv: .*expect_column_values_to_be_in_set\(label\)"),
     "empty dataset (header only)": (dict(train=_tsv([])), r"data/train\.tsv: .*expect_table_row_count_to_be_between.*no records"),
     "empty file": (dict(train=""), r"data/train\.tsv: the file is empty"),
     "one huge record": (dict(train=_tsv(GOOD[:1] + ["1\t" + "x" * 1_000_000] + GOOD[1:])),
-                        r"data/train\.tsv: .*expect_column_value_lengths_to_be_between\(text\) first at row 2"),
+                        r"data/train\.tsv: .*expect_column_value_lengths_to_be_between\(text\)"),
     "non-UTF-8 bytes": (dict(train=_tsv(GOOD[:2]).encode() + b"1\tcaf\xe9 au lait\n"), r"data/train\.tsv: row 3: bytes are not valid UTF-8"),
-    "duplicate records": (dict(train=_tsv(GOOD + GOOD[1:2])), r"data/train\.tsv: .*expect_column_values_to_be_unique\(text\) first at row 5"),
+    "duplicate records": (dict(train=_tsv(GOOD + GOOD[1:2])), r"data/train\.tsv: .*expect_column_values_to_be_unique\(text\)"),
     "delta >= 1/n": (dict(dataset={"privacy": {"epsilon_cap": 5.0, "delta": 0.25}}),
                      r"configs/datasets/toy\.yaml: .*field 'privacy\.delta' = 0\.25 must be below 1/n = 0\.0714 \(n = 14"),
     "epsilon <= 0 (job)": (dict(dp={"target_epsilon": 0}), r"configs/jobs/toy\.yaml: field 'dp\.target_epsilon'"),
@@ -112,15 +112,15 @@ CASES = {
     "block column missing": (dict(dataset=BLOCKS), r"data/train\.tsv: .*expect_column_to_exist\(month\).*the header has 2 field\(s\) "
                                                    r"separated by '\\t' and no column 'month' \(field 'blocks\.column'\)"),
     "empty block name": (dict(dataset=BLOCKS, train=_tsv(_in_months(GOOD[:2]) + ["\t0\tan odd one"], "month\tlabel\ttext")),
-                         r"data/train\.tsv: .*expect_column_values_to_not_be_null\(month\) first at row 3"),
+                         r"data/train\.tsv: .*expect_column_values_to_not_be_null\(month\)"),
     "block name that is free text": (dict(dataset=BLOCKS, train=_tsv(_in_months(GOOD[:3]) + ["xxxxxxxx xxxx\t0\tan odd one"],
                                                                      "month\tlabel\ttext")),
-                                     r"data/train\.tsv: .*expect_column_values_to_match_regex\(month\) first at row 4 \(block names"),
+                                     r"data/train\.tsv: .*expect_column_values_to_match_regex\(month\) \(block names"),
     "a user in two blocks": (dict(dataset={**BLOCKS, "unit": "user", "user_column": "user", "contribution_bound": 2},
                                   train=_tsv(["u1\t2026-01\t" + GOOD[0], "u2\t2026-01\t" + GOOD[1], "u1\t2026-02\t" + GOOD[2],
                                               "u3\t2026-02\t" + GOOD[3]], "user\tmonth\tlabel\ttext"),
                                   holdout_header="user\tlabel\ttext"),
-                             r"data/train\.tsv: .*expect_column_values_to_be_between\(blocks_per_user\) first at row 3 "
+                             r"data/train\.tsv: .*expect_column_values_to_be_between\(blocks_per_user\) "
                              r"\(a user's records lie in more than one block of column 'month'"),
     "block column is the text column": (dict(dataset={"blocks": {"column": "text"}}),
                                         r"configs/datasets/toy\.yaml: .*'blocks\.column' must differ"),
@@ -245,6 +245,6 @@ def test_dpops_run_stops_before_reserve_on_bad_data(tmp_path, workspace_env):
                             capture_output=True, text=True, timeout=900)
     output = result.stdout + result.stderr
     assert result.returncode == 3, output
-    assert "expect_column_values_to_be_in_set(label) first at row 2" in output
+    assert "expect_column_values_to_be_in_set(label)" in output and "row 2" not in output
     assert "odd one" not in output
     _assert_nothing_happened(workspace_env)

@@ -15,7 +15,7 @@ from dpops.config import DatasetConfig, DPSettings
 from dpops.errors import BudgetExceededError, DataValidationError
 from dpops.ledger import COMMITTED, Ledger
 from tests.dvc_repo import commit, make_repo
-from tests.helpers import edit_yaml
+from tests.helpers import edit_yaml, steward_file
 from tests.tiny_models import tiny_bert
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "monthly"
@@ -85,12 +85,15 @@ def test_resolve_counts_each_block_in_order_of_arrival(monthly):
     stages.validate(str(job), ref)
     plan = stages.plan(str(job), ref, policy_path=_policy(job))
     assert plan["blocks"] == [JAN, FEB] and plan["n_records"] == 40 + 10
-    # A value that is not a block name (here free text) never reaches the reference; validation names its row.
+    # A value that is not a block name (here free text) never reaches the reference; validation names
+    # its column, and its row in the steward-only file.
     commit(repo, {"data/train.tsv": _train_tsv([JAN], extra=("u099\ta secret note\t1\tan odd ticket",))}, "bad")
     ref = stages.resolve(str(job), str(repo))
     assert ref["blocks"] is None and "secret" not in repr(ref)
-    with pytest.raises(DataValidationError, match=r"expect_column_values_to_match_regex\(arrival_month\) first at row 41"):
+    with pytest.raises(DataValidationError, match=r"expect_column_values_to_match_regex\(arrival_month\) \(block names") as err:
         stages.validate(str(job), ref)
+    assert "row 41" not in str(err.value)
+    assert "expect_column_values_to_match_regex(arrival_month): first offending row 41" in steward_file(str(err.value)).read_text()
 
 
 def test_recurring_fresh_runs_exhaust_a_month_then_train_on_the_new_one_only(monthly, workspace_env, monkeypatch):

@@ -1,8 +1,12 @@
 """Data stage: real DVC repositories, real Great Expectations, bad input named precisely."""
 
+import hashlib
+import hmac
 import json
 import os
+import re
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pandas as pd
@@ -10,11 +14,12 @@ import pytest
 import yaml
 
 from dpops import config as data_config
-from dpops import data, prepare
+from dpops import data, prepare, settings
 from dpops.config import DatasetConfig
 from dpops.errors import ConfigError, DataValidationError
 from tests import dvc_repo
 from tests.dvc_repo import commit, dvc, make_repo, sh, tsv
+from tests.helpers import steward_file
 
 ROWS = [("1", "a fine film"), ("0", "dull and long"), ("1", "warm , funny"), ("0", "a mess")]
 
@@ -34,16 +39,53 @@ def repo(tmp_path):
     return make_repo(tmp_path / "repo", {"data/train.tsv": tsv(ROWS), "data/holdout.tsv": tsv(ROWS[:2]), "data/eval.tsv": tsv(ROWS[2:])})
 
 
-def test_resolve_reads_by_revision_and_hashes_content(repo):
+def test_resolve_reads_by_revision_and_fingerprints_content(repo):
     v1 = data.resolve(_cfg(), repo=repo, rev="HEAD")
     commit(repo, {"data/train.tsv": tsv(ROWS + [("1", "new arrivals")])}, "data v2")
     v2 = data.resolve(_cfg(), repo=repo, rev="HEAD")
     old = data.resolve(_cfg(), repo=repo, rev="HEAD~1")
     assert (v1.n_records, v2.n_records) == (4, 5)
-    assert old.sha256 == v1.sha256 != v2.sha256
-    assert v1.dvc_md5 and v1.dvc_md5 != v2.dvc_md5
+    assert old.fingerprint == v1.fingerprint != v2.fingerprint
+    assert v1.version == f"hmac-sha256:{v1.fingerprint}"
     df = data.load_split(old, _cfg())
     assert len(df) == 4 and list(df.columns) == ["text", "label"]
+
+
+def test_the_fingerprint_is_keyed_and_never_a_plain_hash(repo, tmp_path, monkeypatch):
+    content = tsv(ROWS).encode()
+    plain = {hashlib.sha256(content).hexdigest(), hashlib.md5(content).hexdigest()}
+    ref = data.resolve(_cfg(), repo=repo)
+    assert not any(h in json.dumps(asdict(ref)) + ref.version for h in plain)
+    key_file = settings.workspace().fingerprint_key_file
+    assert key_file.stat().st_mode & 0o777 == 0o600 and len(key_file.read_bytes()) == 32
+    assert ref.fingerprint == hmac.new(key_file.read_bytes(), content, "sha256").hexdigest()
+    assert data.resolve(_cfg(), repo=repo).fingerprint == ref.fingerprint  # the key persists in the workspace
+
+    monkeypatch.setenv("DPOPS_HOME", str(tmp_path / "another-workspace"))  # another key: another fingerprint
+    other = data.resolve(_cfg(), repo=repo)
+    assert other.fingerprint != ref.fingerprint
+    with pytest.raises(DataValidationError, match="fingerprint mismatch.*DPOPS_FINGERPRINT_KEY"):
+        data.load_split(ref, _cfg())  # resolved under another key: refused, not silently re-read
+
+    key = "ab" * 32  # several machines share the key through the environment
+    monkeypatch.setenv("DPOPS_FINGERPRINT_KEY", key)
+    shared = data.resolve(_cfg(), repo=repo)
+    assert shared.fingerprint == hmac.new(bytes.fromhex(key), content, "sha256").hexdigest()
+    monkeypatch.setenv("DPOPS_HOME", str(tmp_path / "third-workspace"))
+    assert data.resolve(_cfg(), repo=repo).fingerprint == shared.fingerprint
+    assert not (tmp_path / "third-workspace").exists(), "with the variable set no key file is written"
+    monkeypatch.setenv("DPOPS_FINGERPRINT_KEY", "not hex")
+    with pytest.raises(ConfigError, match="DPOPS_FINGERPRINT_KEY must be 64 hex digits") as err:
+        data.resolve(_cfg(), repo=repo)
+    assert "not hex" not in str(err.value)
+
+
+def test_a_fingerprint_key_file_readable_by_others_is_refused(repo):
+    data.resolve(_cfg(), repo=repo)
+    key_file = settings.workspace().fingerprint_key_file
+    key_file.chmod(0o644)
+    with pytest.raises(ConfigError, match="fingerprint.key: the fingerprint key is readable by others"):
+        data.resolve(_cfg(), repo=repo)
 
 
 def test_validation_passes_on_good_data(repo):
@@ -52,20 +94,30 @@ def test_validation_passes_on_good_data(repo):
 
 
 @pytest.mark.parametrize(
-    "content,match",
+    "content,match,row",
     [
-        (tsv([("1", "fine"), ("7", "what")]), "expect_column_values_to_be_in_set\\(label\\)"),
-        (tsv([("1", "fine"), ("0", "")]), "expect_column_values_to_not_be_null\\(text\\)"),
-        (tsv([("1", "fine"), ("0", "x" * 51)]), "expect_column_value_lengths_to_be_between\\(text\\)"),
-        (tsv([("1", "fine")], header=("label", "sentence")), "expect_column_to_exist\\(text\\)"),
+        (tsv([("1", "fine"), ("1", "good"), ("7", "what")]), "expect_column_values_to_be_in_set\\(label\\)", 3),
+        (tsv([("1", "fine"), ("0", "")]), "expect_column_values_to_not_be_null\\(text\\)", 2),
+        (tsv([("1", "fine"), ("0", "x" * 51)]), "expect_column_value_lengths_to_be_between\\(text\\)", 2),
+        (tsv([("1", "fine")], header=("label", "sentence")), "expect_column_to_exist\\(text\\)", None),
     ],
 )
-def test_validation_failures_name_expectation_and_column_not_values(repo, content, match):
+def test_validation_failures_name_expectation_and_column_not_rows_or_values(repo, content, match, row):
     commit(repo, {"data/train.tsv": content}, "bad data")
     with pytest.raises(DataValidationError, match=match) as err:
         data.validate(data.resolve(_cfg(), repo=repo), _cfg())
-    assert "data/train.tsv" in str(err.value)
-    assert "what" not in str(err.value) and "xxxx" not in str(err.value)
+    message = str(err.value)
+    assert "data/train.tsv" in message
+    assert "what" not in message and "xxxx" not in message
+    assert not re.search(r"\brow\b", message), "a row number is row-level detail: steward-only"
+    if row is None:  # nothing row-wise to report: no steward file
+        assert "steward" not in message
+        return
+    path = steward_file(message)  # the first offending row, for the steward, in a private file
+    assert path.parent == settings.workspace().steward and path.stat().st_mode & 0o777 == 0o600
+    assert path.parent.stat().st_mode & 0o777 == 0o700
+    assert f"{match.replace(chr(92), '')}: first offending row {row}" in path.read_text()
+    assert "what" not in path.read_text() and "xxxx" not in path.read_text()
 
 
 def test_non_utf8_bytes_name_file_and_row(repo):
@@ -91,7 +143,7 @@ def test_unknown_label_on_load_names_row_and_column(repo):
 def test_load_refuses_content_that_changed_after_resolve(repo):
     ref = data.resolve(_cfg(), repo=repo)
     (repo / "data/train.tsv").write_text(tsv(ROWS[:3]))
-    with pytest.raises(DataValidationError, match="sha256 mismatch"):
+    with pytest.raises(DataValidationError, match="content changed since it was resolved \\(fingerprint mismatch"):
         data.load_split(ref, _cfg())
 
 
@@ -277,9 +329,9 @@ def test_dvc_pipeline_reproduces_and_old_revisions_stay_readable(tmp_path, proje
     sh(repo, "git", "add", "-A")
     sh(repo, "git", "commit", "-qm", "v2")
     v2 = data.resolve(cfg, repo=repo, rev="HEAD")
-    assert v2.n_records > v1.n_records and v1.sha256 != v2.sha256
+    assert v2.n_records > v1.n_records and v1.fingerprint != v2.fingerprint
     old = data.load_split(data.resolve(cfg, repo=repo, rev="HEAD~1"), cfg)
-    assert data.resolve(cfg, repo=repo, rev="HEAD~1").sha256 == v1.sha256 and len(old) == v1.n_records
+    assert data.resolve(cfg, repo=repo, rev="HEAD~1").fingerprint == v1.fingerprint and len(old) == v1.n_records
     assert set(old["text"]) <= set(data.load_split(v2, cfg)["text"])  # every v1 training record still trains
 
 

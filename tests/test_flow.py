@@ -1,9 +1,14 @@
 """The whole flow on a tiny subset: real Prefect (test harness), MLflow (SQLite in tmp), DVC,
 Great Expectations and Opacus. Nothing mocked."""
 
+import hashlib
+import json
 import shutil
+from dataclasses import asdict
+from pathlib import Path
 
 import pytest
+import yaml
 
 from dpops import accounting, config, privacy
 from dpops.errors import BudgetExceededError
@@ -54,7 +59,7 @@ def test_flow_end_to_end_records_ledger_mlflow_and_promotes(prefect_harness, wor
     charge = ledger.charge(summary["charge_id"])
     assert charge.state == COMMITTED and charge.steps_run == plan.steps == 5
     assert charge.mechanism.sample_rate == plan.sample_rate and charge.n_records == 2000 + 100
-    assert charge.data_version.startswith("sha256:") and charge.flow_run_id
+    assert charge.data_version.startswith("hmac-sha256:") and charge.flow_run_id
     assert ledger.budget("sst2").spent == pytest.approx(accounting.filter_epsilon([plan.mechanism], delta=ds.privacy.delta))
     assert ledger.verify() == []
     kinds = [e["event"] for e in ledger.history("sst2")]
@@ -78,6 +83,36 @@ def test_flow_end_to_end_records_ledger_mlflow_and_promotes(prefect_harness, wor
     model = mlflow.pyfunc.load_model("models:/sst2-sentiment-smoke@production")
     pred = model.predict(pd.DataFrame({"text": ["a wonderful film", "a dull mess"]}))
     assert set(pred["label"]) <= {"0", "1"} and len(pred) == 2
+
+    _assert_no_plain_hash_of_the_training_file(project_root, ledger, client, run, version, charge)
+
+
+def _assert_no_plain_hash_of_the_training_file(project_root, ledger, client, run, version, charge):
+    """No MLflow param, tag or report, ledger field or Prefect parameter, artifact or log holds the
+    sha256 or an md5 (DVC's, from dvc.lock) of the private training file: only the keyed fingerprint."""
+    content = (project_root / "data/prepared/sst2/train.tsv").read_bytes()
+    lock = yaml.safe_load((project_root / "dvc.lock").read_text())
+    dvc_md5s = {o["md5"] for stage in lock["stages"].values() for o in stage.get("outs", [])
+                if o["path"].endswith("sst2/train.tsv")}
+    plain = {hashlib.sha256(content).hexdigest(), hashlib.md5(content).hexdigest(), *dvc_md5s}
+    assert len(plain) >= 3
+
+    assert run.data.params["data.fingerprint"] == charge.data_version.removeprefix("hmac-sha256:")
+    report = Path(client.download_artifacts(run.info.run_id, "privacy_report.json")).read_text()
+    released = {
+        "mlflow params": json.dumps(run.data.params), "mlflow tags": json.dumps(run.data.tags),
+        "model version tags": json.dumps(version.tags), "privacy_report.json": report,
+        "ledger charge": json.dumps(asdict(charge), default=str), "ledger history": json.dumps(list(ledger.history("sst2")), default=str),
+    }
+    from prefect import get_client
+
+    with get_client(sync_client=True) as prefect:
+        released["prefect flow run parameters"] = json.dumps([r.parameters for r in prefect.read_flow_runs()], default=str)
+        released["prefect artifacts"] = json.dumps([a.data for a in prefect.read_artifacts()], default=str)
+        released["prefect logs"] = "\n".join(log.message for log in prefect.read_logs())
+    assert '"ref": {' in released["prefect flow run parameters"], "dp-train's parameters (ref) are stored and checked"
+    leaks = [(where, h) for where, text in released.items() for h in plain if h in text]
+    assert not leaks, leaks
 
 
 def test_next_run_over_cap_is_refused_before_training(prefect_harness, workspace_env, configs, project_root):

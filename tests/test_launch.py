@@ -5,6 +5,7 @@ processes, each reads the records itself and samples its own shard; rank 0 answe
 the parent settles from it. A process killed mid-run leaves the charge charged in full.
 """
 
+import json
 import os
 
 import pytest
@@ -109,7 +110,8 @@ def test_two_processes_train_once_and_the_charge_commits_at_the_planned_steps(wo
     # what travelled to the processes: references, never a record
     request = (run_dir / "launch" / launch.REQUEST).read_text()
     job, ds = stages._load(str(smoke_job))
-    records = stages.training_records(job, ds, ref, plan, canaries.Canaries.load(run_dir / canaries.FILE))
+    records = stages.training_records(job, ds, ref, plan, canaries.Canaries.load(run_dir / canaries.FILE),
+                                      subset_key=bytes.fromhex(json.loads(request)["subset_key"]))
     assert len(records) >= 64 and not any(text in request for text in records["text"] if len(text) > 20)
 
 

@@ -6,6 +6,7 @@ a hand loop; the end-to-end test runs the real stages on a synthetic user datase
 
 import copy
 
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -14,12 +15,12 @@ from opacus.optimizers import DPOptimizer
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from dpops import data, stages, users
+from dpops import canaries, data, stages, users
 from dpops.config import DatasetConfig
 from dpops.errors import DataValidationError
 from dpops.ledger import COMMITTED, Ledger
 from tests.dvc_repo import make_repo
-from tests.helpers import policy_accepting_inconclusive
+from tests.helpers import policy_accepting_inconclusive, steward_file
 
 C = 0.5
 
@@ -117,24 +118,75 @@ def _dataset(**over) -> dict:
     return base
 
 
-def test_validation_refuses_users_above_the_contribution_bound(tmp_path):
-    rows = _user_rows(8, 2) + _user_rows(1, 5)[2:]  # user u00 now has 2 + 3 = 5 records > bound 3
+def _records(users_and_counts: dict[str, int]) -> pd.DataFrame:
+    rows = [(u, f"note {k} by {u}", k % 2) for u, n in users_and_counts.items() for k in range(n)]
+    return pd.DataFrame(rows, columns=[data.USER, data.TEXT, data.LABEL])
+
+
+def test_bound_contributions_keeps_a_uniformly_random_subset_of_at_most_the_bound_per_user():
+    df = _records({"many": 5, "few": 2, "one": 1}).sample(frac=1.0, random_state=0)  # users interleaved
+    kept_sets = []
+    for _ in range(300):
+        out = users.bound_contributions(df, 3, users.new_subset_key())
+        assert out.groupby(data.USER).size().to_dict() == {"many": 3, "few": 2, "one": 1}  # n users unchanged
+        assert set(map(tuple, out.to_numpy())) <= set(map(tuple, df.to_numpy()))
+        kept_sets.append(frozenset(out.loc[out[data.USER] == "many", data.TEXT]))
+    # every 3 of the 5 records (10 subsets) is drawn, each about 1/10 of the time
+    counts = pd.Series(kept_sets).value_counts()
+    assert len(counts) == 10 and counts.min() >= 8 and counts.max() <= 60  # Binomial(300, 0.1): mean 30, sd 5.2
+    with pytest.raises(ValueError, match="at least 1"):
+        users.bound_contributions(df, 0, users.new_subset_key())
+
+
+def test_bound_contributions_is_1_stable_for_user_level_neighbours():
+    """Adding a user (all their records), anywhere in the file, changes no other user's kept records."""
+    df = _records({"a": 6, "b": 4, "c": 5})
+    neighbour = pd.concat([_records({"new": 7}), df], ignore_index=True)  # the new user's rows come first
+    for _ in range(20):
+        key = users.new_subset_key()
+        kept = users.bound_contributions(df, 2, key)
+        kept_neighbour = users.bound_contributions(neighbour, 2, key)
+        assert kept_neighbour[kept_neighbour[data.USER] != "new"].reset_index(drop=True).equals(kept)
+
+
+def test_a_user_above_the_bound_passes_validation_and_only_the_bound_is_trained_on(tmp_path, monkeypatch):
+    rows = _user_rows(8, 2) + _user_rows(1, 7)[2:]  # user u00 now has 2 + 5 = 7 records > bound 3
     repo = make_repo(tmp_path / "repo", _files(rows))
-    cfg = DatasetConfig(**_dataset())
-    ref = data.resolve(cfg, repo=repo)
-    assert (ref.n_records, ref.n_users, ref.n_units) == (19, 8, 8)
-    with pytest.raises(DataValidationError, match=r"expect_column_values_to_be_between\(records_per_user\) first at row 18") as err:
-        data.validate(ref, cfg)
-    assert "person" not in str(err.value)
-    assert data.validate(ref, DatasetConfig(**_dataset(contribution_bound=5))).success
+    job = _job_files(repo)
+    ref = stages.resolve(str(job), str(repo))
+    assert (ref["n_records"], ref["n_users"]) == (21, 8)
+    assert stages.validate(str(job), ref)["success"]  # no longer refused
+    plan = stages.plan(str(job), ref)
+    assert plan["n_records"] == 8 + 10  # users (+ canaries): unchanged by the bound
+    charge_id = stages.reserve(str(job), ref, plan)
+    trained_on = []
+
+    def fake_train(job, plan, df, **kwargs):  # what stages.train hands the trainer
+        trained_on.append(df)
+        raise RuntimeError("stop here: the records are what this test checks")
+
+    monkeypatch.setattr(stages.training, "train", fake_train)
+    with pytest.raises(RuntimeError, match="stop here"):
+        stages.train(str(job), ref, plan, charge_id)
+    real = trained_on[0][~trained_on[0][data.USER].str.startswith("dpops-canary-")]
+    assert real.groupby(data.USER).size().max() == 3 and real[data.USER].nunique() == 8
+    assert (real[data.USER] == "u00").sum() == 3 and len(real) == 7 * 2 + 3
+    # the subset is drawn afresh: across draws u00's kept records differ
+    job_cfg, ds = stages._load(str(job))
+    drawn = [frozenset(stages.training_records(job_cfg, ds, ref, plan, canaries.draw(10, n_labels=2, seed=0),
+                                               subset_key=users.new_subset_key()).query("user == 'u00'")["text"])
+             for _ in range(12)]
+    assert len(set(drawn)) > 1 and all(len(d) == 3 for d in drawn)
 
 
 def test_validation_names_a_missing_user_column_and_repeated_user_records(tmp_path):
     cfg = DatasetConfig(**_dataset())
     rows = _user_rows(4, 2)
     repo = make_repo(tmp_path / "repo", _files(rows[:3] + rows[2:3] + rows[3:]))  # row 4 repeats row 3
-    with pytest.raises(DataValidationError, match=r"expect_compound_columns_to_be_unique first at row 4"):
+    with pytest.raises(DataValidationError, match=r"expect_compound_columns_to_be_unique\. First offending rows") as err:
         data.validate(data.resolve(cfg, repo=repo), cfg)
+    assert "row 4" not in str(err.value)
+    assert "expect_compound_columns_to_be_unique: first offending row 4" in steward_file(str(err.value)).read_text()
     no_user = {k: "\n".join(line.split("\t", 1)[1] for line in v.splitlines()) + "\n" for k, v in _files(rows).items()}
     repo = make_repo(tmp_path / "repo2", no_user)
     ref = data.resolve(cfg, repo=repo)
@@ -143,9 +195,7 @@ def test_validation_names_a_missing_user_column_and_repeated_user_records(tmp_pa
         data.validate(ref, cfg)
 
 
-@pytest.mark.slow
-def test_user_level_run_through_the_stages_charges_users(tmp_path, workspace_env):
-    repo = make_repo(tmp_path / "repo", _files(_user_rows(24, 3)))
+def _job_files(repo):
     (repo / "configs/datasets").mkdir(parents=True)
     (repo / "configs/jobs").mkdir()
     (repo / "configs/datasets/notes.yaml").write_text(yaml.safe_dump(_dataset()))
@@ -154,6 +204,13 @@ def test_user_level_run_through_the_stages_charges_users(tmp_path, workspace_env
         "name": "notes-user", "dataset": "notes", "registered_model": "notes", "model": {"max_length": 16},
         "dp": {"target_epsilon": 8.0, "expected_batch_size": 6, "steps": 3}, "audit": {"canaries": 10},
     }))
+    return job
+
+
+@pytest.mark.slow
+def test_user_level_run_through_the_stages_charges_users(tmp_path, workspace_env):
+    repo = make_repo(tmp_path / "repo", _files(_user_rows(24, 3)))
+    job = _job_files(repo)
     ref = stages.resolve(str(job), str(repo))
     assert (ref["n_records"], ref["n_users"]) == (72, 24)
     stages.validate(str(job), ref)

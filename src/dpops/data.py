@@ -1,14 +1,24 @@
 """Private data: resolve a dataset version through DVC, load it, validate it.
 
-Functions here return plain values. :func:`resolve` returns a :class:`DataRef` (paths, hashes,
-counts, and for a dataset partitioned into blocks each block's name and count; never records); only :func:`load_split` returns records, and it is called by the stages
-that need them (validate, train, evaluate, audit), never by code that persists its results.
+Functions here return plain values. :func:`resolve` returns a :class:`DataRef` (paths, a keyed
+fingerprint, counts, and for a dataset partitioned into blocks each block's name and count; never
+records); only :func:`load_split` returns records, and it is called by the stages that need them
+(validate, train, evaluate, audit), never by code that persists its results.
+
+A data version is named by its **fingerprint**, HMAC-SHA256 of the file's bytes under the
+workspace's secret key (:func:`dpops.settings.fingerprint_key`), never by a plain hash: anyone
+holding all the records but one could test guesses of the last against a published sha256 or
+DVC md5 offline. The plain hashes stay with the data steward (``dvc.lock``, ``.dvc`` pointers);
+dpops neither computes nor releases them.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import os
+import secrets
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -17,6 +27,7 @@ import pandas as pd
 
 from dpops.config import BLOCK_NAME_PATTERN, DatasetConfig
 from dpops.errors import DataValidationError, describe_exception
+from dpops.settings import fingerprint_key, workspace
 
 TEXT = "text"
 LABEL = "label"
@@ -31,8 +42,7 @@ class DataRef:
     repo: str
     rev: Optional[str]
     path: str
-    sha256: str
-    dvc_md5: Optional[str]
+    fingerprint: str  # HMAC-SHA256 of the file's bytes under the workspace key (hex); see fingerprint()
     n_records: int
     n_users: Optional[int] = None  # unit 'user' only: the number of privacy units
     #: Partitioned datasets only: each block's privacy units (records, or users for unit 'user'),
@@ -47,8 +57,17 @@ class DataRef:
 
     @property
     def version(self) -> str:
-        """The data version recorded in the ledger and MLflow."""
-        return f"sha256:{self.sha256}"
+        """The data version recorded in the ledger and MLflow: the keyed fingerprint, never a plain hash."""
+        return f"hmac-sha256:{self.fingerprint}"
+
+
+def fingerprint(data: bytes) -> str:
+    """HMAC-SHA256 of ``data`` under the workspace's fingerprint key, hex.
+
+    Names a data version (equal bytes, equal fingerprint, on every machine sharing the key) without
+    letting anyone who lacks the key test a guess of the content.
+    """
+    return hmac.new(fingerprint_key(), data, hashlib.sha256).hexdigest()
 
 
 def find_repo_root(start: str | Path) -> Path:
@@ -60,12 +79,8 @@ def find_repo_root(start: str | Path) -> Path:
     raise DataValidationError(f"{start}: not inside a DVC repository (no .dvc directory found above it)")
 
 
-def read_bytes(repo: str | Path, path: str, rev: Optional[str] = None) -> tuple[bytes, Optional[str]]:
-    """Bytes of ``path`` at git revision ``rev`` (None: the working tree), through DVC.
-
-    Returns:
-        ``(data, dvc_md5)``; the md5 is DVC's own hash of the output when DVC tracks the file.
-    """
+def read_bytes(repo: str | Path, path: str, rev: Optional[str] = None) -> bytes:
+    """Bytes of ``path`` at git revision ``rev`` (None: the working tree), through DVC."""
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
     from dvc.api import DVCFileSystem
 
@@ -74,7 +89,6 @@ def read_bytes(repo: str | Path, path: str, rev: Optional[str] = None) -> tuple[
     except Exception as exc:  # dvc raises several unrelated types for a bad rev
         raise DataValidationError(f"{repo}: cannot open revision {rev!r} ({describe_exception(exc)})") from None
     try:
-        info = fs.info(path)
         with fs.open(path, "rb") as fh:
             data = fh.read()
     except FileNotFoundError:
@@ -86,8 +100,7 @@ def read_bytes(repo: str | Path, path: str, rev: Optional[str] = None) -> tuple[
         raise DataValidationError(
             f"{path}: cannot read revision {rev!r} of {repo} ({describe_exception(exc)}; run `dvc pull`?)"
         ) from None
-    md5 = (info.get("dvc_info") or {}).get("md5") or info.get("md5")
-    return data, md5
+    return data
 
 
 def _parse(data: bytes, *, source: str, delimiter: str) -> pd.DataFrame:
@@ -119,10 +132,13 @@ def _parse(data: bytes, *, source: str, delimiter: str) -> pd.DataFrame:
 
 
 def read_resolved(ref: DataRef) -> bytes:
-    """The training split's bytes, refused unless they still hash to what resolve recorded."""
-    data, _ = read_bytes(ref.repo, ref.path, ref.rev)
-    if hashlib.sha256(data).hexdigest() != ref.sha256:
-        raise DataValidationError(f"{ref.path}: content changed since it was resolved (sha256 mismatch); refusing to use it")
+    """The training split's bytes, refused unless their fingerprint is still the one resolve recorded."""
+    data = read_bytes(ref.repo, ref.path, ref.rev)
+    if not hmac.compare_digest(fingerprint(data), ref.fingerprint):
+        raise DataValidationError(
+            f"{ref.path}: content changed since it was resolved (fingerprint mismatch; or this process uses another "
+            f"fingerprint key than the resolve stage's: see DPOPS_FINGERPRINT_KEY); refusing to use it"
+        )
     return data
 
 
@@ -159,8 +175,8 @@ def load_split(
     """Load a split as a DataFrame with columns ``text`` and ``label`` (label as a class index),
     plus ``user`` (the user column's values) when the dataset's unit of privacy is 'user'.
 
-    With ``path`` None the training split of ``ref`` is read, and its sha256 must still equal the
-    one recorded at resolve time. Other splits (eval, holdout) are read at the same revision.
+    With ``path`` None the training split of ``ref`` is read, and its fingerprint must still equal
+    the one recorded at resolve time. Other splits (eval, holdout) are read at the same revision.
 
     Args:
         blocks: training split of a partitioned dataset only: keep just the records of these
@@ -172,7 +188,7 @@ def load_split(
     if blocks is not None and (path is not None or cfg.blocks is None):
         raise ValueError("blocks= selects records of the training split of a partitioned dataset only")
     target = path or ref.path
-    data = read_resolved(ref) if path is None else read_bytes(ref.repo, target, ref.rev)[0]
+    data = read_resolved(ref) if path is None else read_bytes(ref.repo, target, ref.rev)
     df = _parse(data, source=target, delimiter=cfg.delimiter)
     if any(c not in df.columns for c in _columns(cfg, train=path is None)):
         raise DataValidationError(f"{target}: {_missing_columns(list(df.columns), cfg, train=path is None)}")
@@ -212,13 +228,13 @@ def _block_units(df: pd.DataFrame, cfg: DatasetConfig) -> Optional[dict[str, int
 
 
 def resolve(cfg: DatasetConfig, *, repo: str | Path, rev: Optional[str] = None, max_records: Optional[int] = None) -> DataRef:
-    """Resolve the training split of ``cfg`` at ``rev``: content hash and record count, and for
-    unit 'user' the number of users (the n of the accountant and the ledger).
+    """Resolve the training split of ``cfg`` at ``rev``: keyed fingerprint and record count, and
+    for unit 'user' the number of users (the n of the accountant and the ledger).
 
     Args:
         max_records: count only the first N records (tests); training then reads exactly those.
     """
-    data, md5 = read_bytes(repo, cfg.files.train, rev)
+    data = read_bytes(repo, cfg.files.train, rev)
     df = _parse(data, source=cfg.files.train, delimiter=cfg.delimiter)
     if max_records is not None:
         df = df.iloc[:max_records]
@@ -227,20 +243,16 @@ def resolve(cfg: DatasetConfig, *, repo: str | Path, rev: Optional[str] = None, 
         n_users = int(df[cfg.user_column].replace({"": None}).nunique())
     return DataRef(
         dataset=cfg.name, repo=str(Path(repo).resolve()), rev=rev, path=cfg.files.train,
-        sha256=hashlib.sha256(data).hexdigest(), dvc_md5=md5, n_records=len(df), n_users=n_users,
+        fingerprint=fingerprint(data), n_records=len(df), n_users=n_users,
         blocks=_block_units(df, cfg) if cfg.blocks is not None else None,
     )
 
 
 # --------------------------------------------------------------------------- validation
 
-#: Extra column the suite checks for unit 'user': how many records the row's user contributed.
-RECORDS_PER_USER = "records_per_user"
 #: Extra column the suite checks for unit 'user' on a partitioned dataset: how many blocks the
-#: row's user has records in (must be 1, or blocks do not compose in parallel).
+#: row's user has records in (must be 1, or blocks do not compose in parallel). Never part of the file.
 BLOCKS_PER_USER = "blocks_per_user"
-#: Columns the suite adds; never part of the file.
-_DERIVED = (RECORDS_PER_USER, BLOCKS_PER_USER)
 
 
 @dataclass(frozen=True)
@@ -260,10 +272,14 @@ def build_suite(cfg: DatasetConfig):  # -> gx.ExpectationSuite
     """The Great Expectations suite a dataset config implies.
 
     Schema (the columns exist), no nulls or empty texts, labels in the configured set, text length
-    within bounds, no duplicate records (a repeated record is one person counted twice), and for
-    unit 'user' at most ``contribution_bound`` records per user. For a dataset partitioned into
-    blocks: every record names a block (a short label, never free text), and for unit 'user'
-    every user's records lie in exactly one block (otherwise parallel composition is invalid).
+    within bounds, no duplicate records (a repeated record is one person counted twice). For a
+    dataset partitioned into blocks: every record names a block (a short label, never free text),
+    and for unit 'user' every user's records lie in exactly one block (otherwise parallel
+    composition is invalid).
+
+    No expectation bounds the records per user: a check that refuses the whole dataset because one
+    user has too many records releases a fact about that one user. The bound is enforced at
+    training instead, by a 1-stable transformation (:func:`dpops.users.bound_contributions`).
     """
     import great_expectations as gx
     import great_expectations.expectations as gxe
@@ -281,7 +297,6 @@ def build_suite(cfg: DatasetConfig):  # -> gx.ExpectationSuite
     )
     if cfg.unit == "user":
         suite.add_expectation(gxe.ExpectCompoundColumnsToBeUnique(column_list=[cfg.user_column, cfg.text_column]))
-        suite.add_expectation(gxe.ExpectColumnValuesToBeBetween(column=RECORDS_PER_USER, max_value=cfg.contribution_bound))
     else:
         suite.add_expectation(gxe.ExpectColumnValuesToBeUnique(column=cfg.text_column))
     if cfg.blocks is not None:
@@ -302,12 +317,9 @@ def _offending_rows(raw: pd.DataFrame, cfg: DatasetConfig) -> dict[str, Callable
     text_len = raw[cfg.text_column].str.len() if cfg.text_column in raw else None
     pair = [cfg.user_column, cfg.text_column]
 
-    def between(col: str) -> pd.Series:
-        if col == BLOCKS_PER_USER:  # the first row whose block differs from its user's first block
-            block = raw[cfg.blocks.column]
-            return block.notna() & (block != block.groupby(raw[cfg.user_column], dropna=False).transform("first"))
-        # the row that takes its user past the bound
-        return raw.groupby(cfg.user_column, dropna=False).cumcount() >= (cfg.contribution_bound or 0)
+    def between(col: str) -> pd.Series:  # BLOCKS_PER_USER: the first row whose block differs from its user's first block
+        block = raw[cfg.blocks.column]
+        return block.notna() & (block != block.groupby(raw[cfg.user_column], dropna=False).transform("first"))
 
     return {
         "expect_column_values_to_not_be_null": lambda col: raw[col].isna(),
@@ -322,15 +334,17 @@ def _offending_rows(raw: pd.DataFrame, cfg: DatasetConfig) -> dict[str, Callable
     }
 
 
-def _describe(failures: list[tuple[str, Optional[str]]], raw: pd.DataFrame, cfg: DatasetConfig) -> list[str]:
+def _describe(failures: list[tuple[str, Optional[str]]], raw: pd.DataFrame, cfg: DatasetConfig) -> tuple[list[str], list[str]]:
+    """What the error says of each failure (expectation, column, why: no row), and the steward-only
+    lines (each failure's first offending row)."""
     rows = _offending_rows(raw, cfg)
-    out = []
+    out, steward = [], []
     for name, col in failures:
         label = f"{name}({col})" if col else name
         if name in rows and (col is None or col in raw.columns):
             mask = rows[name](col).fillna(False).astype(bool)
             if mask.any():
-                label += f" first at row {_first_row(mask)}"
+                steward.append(f"{label}: first offending row {_first_row(mask)}")
         if col == BLOCKS_PER_USER and col in raw.columns:
             label += (f" (a user's records lie in more than one block of column {cfg.blocks.column!r}: blocks compose "
                       "in parallel only if every user is in exactly one)")
@@ -339,10 +353,25 @@ def _describe(failures: list[tuple[str, Optional[str]]], raw: pd.DataFrame, cfg:
             label += " (block names are short labels: letters, digits, '_', '.', '-', at most 64 characters)"
         out.append(label)
     if any(name == "expect_column_to_exist" for name, _ in failures):
-        out.append(_missing_columns([c for c in raw.columns if c not in _DERIVED], cfg))
+        out.append(_missing_columns([c for c in raw.columns if c != BLOCKS_PER_USER], cfg))
     if any(name == "expect_table_row_count_to_be_between" for name, _ in failures):
         out.append("the file has no records")
-    return out
+    return out, steward
+
+
+def _steward_file(ref: DataRef, cfg: DatasetConfig, lines: list[str]) -> Path:
+    """Write row-level detail of a failed validation where only the data steward reads it: a new
+    file, mode 0600, under ``$DPOPS_HOME/steward/`` (mode 0700), never in an error or a log."""
+    folder = workspace().steward
+    folder.mkdir(parents=True, exist_ok=True)
+    folder.chmod(0o700)
+    path = folder / f"validation-{cfg.name}-{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(4)}.txt"
+    head = [f"dataset {cfg.name!r}, file {ref.path} at revision {ref.rev or 'working tree'} ({ref.version})",
+            "rows count from 1 after the header", ""]
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write("\n".join(head + lines) + "\n")
+    return path
 
 
 def validate(ref: DataRef, cfg: DatasetConfig) -> ValidationReport:
@@ -351,8 +380,10 @@ def validate(ref: DataRef, cfg: DatasetConfig) -> ValidationReport:
     Results use GX's BOOLEAN_ONLY format, so no record value is copied into them.
 
     Raises:
-        DataValidationError: any expectation failed; the message names expectation, column and the
-            first offending row, never a value.
+        DataValidationError: any expectation failed; the message names the file, expectation and
+            column, never a row or a value. Each failure's first offending row goes to a
+            steward-only file (:func:`_steward_file`), whose path the message gives: Prefect
+            persists the message in its logs, and a row number is a fact about one record.
     """
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
     import great_expectations as gx
@@ -363,10 +394,8 @@ def validate(ref: DataRef, cfg: DatasetConfig) -> ValidationReport:
         raw = raw.iloc[: ref.n_records]
     # Empty strings count as nulls: a text that is empty carries no record.
     raw = raw.replace({"": None})
-    if cfg.unit == "user" and cfg.user_column in raw.columns:
-        raw[RECORDS_PER_USER] = raw.groupby(cfg.user_column, dropna=False)[cfg.user_column].transform("size")
-        if cfg.blocks is not None and cfg.blocks.column in raw.columns:
-            raw[BLOCKS_PER_USER] = raw.groupby(cfg.user_column, dropna=False)[cfg.blocks.column].transform("nunique")
+    if cfg.unit == "user" and cfg.user_column in raw.columns and cfg.blocks is not None and cfg.blocks.column in raw.columns:
+        raw[BLOCKS_PER_USER] = raw.groupby(cfg.user_column, dropna=False)[cfg.blocks.column].transform("nunique")
 
     context = gx.get_context(mode="ephemeral")
     try:
@@ -384,8 +413,9 @@ def validate(ref: DataRef, cfg: DatasetConfig) -> ValidationReport:
     report = ValidationReport(success=bool(result.success), n_records=len(raw), checks=checks)
     if not report.success:
         failures = [(name, col) for name, col, ok in checks if not ok]
+        said, steward = _describe(failures, raw, cfg)
+        where = f" First offending rows, for the data steward only: {_steward_file(ref, cfg, steward)}." if steward else ""
         raise DataValidationError(
-            f"{ref.path}: failed validation of dataset {cfg.name!r}: {'; '.join(_describe(failures, raw, cfg))}. "
-            "Nothing was charged or trained."
+            f"{ref.path}: failed validation of dataset {cfg.name!r}: {'; '.join(said)}.{where} Nothing was charged or trained."
         )
     return report

@@ -3,13 +3,13 @@
 With ``training.nproc_per_node`` N > 1, :func:`dpops.stages.train` marks the charge ``running``,
 draws the canaries, and calls :func:`train_processes`, which writes a request of references only
 (the job file, the data reference, the plan, the charge id, the canaries file, the output
-directory; never a record) beside the run and runs::
+directory, the key choosing each user's kept records; never a record) beside the run and runs::
 
     python -m torch.distributed.run --standalone --nproc_per_node N --max-restarts 0 -m dpops.launch --request FILE
 
 Every process (:func:`main`) first reads the charge from the ledger and refuses a request whose
 plan is not the running charge's mechanism (:func:`_running_charge`), then joins the group (gloo
-on CPU, nccl on GPU, from the job's device), reads the training records itself, sha256-checked,
+on CPU, nccl on GPU, from the job's device), reads the training records itself, fingerprint-checked,
 through the same function as the one-process stage (:func:`dpops.stages.training_records`), and calls :func:`dpops.training.train`, which
 Poisson-samples each process's shard at the plan's q and adds noise on rank 0 only. Rank 0 alone
 records the charge's progress in the ledger, before each chunk of steps
@@ -82,7 +82,7 @@ def command(request: Path, nproc: int) -> list[str]:
 
 def train_processes(
     *, job_path: str, ref: dict[str, Any], plan: dict[str, Any], charge_id: str, canaries_path: Path, run_dir: Path,
-    nproc: int,
+    nproc: int, subset_key: bytes,
 ) -> dict[str, Any]:
     """Train in ``nproc`` processes (torchrun) and return rank 0's result, once checked.
 
@@ -102,6 +102,7 @@ def train_processes(
     request = {
         "job_path": str(Path(job_path).resolve()), "ref": ref, "plan": plan, "charge_id": charge_id,
         "canaries_path": str(canaries_path), "output_dir": str(run_dir / "model"), "result_path": str(result_path),
+        "subset_key": subset_key.hex(),  # every process keeps the same records of each user
     }
     request_path = work / REQUEST
     request_path.write_text(json.dumps(request))
@@ -177,7 +178,8 @@ def run_worker(request: dict[str, Any]) -> None:
     try:
         rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
         drawn = canaries.Canaries.load(Path(request["canaries_path"]))
-        df = stages.training_records(job, ds, request["ref"], request["plan"], drawn)
+        df = stages.training_records(job, ds, request["ref"], request["plan"], drawn,
+                                     subset_key=bytes.fromhex(request["subset_key"]))
         ledger = stages._ledger() if rank == 0 else None  # rank 0 alone steps the optimizer's noise and reports
         try:
             on_step = stages.progress_recorder(ledger, request["charge_id"], total_steps=request["plan"]["steps"]) if ledger else None

@@ -10,7 +10,7 @@ from dpops.ledger import DatasetBudget
 
 def _rows(summary: dict[str, Any], ui_command: str = "") -> list[tuple[str, str]]:
     rows = [
-        ("dataset", f"{summary['dataset']} ({summary['data_version'][:19]}...)"),
+        ("dataset", f"{summary['dataset']} ({summary['data_version'][:24]}...)"),
         ("epsilon this run", f"{summary['epsilon_run']:.3f} at delta {summary['delta']:g} (RDP accountant; sigma {summary['noise_multiplier']:.3f}, q {summary['sample_rate']:.2e}, {summary['steps']} steps)"),
         ("cumulative epsilon / cap", f"{summary['cumulative_epsilon']:.3f} / {summary['epsilon_cap']:g} (adaptive-composition guarantee from the ledger"
                                      + ("; the dataset's most spent block)" if summary.get("blocks") else ")")),

@@ -6,12 +6,22 @@ variable               meaning                                         default
 ``DPOPS_HOME``         workspace directory                             ``./.dpops``
 ``DPOPS_LEDGER_URL``   SQLAlchemy URL of the ledger                    ``sqlite:///$DPOPS_HOME/ledger.db``
 ``MLFLOW_TRACKING_URI`` MLflow tracking store                          ``sqlite:///$DPOPS_HOME/mlflow.db``
+``DPOPS_FINGERPRINT_KEY`` key of the data fingerprints (64 hex digits)  ``$DPOPS_HOME/fingerprint.key``
 =====================  ==============================================  ==========================
+
+The fingerprint key (:func:`fingerprint_key`) is a workspace secret: dpops publishes an
+HMAC-SHA256 of each training file under it instead of a plain hash (which would let someone
+holding all records but one test guesses of the last offline). It never goes to MLflow, Prefect,
+the ledger or a log. One machine needs nothing: the key file is created on first use, mode 0600.
+Where stages run on several machines (a ``dp-train`` worker on a GPU pool, torchrun on another
+node), every machine must use the same key, or the train stage refuses the data as changed: set
+``DPOPS_FINGERPRINT_KEY`` from the deployment's secret store on each (``openssl rand -hex 32``).
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +61,15 @@ class Workspace:
         return self.root / "runs"
 
     @property
+    def fingerprint_key_file(self) -> Path:
+        return self.root / "fingerprint.key"
+
+    @property
+    def steward(self) -> Path:
+        """Steward-only output (mode 0700): row-level detail that must not reach Prefect or MLflow."""
+        return self.root / "steward"
+
+    @property
     def prefect_home(self) -> Path:
         return self.root / "prefect"
 
@@ -68,6 +87,60 @@ def workspace() -> Workspace:
         ledger_url=os.environ.get("DPOPS_LEDGER_URL", f"sqlite:///{root / 'ledger.db'}"),
         tracking_uri=os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}"),
     )
+
+
+#: Environment variable holding the fingerprint key, hex; overrides the workspace's key file.
+FINGERPRINT_KEY_ENV = "DPOPS_FINGERPRINT_KEY"
+#: Bytes of a fingerprint key (the HMAC-SHA256 block size allows up to 64; 32 is SHA-256's strength).
+FINGERPRINT_KEY_BYTES = 32
+
+
+def fingerprint_key(ws: Workspace | None = None) -> bytes:
+    """The workspace's secret key for data fingerprints: ``DPOPS_FINGERPRINT_KEY`` (hex) when set,
+    else ``$DPOPS_HOME/fingerprint.key``, created (32 random bytes, mode 0600) on first use.
+
+    Raises:
+        ConfigError: the variable is not 64 hex digits, or the key file is malformed or readable
+            by others (its value is never shown).
+    """
+    from dpops.errors import ConfigError
+
+    value = os.environ.get(FINGERPRINT_KEY_ENV)
+    if value is not None:
+        try:
+            key = bytes.fromhex(value.strip())
+        except ValueError:
+            key = b""
+        if len(key) != FINGERPRINT_KEY_BYTES:
+            raise ConfigError(f"environment variable {FINGERPRINT_KEY_ENV} must be {2 * FINGERPRINT_KEY_BYTES} hex digits "
+                              "(e.g. from `openssl rand -hex 32`)")
+        return key
+    path = (ws or workspace()).fingerprint_key_file
+    if not path.exists():
+        _create_key_file(path)
+    if path.stat().st_mode & 0o077:
+        raise ConfigError(f"{path}: the fingerprint key is readable by others; `chmod 600 {path}`")
+    key = path.read_bytes()
+    if len(key) != FINGERPRINT_KEY_BYTES:
+        raise ConfigError(f"{path}: a fingerprint key file holds exactly {FINGERPRINT_KEY_BYTES} bytes")
+    return key
+
+
+def _create_key_file(path: Path) -> None:
+    """Write a fresh key to a private temporary file, then link it into place: a process that
+    loses the race to create it reads the winner's complete key, never a partial one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(secrets.token_bytes(FINGERPRINT_KEY_BYTES))
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def apply_quiet_env() -> None:

@@ -1,7 +1,7 @@
 """One function per stage of a private fine-tune, taking and returning plain values.
 
 Prefect tasks (``tasks/``) and the CLI call these. Every function receives the job file's path
-and references (dicts of paths, hashes, counts, ids) and returns references: private records are
+and references (dicts of paths, keyed fingerprints, counts, ids) and returns references: private records are
 read inside a stage and never returned, so an orchestrator cannot persist them.
 """
 
@@ -37,7 +37,7 @@ def _load(job_path: str) -> tuple[cfgmod.JobConfig, cfgmod.DatasetConfig]:
 
 
 def _ref(ref: dict[str, Any]) -> datamod.DataRef:
-    return datamod.DataRef(**{k: ref.get(k) for k in ("dataset", "repo", "rev", "path", "sha256", "dvc_md5", "n_records", "n_users",
+    return datamod.DataRef(**{k: ref.get(k) for k in ("dataset", "repo", "rev", "path", "fingerprint", "n_records", "n_users",
                                                        "blocks")})
 
 
@@ -66,7 +66,7 @@ def _ledger(ws: Optional[Workspace] = None) -> Ledger:
 
 
 def resolve(job_path: str, repo: Optional[str] = None) -> dict[str, Any]:
-    """Stage 1: dataset name + DVC revision -> content hash and record count."""
+    """Stage 1: dataset name + DVC revision -> keyed fingerprint of the content and record count."""
     job, ds = _load(job_path)
     root = datamod.find_repo_root(repo or Path(job_path).resolve().parent)
     ref = datamod.resolve(ds, repo=root, rev=job.data_rev, max_records=job.train_max_records)
@@ -189,7 +189,9 @@ def train(job_path: str, ref: dict[str, Any], p: dict[str, Any], charge_id: str)
     checks it again against the running charge (:func:`dpops.training.authorize`).
 
     The audit's canaries are drawn first and the included ones appended to the training records;
-    which were included stays in the run directory (``canaries_path`` in the result).
+    which were included stays in the run directory (``canaries_path`` in the result). The key that
+    chooses the records kept of each user (unit 'user', :func:`training_records`) is drawn here,
+    once, so that every process of the run keeps the same ones.
     With ``training.nproc_per_node`` above 1 the training runs in that many processes
     (:mod:`dpops.launch`, torchrun), which read the records themselves; the result is rank 0's.
     Progress is recorded before each chunk of steps (:func:`progress_recorder`), and a
@@ -210,11 +212,12 @@ def train(job_path: str, ref: dict[str, Any], p: dict[str, Any], charge_id: str)
         try:
             drawn = canaries.draw(job.audit.canaries, n_labels=len(ds.labels), seed=job.seed)
             canaries_path = drawn.save(run_dir / canaries.FILE)
+            subset_key = users.new_subset_key()
             if job.training.nproc_per_node > 1:
                 result = launch.train_processes(job_path=job_path, ref=ref, plan=p, charge_id=charge_id, canaries_path=canaries_path,
-                                                run_dir=run_dir, nproc=job.training.nproc_per_node)
+                                                run_dir=run_dir, nproc=job.training.nproc_per_node, subset_key=subset_key)
             else:
-                df = training_records(job, ds, ref, p, drawn)
+                df = training_records(job, ds, ref, p, drawn, subset_key=subset_key)
                 result = asdict(training.train(job, _plan_obj(p), df, dataset=ds, charge=charge, labels=list(ds.labels),
                                                output_dir=run_dir / "model",
                                                on_step=progress_recorder(ledger, charge_id, total_steps=p["steps"])))
@@ -293,14 +296,18 @@ def progress_recorder(ledger: Ledger, charge_id: str, *, total_steps: int, every
 
 
 def training_records(
-    job: cfgmod.JobConfig, ds: cfgmod.DatasetConfig, ref: dict[str, Any], p: dict[str, Any], drawn: canaries.Canaries
+    job: cfgmod.JobConfig, ds: cfgmod.DatasetConfig, ref: dict[str, Any], p: dict[str, Any], drawn: canaries.Canaries,
+    *, subset_key: bytes,
 ) -> pd.DataFrame:
-    """The records a charge trains on: the training split as resolved (sha256-checked), plus the
-    included canaries. Reads private records; every training process calls it (``p`` is the plan
-    the charge admitted)."""
+    """The records a charge trains on: the training split as resolved (fingerprint-checked), for
+    unit 'user' at most ``contribution_bound`` records of each user (a uniformly random subset
+    chosen by ``subset_key``, :func:`dpops.users.bound_contributions`), plus the included canaries.
+    Reads private records; every training process calls it (``p`` is the plan the charge admitted)."""
     df = datamod.load_split(_ref(ref), ds, max_records=job.train_max_records, blocks=p.get("blocks"))
     if p.get("blocks"):
         _check_blocks_read(df, ref, p)
+    if ds.unit == "user":
+        df = users.bound_contributions(df, ds.contribution_bound, subset_key)
     rows = drawn.training_rows()
     if "user" in df.columns:  # unit 'user': each canary is a user of its own
         rows = rows.assign(user=[f"dpops-canary-{i}" for i in range(len(rows))])
@@ -370,7 +377,7 @@ def record(
         budget = {**_budget_view(b, read=list(charge.blocks)), "pld_estimate": b.pld_estimate}
         plan_out = {**p, "epsilon_spent": audit_out["accountant_epsilon"], "steps_run": train_out["steps_run"]}
         train_view = {k: train_out[k] for k in ("epsilon_by_step", "steps_run", "seconds", "grad_sample_mode", "trainable_parameters")}
-        data_view = {k: ref[k] for k in ("dataset", "rev", "path", "sha256", "dvc_md5", "n_records", "version")}
+        data_view = {k: ref[k] for k in ("dataset", "rev", "path", "fingerprint", "n_records", "version")}
         if ref.get("blocks"):
             data_view["blocks"] = dict(ref["blocks"])  # block names and their counts
         res = tracking.record(

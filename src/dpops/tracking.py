@@ -1,7 +1,7 @@
 """MLflow record (stage 9): params, epsilon per step, metrics, privacy report, model version.
 
 MLflow shows the figures; the ledger decides. Nothing logged here contains a record: only
-counts, hashes, configs and metrics. No training-loss curve is logged: the loss of a private
+counts, keyed data fingerprints (never a plain hash of a private file), configs and metrics. No training-loss curve is logged: the loss of a private
 Poisson batch is a raw statistic of private records, and a DP estimate of it would be a mechanism
 of its own that the ledger would have to charge. The run's tag ``dpops.train_loss_curve`` says so
 (:data:`TRAIN_LOSS_CURVE`).
@@ -123,8 +123,7 @@ def record(
         params: dict[str, Any] = {}
         _flatten("job", job, params)
         _flatten("plan", {k: plan[k] for k in ("noise_multiplier", "sample_rate", "steps", "max_grad_norm", "n_records", "expected_batch_size", "target_epsilon")}, params)
-        params["data.sha256"] = data["sha256"]
-        params["data.dvc_md5"] = str(data.get("dvc_md5"))
+        params["data.fingerprint"] = data["fingerprint"]  # HMAC-SHA256 under the workspace key
         params["data.n_records"] = data["n_records"]
         params["train.grad_sample_mode"] = train["grad_sample_mode"]
         params["train.trainable_parameters"] = train["trainable_parameters"]

@@ -1,7 +1,7 @@
 """User-level DP-SGD: Poisson sampling of users, one clipped contribution per user.
 
 With unit of privacy 'user', neighbouring datasets differ by *all* the records of one user. DP-SGD
-then needs two changes, and only two, to make its guarantee about users instead of records:
+then needs two changes to make its guarantee about users instead of records:
 
 * **Sampling** draws users, not records: each user joins a step's batch independently with
   probability q (Poisson), and brings all of their records. The accountant's n and q are about
@@ -13,10 +13,14 @@ then needs two changes, and only two, to make its guarantee about users instead 
   user, and divides by the expected number of users.
 
 Nothing else changes: the noise multiplier, the steps and the accountant are those of the plan.
+Before training, :func:`bound_contributions` keeps at most the dataset's ``contribution_bound``
+records of each user (a 1-stable transformation, so it costs nothing and needs no refusal).
 """
 
 from __future__ import annotations
 
+import hashlib
+import secrets
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
@@ -24,13 +28,51 @@ import pandas as pd
 import torch
 from torch.utils.data import TensorDataset
 
-from dpops.data import USER
+from dpops.data import LABEL, TEXT, USER
 from dpops.errors import PrivacyError
 
 
 def units(df: pd.DataFrame) -> int:
     """Number of privacy units in a split: users when it has a ``user`` column, else records."""
     return int(df[USER].nunique()) if USER in df.columns else len(df)
+
+
+#: Bytes of the key that chooses each user's kept records (:func:`bound_contributions`).
+SUBSET_KEY_BYTES = 32
+
+
+def new_subset_key() -> bytes:
+    """Fresh randomness for one run's :func:`bound_contributions` (``secrets``, never a seed)."""
+    return secrets.token_bytes(SUBSET_KEY_BYTES)
+
+
+def bound_contributions(df: pd.DataFrame, bound: int, key: bytes) -> pd.DataFrame:
+    """Keep a uniformly random subset of at most ``bound`` records of each user; the rest are dropped.
+
+    Each record is ranked by a keyed hash (BLAKE2b under ``key``) of its user, label and text, and
+    a user's ``bound`` lowest-ranked records are kept. With ``key`` fresh (:func:`new_subset_key`)
+    the ranking of one user's records is a uniformly random order, so the kept ones are a uniformly
+    random subset of that size; rows keep their order in ``df``.
+
+    Why this costs no privacy: which records of a user are kept depends on that user's own records
+    and the key only, never on another user's records or on row positions. Adding or removing one
+    user (all of their records: the user-level neighbours) therefore adds or removes only that
+    user's kept records, for every key: the transformation is 1-stable, so DP-SGD on its output is
+    (epsilon, delta)-DP with respect to the original data with the same figures. Every user keeps
+    at least one record, so n (users), the accountant's n and the ledger's, is unchanged. Unlike a
+    check that refuses the whole dataset when one user has too many records, nothing here is
+    released: a user above the bound changes only what that user's clipped gradient is made of.
+    """
+    if bound < 1:
+        raise ValueError(f"contribution bound must be at least 1. Found {bound}.")
+
+    def rank(user: object, label: object, text: object) -> bytes:
+        return hashlib.blake2b(f"{user}\x00{label}\x00{text}".encode("utf-8"), key=key, digest_size=16).digest()
+
+    ranks = pd.Series([rank(u, y, t) for u, y, t in zip(df[USER], df[LABEL], df[TEXT], strict=True)], index=df.index)
+    order = ranks.sort_values(kind="stable").index
+    kept = df.loc[order].groupby(USER, sort=False, dropna=False).cumcount() < bound
+    return df[kept.reindex(df.index).to_numpy()].reset_index(drop=True)
 
 
 def group_rows(user_ids: Sequence) -> list[torch.Tensor]:
