@@ -20,7 +20,7 @@ from dpops.config import JobConfig, load_dataset_config
 from dpops.errors import PrivacyError
 from dpops.ledger import PROGRESS, RELEASED, RESERVED, RUNNING, Ledger
 from dpops.privacy import Plan
-from tests.helpers import edit_yaml, public_dataset
+from tests.helpers import edit_yaml, policy_accepting_inconclusive, public_dataset
 
 TEXTS = ["a fine film", "dull and slow", "yes", "the cast is superb", "no", "an odd little thing"]
 
@@ -227,9 +227,9 @@ def test_a_private_dataset_is_trained_only_under_its_charge_at_the_stage(workspa
     """The pipeline on a dataset that is not public still trains: the stage hands the running charge."""
     edit_yaml(smoke_job.parent.parent / "datasets/sst2.yaml", lambda d: d.update(public=False))
     edit_yaml(smoke_job, lambda d: d.update(train_max_records=64, dp={**d["dp"], "steps": 1, "expected_batch_size": 16},
-                                            audit={"canaries": 10, "members": 10, "non_members": 10}))
+                                            audit={"canaries": 10}))
     ref = stages.resolve(str(smoke_job), str(project_root))
-    plan = stages.plan(str(smoke_job), ref)
+    plan = stages.plan(str(smoke_job), ref, policy_path=policy_accepting_inconclusive(smoke_job.parent))
     charge_id = stages.reserve(str(smoke_job), ref, plan)
     out = stages.train(str(smoke_job), ref, plan, charge_id)
     assert out["steps_run"] == 1

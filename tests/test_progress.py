@@ -16,10 +16,12 @@ from dpops import stages, training
 from dpops.errors import LedgerError
 from dpops.ledger import COMMITTED, RUNNING, Ledger
 from tests.conftest import ROOT
-from tests.helpers import edit_yaml
+from tests.helpers import edit_yaml, policy_accepting_inconclusive
 from tests.tiny_models import tiny_bert
 
 STEPS, EVERY = 5, 2
+#: One fingerprint key for the module: the data is resolved once, then read in each test's workspace.
+KEY = "5e" * 32
 
 
 @pytest.fixture(scope="module")
@@ -31,10 +33,13 @@ def prepared(tmp_path_factory):
     base = tiny_bert(root / "bert")
     edit_yaml(job, lambda d: d.update(
         model={"path": str(base), "max_length": 16}, train_max_records=64, eval_max_records=40,
-        dp={**d["dp"], "steps": STEPS, "expected_batch_size": 16}, audit={"canaries": 10, "members": 10, "non_members": 10},
+        dp={**d["dp"], "steps": STEPS, "expected_batch_size": 16}, audit={"canaries": 10},
     ))
-    ref = stages.resolve(str(job), str(ROOT))
-    return str(job), ref, stages.plan(str(job), ref)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DPOPS_FINGERPRINT_KEY", KEY)
+        mp.setenv("DPOPS_HOME", str(root / "dpops-home"))
+        ref = stages.resolve(str(job), str(ROOT))
+    return str(job), ref, stages.plan(str(job), ref, policy_path=policy_accepting_inconclusive(job.parent))
 
 
 @pytest.fixture
@@ -42,6 +47,7 @@ def stage_ledger(ledger_url, tmp_path, monkeypatch):
     """The stages' workspace under tmp_path, its ledger at ``ledger_url``; progress every 2 steps."""
     monkeypatch.setenv("DPOPS_HOME", str(tmp_path / "dpops-home"))
     monkeypatch.setenv("DPOPS_LEDGER_URL", ledger_url)
+    monkeypatch.setenv("DPOPS_FINGERPRINT_KEY", KEY)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setattr(stages, "PROGRESS_EVERY", EVERY)
     return ledger_url

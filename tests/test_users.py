@@ -156,7 +156,7 @@ def test_a_user_above_the_bound_passes_validation_and_only_the_bound_is_trained_
     ref = stages.resolve(str(job), str(repo))
     assert (ref["n_records"], ref["n_users"]) == (21, 8)
     assert stages.validate(str(job), ref)["success"]  # no longer refused
-    plan = stages.plan(str(job), ref)
+    plan = stages.plan(str(job), ref, policy_path=policy_accepting_inconclusive(tmp_path))  # 10 canaries test nothing
     assert plan["n_records"] == 8 + 10  # users (+ canaries): unchanged by the bound
     charge_id = stages.reserve(str(job), ref, plan)
     trained_on = []
