@@ -66,7 +66,7 @@ def test_a_real_run_releases_no_loss_of_a_private_batch(workspace_env, smoke_job
     assert trained["steps_run"] == 3 and len(batch_losses) >= 3
     stages.settle(charge_id, trained["steps_run"])
     metrics = stages.evaluate(str(smoke_job), ref, trained["model_dir"])
-    audit = stages.audit(str(smoke_job), ref, plan, trained["model_dir"], trained["steps_run"], trained["canaries_path"])
+    audit = stages.audit(str(smoke_job), plan, trained["model_dir"], trained["steps_run"], trained["canaries_path"])
     rec = stages.record(str(smoke_job), ref, plan, charge_id, trained, metrics, audit)
 
     # The train stage's result (what dp-train persists): no loss, under any name or as any number.

@@ -36,11 +36,15 @@ def _auc(value: Optional[float]) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
+#: Said beside every eval figure: exact statistics of the eval split, which the run's epsilon does not cover.
+EVAL_NOT_COVERED = "exact on the eval split, not covered by epsilon"
+
+
 def _utility_row(summary: dict[str, Any]) -> tuple[str, str]:
     """Accuracy for a classifier; eval loss and perplexity for a language model (which has no accuracy)."""
     if summary.get("accuracy") is None:
-        return ("eval loss", f"{summary['eval_loss']:.4f} (perplexity {summary['perplexity']:.2f})")
-    return ("accuracy (eval)", f"{summary['accuracy']:.4f} (majority class {summary['majority_baseline']:.4f})")
+        return ("eval loss", f"{summary['eval_loss']:.4f} (perplexity {summary['perplexity']:.2f}; {EVAL_NOT_COVERED})")
+    return ("accuracy (eval)", f"{summary['accuracy']:.4f} (majority class {summary['majority_baseline']:.4f}; {EVAL_NOT_COVERED})")
 
 
 def table(summary: dict[str, Any], ui_command: str = "") -> str:
