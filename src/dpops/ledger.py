@@ -901,13 +901,7 @@ class Ledger:
         steps, and one that dies stays charged at that size. ``steps_done`` must not go back and
         must not pass the steps reserved; none is recorded once the trainer has finished.
         """
-        with self.engine.begin() as conn:
-            ds, planned = self._lock_running(conn, charge_id, "progress")
-            last = self._last_progress(conn, charge_id)
-            if not (last <= steps_done <= planned):
-                raise LedgerError(f"charge {charge_id}: steps_done must be in [{last}, {planned}] (last recorded, reserved). "
-                                  f"Found {steps_done}.")
-            self._append(conn, ds, PROGRESS, charge_id, {"steps_done": int(steps_done)})
+        self._append_steps(charge_id, PROGRESS, "steps_done", steps_done, what="progress")
 
     def record_finished(self, charge_id: str, *, steps_run: int) -> None:
         """Append the trainer's completed result: a running charge's training returned after ``steps_run`` steps.
@@ -916,13 +910,18 @@ class Ledger:
         writes none); :meth:`commit` accepts fewer steps than reserved only at exactly these.
         ``steps_run`` must be in [last progress, reserved].
         """
+        self._append_steps(charge_id, FINISHED, "steps_run", steps_run, what="a finished result")
+
+    def _append_steps(self, charge_id: str, kind: str, field: str, steps: int, *, what: str) -> None:
+        """Append a ``progress`` or ``finished`` event of a running charge, under its dataset's lock:
+        ``steps`` (the payload's ``field``) must be in [last progress, reserved]."""
         with self.engine.begin() as conn:
-            ds, planned = self._lock_running(conn, charge_id, "a finished result")
+            ds, planned = self._lock_running(conn, charge_id, what)
             last = self._last_progress(conn, charge_id)
-            if not (last <= steps_run <= planned):
-                raise LedgerError(f"charge {charge_id}: steps_run must be in [{last}, {planned}] (last progress, reserved). "
-                                  f"Found {steps_run}.")
-            self._append(conn, ds, FINISHED, charge_id, {"steps_run": int(steps_run)})
+            if not (last <= steps <= planned):
+                raise LedgerError(f"charge {charge_id}: {field} must be in [{last}, {planned}] (last progress, reserved). "
+                                  f"Found {steps}.")
+            self._append(conn, ds, kind, charge_id, {field: int(steps)})
 
     def _lock_running(self, conn: Connection, charge_id: str, what: str) -> tuple[_Locked, int]:
         """Lock the charge's dataset; refuse unless the charge is running and its trainer has not
