@@ -34,3 +34,17 @@ def public_dataset(name: str = "d", **fields):
 def steward_file(message: str) -> Path:
     """The steward-only file a validation error points to (it holds the first offending rows)."""
     return Path(re.search(r"for the data steward only: (\S+\.txt)\.", message).group(1))
+
+
+def tamper(ledger_or_engine, statement: str, params=None) -> None:
+    """Run one SQL statement directly against a ledger's database, as its owner (or an attacker with
+    the owner's rights) would: past the library and past the database's append-only triggers.
+
+    Every test that edits, deletes or forges ledger rows goes through this, so that the tamper
+    cases exercise ``verify``'s detection whatever the database enforces on its own.
+    """
+    from sqlalchemy import text
+
+    engine = getattr(ledger_or_engine, "engine", ledger_or_engine)
+    with engine.begin() as conn:
+        conn.execute(text(statement), params or {})
