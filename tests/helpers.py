@@ -48,3 +48,40 @@ def tamper(ledger_or_engine, statement: str, params=None) -> None:
     engine = getattr(ledger_or_engine, "engine", ledger_or_engine)
     with engine.begin() as conn:
         conn.execute(text(statement), params or {})
+
+
+def rehash_chain(ledger, dataset: str) -> None:
+    """Recompute every event hash of ``dataset``'s chain and its stored head, in seq order, as an
+    attacker who rewrites the chain consistently would: afterwards no hash or link is broken, so
+    only checks of what the events say (not of their hashes) can catch a forged or edited event."""
+    from sqlalchemy import text
+
+    from dpops.ledger import GENESIS, _event_hash
+
+    with ledger.engine.connect() as conn:
+        ds_id = conn.execute(text("SELECT id FROM datasets WHERE name = :n"), {"n": dataset}).scalar_one()
+        events = conn.execute(text("SELECT id, seq, kind, charge_id, payload, created_at FROM events "
+                                   "WHERE dataset_id = :d ORDER BY seq"), {"d": ds_id}).all()
+    prev, seq = GENESIS, 0
+    for ev in events:
+        digest = _event_hash(dataset, ev.seq, ev.kind, ev.charge_id, ev.payload, ev.created_at, prev)
+        tamper(ledger, "UPDATE events SET prev_hash = :p, hash = :h WHERE id = :i", {"p": prev, "h": digest, "i": ev.id})
+        prev, seq = digest, ev.seq
+    tamper(ledger, "UPDATE datasets SET head_seq = :s, head_hash = :h WHERE id = :d", {"s": seq, "h": prev, "d": ds_id})
+
+
+def forge_event(ledger, dataset: str, kind: str, charge_id, payload: dict) -> None:
+    """Append a forged event to ``dataset``'s chain and rehash it (see :func:`rehash_chain`)."""
+    import json
+
+    from sqlalchemy import text
+
+    from dpops.ledger import _now
+
+    with ledger.engine.connect() as conn:
+        ds_id, head = conn.execute(text("SELECT id, head_seq FROM datasets WHERE name = :n"), {"n": dataset}).one()
+    tamper(ledger, "INSERT INTO events (dataset_id, seq, charge_id, kind, payload, created_at, prev_hash, hash) "
+                   "VALUES (:d, :s, :c, :k, :p, :t, '', '')",
+           {"d": ds_id, "s": head + 1, "c": charge_id, "k": kind,
+            "p": json.dumps(payload, sort_keys=True, separators=(",", ":")), "t": _now()})
+    rehash_chain(ledger, dataset)
