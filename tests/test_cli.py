@@ -7,6 +7,7 @@ from typer.testing import CliRunner
 from dpops.accounting import SubsampledGaussian
 from dpops.cli import app
 from dpops.ledger import Ledger
+from tests.helpers import tamper
 
 runner = CliRunner()
 
@@ -59,8 +60,7 @@ def test_register_history_verify_release(workspace_env, project_root):
 
     ok = runner.invoke(app, ["ledger", "verify"])
     assert ok.exit_code == 0 and "verifies" in ok.output
-    with ledger.engine.begin() as conn:
-        conn.exec_driver_sql("UPDATE charges SET steps_planned = 1")
+    tamper(ledger, "UPDATE charges SET steps_planned = 1")
     bad = runner.invoke(app, ["ledger", "verify"])
     assert bad.exit_code == 1 and "edited" in bad.output
 

@@ -7,7 +7,6 @@ version points at an empty artifact directory: the gate never loads the model).
 import json
 
 import pytest
-from sqlalchemy import text
 from typer.testing import CliRunner
 
 from dpops import gate
@@ -15,7 +14,7 @@ from dpops.accounting import SubsampledGaussian
 from dpops.cli import app
 from dpops.config import PolicyConfig
 from dpops.ledger import Ledger
-from tests.helpers import policy_accepting_inconclusive
+from tests.helpers import policy_accepting_inconclusive, tamper
 
 POLICY = PolicyConfig(min_accuracy=0.7)
 GOOD_AUDIT = {"verdict": "PASS", "reasons": [], "claimed_epsilon": 1.0, "canary_epsilon_lower_bound": 0.1,
@@ -86,8 +85,7 @@ def test_the_default_and_the_project_policy_refuse_an_inconclusive_audit(project
 
 def test_an_edited_ledger_refuses(ledger):
     charge_id = _charge(ledger)
-    with ledger.engine.begin() as conn:
-        conn.execute(text("UPDATE charges SET noise_multiplier = 5.0"))
+    tamper(ledger, "UPDATE charges SET noise_multiplier = 5.0")
     reasons = gate.decide(ledger, charge_id=charge_id, policy=POLICY).reasons
     assert len(reasons) == 1 and reasons[0].startswith("ledger does not verify") and "edited" in reasons[0]
 

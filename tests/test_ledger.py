@@ -9,6 +9,7 @@ from dpops import accounting
 from dpops.accounting import SubsampledGaussian
 from dpops.errors import BudgetExceededError, ConfigError, LedgerError
 from dpops.ledger import COMMITTED, FAILED_CHARGED, RELEASED, RUNNING, Ledger
+from tests.helpers import tamper
 
 RUN = SubsampledGaussian(1.0, 0.01, 500)
 DELTA = 1e-5
@@ -202,15 +203,12 @@ def test_verify_passes_then_detects_edit_delete_and_truncation(ledger_url):
     _reserve(ledger)
     assert ledger.verify() == []
 
-    with ledger.engine.begin() as conn:  # edit a charge row in place
-        conn.execute(text("UPDATE charges SET noise_multiplier = 5.0 WHERE id = :id"), {"id": a.id})
+    tamper(ledger, "UPDATE charges SET noise_multiplier = 5.0 WHERE id = :id", {"id": a.id})  # edit a charge row in place
     assert any("edited" in p for p in ledger.verify())
-    with ledger.engine.begin() as conn:
-        conn.execute(text("UPDATE charges SET noise_multiplier = 1.0 WHERE id = :id"), {"id": a.id})
+    tamper(ledger, "UPDATE charges SET noise_multiplier = 1.0 WHERE id = :id", {"id": a.id})
     assert ledger.verify() == []
 
-    with ledger.engine.begin() as conn:  # edit an event's payload
-        conn.execute(text("UPDATE events SET payload = '{\"steps_run\": 1}' WHERE kind = 'committed'"))
+    tamper(ledger, "UPDATE events SET payload = '{\"steps_run\": 1}' WHERE kind = 'committed'")  # edit an event's payload
     assert any("edited" in p for p in ledger.verify())
 
 
@@ -218,10 +216,9 @@ def test_verify_detects_reordered_events(ledger_url):
     ledger = _ledger(ledger_url, k=5)
     a = _reserve(ledger)
     ledger.start(a.id)
-    with ledger.engine.begin() as conn:  # swap the seq numbers of two events
-        conn.execute(text("UPDATE events SET seq = -1 WHERE seq = 2"))
-        conn.execute(text("UPDATE events SET seq = 2 WHERE seq = 3"))
-        conn.execute(text("UPDATE events SET seq = 3 WHERE seq = -1"))
+    for swap in ("UPDATE events SET seq = -1 WHERE seq = 2", "UPDATE events SET seq = 2 WHERE seq = 3",
+                 "UPDATE events SET seq = 3 WHERE seq = -1"):  # swap the seq numbers of two events
+        tamper(ledger, swap)
     assert any("link" in p or "edited" in p for p in ledger.verify())
 
 
@@ -291,8 +288,7 @@ def test_verify_detects_deleted_event(ledger_url):
     ledger.start(a.id)
     ledger.record_finished(a.id, steps_run=100)
     ledger.commit(a.id, steps_run=100)
-    with ledger.engine.begin() as conn:
-        conn.execute(text("DELETE FROM events WHERE kind = 'running'"))
+    tamper(ledger, "DELETE FROM events WHERE kind = 'running'")
     problems = ledger.verify()
     assert any("deleted or reordered" in p or "does not link" in p for p in problems)
 
@@ -405,8 +401,8 @@ def test_blocks_compose_in_parallel_and_recurring_runs_move_to_fresh_blocks(ledg
     assert ledger.charges("tickets")[1].blocks == ("2026-09", "2026-10")
     assert ledger.verify() == []
 
-    with ledger.engine.begin() as conn:  # moving a charge to another block is detected
-        conn.execute(text("DELETE FROM charge_blocks WHERE block_id = (SELECT id FROM blocks WHERE name = '2026-11')"))
+    # moving a charge to another block is detected
+    tamper(ledger, "DELETE FROM charge_blocks WHERE block_id = (SELECT id FROM blocks WHERE name = '2026-11')")
     assert any("edited" in p for p in ledger.verify())
 
 
@@ -472,18 +468,15 @@ def test_spend_index_matches_the_charges_in_every_state(ledger_url):
 def test_verify_detects_a_tampered_spend_index(ledger_url):
     ledger = _ledger(ledger_url, k=6)
     _exercise(ledger)
-    with ledger.engine.begin() as conn:  # someone lowers a total to make room for more runs
-        conn.execute(text("UPDATE spend_totals SET steps = steps - 100 WHERE scope = '2026-09'"))
+    tamper(ledger, "UPDATE spend_totals SET steps = steps - 100 WHERE scope = '2026-09'")  # lowered to make room
     assert any("spend total for scope '2026-09'" in p for p in ledger.verify())
-    with ledger.engine.begin() as conn:
-        conn.execute(text("UPDATE spend_totals SET steps = steps + 100 WHERE scope = '2026-09'"))
-        conn.execute(text("UPDATE charge_states SET state = 'released', steps_counted = 0 WHERE state = 'failed_charged'"))
+    tamper(ledger, "UPDATE spend_totals SET steps = steps + 100 WHERE scope = '2026-09'")
+    tamper(ledger, "UPDATE charge_states SET state = 'released', steps_counted = 0 WHERE state = 'failed_charged'")
     assert any("state index" in p for p in ledger.verify())
     before = {b.name: b.spent for b in ledger.budget("tickets").blocks}
-    with ledger.engine.begin() as conn:
-        # lowering a stored one-step RDP curve would make room just as well
-        conn.execute(text("UPDATE spend_totals SET rdp_per_step = :c WHERE scope = '2026-10'"),
-                     {"c": "[" + ", ".join(["0.0"] * len(accounting.FILTER_ORDERS)) + "]"})
+    # lowering a stored one-step RDP curve would make room just as well
+    tamper(ledger, "UPDATE spend_totals SET rdp_per_step = :c WHERE scope = '2026-10'",
+           {"c": "[" + ", ".join(["0.0"] * len(accounting.FILTER_ORDERS)) + "]"})
     assert {b.name: b.spent for b in ledger.budget("tickets").blocks}["2026-10"] < before["2026-10"]  # admission sees it
     assert any("stored RDP curve for scope '2026-10'" in p for p in ledger.verify())  # and verify catches it
 
