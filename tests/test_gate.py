@@ -1,9 +1,11 @@
 """The gate reads the ledger, names every failed condition, and records every decision.
 
 A real SQLite ledger and a real SQLite-backed MLflow registry in tmp; no training (the model
-version points at an empty artifact directory: the gate never loads the model).
+version points at an empty artifact directory: the gate never loads the model). The gate's
+evidence is written once (``model_bound``, ``evidence``) on both backends.
 """
 
+import itertools
 import json
 
 import pytest
@@ -13,25 +15,41 @@ from dpops import gate
 from dpops.accounting import SubsampledGaussian
 from dpops.cli import app
 from dpops.config import PolicyConfig
+from dpops.errors import LedgerError
 from dpops.ledger import Ledger
 from tests.helpers import policy_accepting_inconclusive, tamper
 
 POLICY = PolicyConfig(min_accuracy=0.7)
 GOOD_AUDIT = {"verdict": "PASS", "reasons": [], "claimed_epsilon": 1.0, "canary_epsilon_lower_bound": 0.1,
               "canary_ceiling": 3.0, "mia_epsilon_lower_bound": 0.0, "cross_check_ok": True}
+SHA = "ab" * 32
 runner = CliRunner()
+_versions = itertools.count(100)  # model versions no test binds twice
 
 
-def _charge(ledger: Ledger, *, commit=True, model="m/1", accuracy=0.8, audit=GOOD_AUDIT, cap=8.0, dataset="notes", **figures) -> str:
+def _charge(ledger: Ledger, *, commit=True, model="auto", accuracy=0.8, audit=GOOD_AUDIT, cap=8.0, dataset="notes",
+            task="classification", **figures) -> str:
+    """A charge recorded as the record stage records one: bound to ``model`` ("name/version"; "auto":
+    a fresh version of 'm'; None: not bound), then its evidence (none when ``audit`` is None)."""
     ledger.register_dataset(name=dataset, unit="record", delta=1e-6, epsilon_cap=cap)
     c = ledger.reserve(dataset=dataset, mechanism=SubsampledGaussian(1.0, 0.01, 100), max_grad_norm=1.0,
                        n_records=50_000, job="j", data_version="sha256:x")
     ledger.start(c.id)
     if commit:
         ledger.commit(c.id, steps_run=100)
-    notes = {"model": model, "accuracy": accuracy, "audit": audit, **figures}
-    ledger.annotate(c.id, **{k: v for k, v in notes.items() if v is not None})
+    if model == "auto":
+        model = f"m/{next(_versions)}"
+    if model is not None:
+        name, version = model.split("/")
+        ledger.bind_model(c.id, model_name=name, model_version=version, mlflow_run_id="run-" + c.id[:8], artifact_sha256=SHA)
+        if audit is not None:
+            figures = {k: v for k, v in {"accuracy": accuracy, **figures}.items() if v is not None}
+            ledger.record_evidence(c.id, task=task, figures=figures, audit=audit)
     return c.id
+
+
+def _model(ledger: Ledger, charge_id: str) -> str:
+    return gate.evidence(ledger, charge_id).model
 
 
 @pytest.fixture
@@ -40,7 +58,7 @@ def ledger(tmp_path):
 
 
 def test_promotes_when_every_condition_holds(ledger):
-    charge_id = _charge(ledger)
+    charge_id = _charge(ledger, model="m/1")
     decision = gate.decide(ledger, charge_id=charge_id, policy=POLICY, model="m/1")
     assert decision.promote and decision.reasons == [] and decision.label == "PROMOTED"
 
@@ -59,11 +77,15 @@ def test_refusal_names_every_failed_condition(ledger):
 def test_inconclusive_audit_and_missing_evidence_refuse(ledger):
     inconclusive = _charge(ledger, audit={**GOOD_AUDIT, "verdict": "INCONCLUSIVE"})
     assert gate.decide(ledger, charge_id=inconclusive, policy=POLICY).reasons == ["audit verdict INCONCLUSIVE"]
-    bare = _charge(ledger, model=None, accuracy=None, audit=None)
-    reasons = gate.decide(ledger, charge_id=bare, policy=POLICY, model="m/1").reasons
-    assert reasons == ["charge %s was recorded for model None, not 'm/1'" % bare,
-                       "no audit result is recorded in the ledger for this charge",
-                       "no accuracy is recorded in the ledger for this charge"]
+    bare = _charge(ledger, model=None)
+    assert gate.decide(ledger, charge_id=bare, policy=POLICY, model="m/1").reasons == [
+        f"charge {bare} is bound to no model in the ledger, not 'm/1'",
+        f"charge {bare} has no evidence in the ledger (no task, utility figures or audit verdict recorded)"]
+    no_evidence = _charge(ledger, model="m/3", audit=None)
+    assert gate.decide(ledger, charge_id=no_evidence, policy=POLICY, model="m/3").reasons == [
+        f"charge {no_evidence} has no evidence in the ledger (no task, utility figures or audit verdict recorded)"]
+    no_accuracy = _charge(ledger, accuracy=None)
+    assert gate.decide(ledger, charge_id=no_accuracy, policy=POLICY).reasons == ["no accuracy is recorded in the ledger for this charge"]
 
 
 def test_an_inconclusive_audit_promotes_only_when_the_policy_accepts_it(ledger):
@@ -139,6 +161,125 @@ def test_cli_promote_rechecks_the_ledger_and_records_every_decision(workspace_en
     assert ledger.verify() == []
 
 
+# --------------------------------------------------------------------------- evidence written once (both backends)
+
+
+def _workspace_ledger(workspace_env, monkeypatch, ledger_url) -> Ledger:
+    """The workspace's ledger (what `dpops promote` opens) on ``ledger_url``'s backend."""
+    workspace_env.mkdir(parents=True, exist_ok=True)
+    monkeypatch.setenv("DPOPS_LEDGER_URL", ledger_url)
+    return Ledger(ledger_url)
+
+
+def test_annotate_cannot_re_point_a_charge_at_an_unaccounted_model(ledger_url, workspace_env, monkeypatch, tmp_path, project_root):
+    """The issue's first API attack: the old code let a later `annotated` note win, so
+    ``annotate(charge, model="m/2")`` made `dpops promote m 2` PROMOTE a version no charge paid for."""
+    ledger = _workspace_ledger(workspace_env, monkeypatch, ledger_url)
+    uri = f"sqlite:///{workspace_env / 'mlflow.db'}"
+    policy = str(project_root / "configs/policy.yaml")
+    good = _charge(ledger, model="m/1")
+    assert _register_version(uri, tmp_path, good) == "1"
+    unaccounted = _register_version(uri, tmp_path, good)  # e.g. trained without DP, tagged with a good charge's id
+    with pytest.raises(LedgerError, match=r"annotate cannot write \['model'\]"):
+        ledger.annotate(good, model=f"m/{unaccounted}")
+    with pytest.raises(LedgerError, match="already bound to model m/1"):
+        ledger.bind_model(good, model_name="m", model_version=unaccounted, mlflow_run_id="r", artifact_sha256=SHA)
+    refused = runner.invoke(app, ["promote", "m", unaccounted, "--policy", policy])
+    assert refused.exit_code == 1 and f"recorded for model 'm/1', not 'm/{unaccounted}'" in refused.output, refused.output
+    assert runner.invoke(app, ["promote", "m", "1", "--policy", policy]).exit_code == 0  # the bound version still promotes
+    import mlflow
+
+    assert str(mlflow.MlflowClient(tracking_uri=uri).get_model_version_by_alias("m", "production").version) == "1"
+
+
+def test_annotate_cannot_forge_a_refused_models_accuracy(ledger_url, workspace_env, monkeypatch, tmp_path, project_root):
+    """The issue's second API attack: ``annotate(charge, accuracy=0.99)`` on a model the gate
+    refused at 0.5 made `dpops promote` PROMOTE it on the old code."""
+    ledger = _workspace_ledger(workspace_env, monkeypatch, ledger_url)
+    uri = f"sqlite:///{workspace_env / 'mlflow.db'}"
+    policy = str(project_root / "configs/policy.yaml")
+    bad = _charge(ledger, model="m/1", accuracy=0.5)
+    version = _register_version(uri, tmp_path, bad)
+    first = runner.invoke(app, ["promote", "m", version, "--policy", policy])
+    assert first.exit_code == 1 and "accuracy 0.5000 < policy" in first.output
+    with pytest.raises(LedgerError, match=r"annotate cannot write \['accuracy', 'audit'\]"):
+        ledger.annotate(bad, accuracy=0.99, audit=GOOD_AUDIT)
+    with pytest.raises(LedgerError, match="evidence is already recorded"):
+        ledger.record_evidence(bad, task="classification", figures={"accuracy": 0.99}, audit=GOOD_AUDIT)
+    again = runner.invoke(app, ["promote", "m", version, "--policy", policy])
+    assert again.exit_code == 1 and "accuracy 0.5000 < policy" in again.output, again.output
+    assert ledger.verify() == []
+
+
+def test_a_binding_and_evidence_are_written_once_and_a_version_has_one_charge(ledger_url):
+    ledger = Ledger(ledger_url)
+    a = _charge(ledger, model="m/1")
+    assert ledger.charge(a).mlflow_run_id == "run-" + a[:8]  # from the binding
+    with pytest.raises(LedgerError, match=f"charge {a} is already bound to model m/1; a binding is written once"):
+        ledger.bind_model(a, model_name="m", model_version="1", mlflow_run_id="r", artifact_sha256=SHA)
+    other = _charge(ledger, dataset="other", model=None)  # another dataset: the check spans the whole ledger
+    with pytest.raises(LedgerError, match=f"model m/1 is already bound to charge {a}; a model version is bound to one charge"):
+        ledger.bind_model(other, model_name="m", model_version=1, mlflow_run_id="r", artifact_sha256=SHA)
+    with pytest.raises(LedgerError, match="bind_model comes before its evidence"):
+        ledger.record_evidence(other, task="classification", figures={"accuracy": 0.9}, audit=GOOD_AUDIT)
+    for bad, field_ in (({"artifact_sha256": "AB" * 32}, "artifact_sha256"), ({"model_version": "latest"}, "model_version"),
+                        ({"model_name": ""}, "model_name"), ({"mlflow_run_id": ""}, "mlflow_run_id")):
+        fields = {"model_name": "m", "model_version": "2", "mlflow_run_id": "r", "artifact_sha256": SHA, **bad}
+        with pytest.raises(LedgerError, match=f"field '{field_}'"):
+            ledger.bind_model(other, **fields)
+    ledger.bind_model(other, model_name="m", model_version="2", mlflow_run_id="r", artifact_sha256=SHA)
+    with pytest.raises(LedgerError, match=r"figures \['loss'\] are not among"):
+        ledger.record_evidence(other, task="classification", figures={"loss": 0.1}, audit=GOOD_AUDIT)
+    ledger.record_evidence(other, task="classification", figures={"accuracy": 0.9}, audit=GOOD_AUDIT)
+    with pytest.raises(LedgerError, match="evidence is already recorded"):
+        ledger.record_evidence(other, task="classification", figures={"accuracy": 0.99}, audit=GOOD_AUDIT)
+    assert [b[:2] for b in ledger.bindings_of("m", "1")] == [(a, "notes")] and ledger.bindings_of("m", "3") == []
+    assert [e["event"] for e in ledger.history("other")][-2:] == ["model_bound", "evidence"]
+    ledger.annotate(a, note="free-form lineage is still appended")
+    assert gate.decide(ledger, charge_id=a, policy=POLICY, model="m/1").promote
+    assert ledger.verify() == []
+
+
+def test_a_charge_with_only_old_annotated_notes_is_refused(ledger):
+    """A ledger written before evidence was recorded once: the gate refuses, saying why, and reads none of the notes."""
+    charge_id = _charge(ledger, model=None)
+    with ledger.engine.begin() as conn:  # what the old record stage appended (a valid event of the chain)
+        ds = ledger._lock_dataset(conn, "notes")
+        ledger._append(conn, ds, "annotated", charge_id,
+                       {"model": "m/1", "mlflow_run_id": "r", "task": "classification", "accuracy": 0.9, "audit": GOOD_AUDIT})
+    assert ledger.verify() == []
+    reasons = gate.decide(ledger, charge_id=charge_id, policy=POLICY, model="m/1").reasons
+    assert reasons == [f"charge {charge_id}: {gate.LEGACY_EVIDENCE}"]
+
+
+def test_the_gate_compares_a_partitioned_dataset_block_by_block(ledger_url):
+    """A block over its own cap refuses, by name, though the largest spend is below the largest cap
+    (the old check, max spent against max cap, promoted)."""
+    ledger = Ledger(ledger_url)
+    ledger.register_dataset(name="monthly", unit="record", delta=1e-6, epsilon_cap=8.0)
+    for block in ("jan", "feb"):
+        ledger.add_block("monthly", name=block, n_records=30_000, epsilon_cap=8.0)
+    charges = {}
+    for version, block in enumerate(("jan", "feb"), 1):
+        c = ledger.reserve(dataset="monthly", mechanism=SubsampledGaussian(1.0, 0.01, 100), max_grad_norm=1.0,
+                           n_records=30_000, job="j", data_version="v", blocks=[block])
+        ledger.start(c.id)
+        ledger.commit(c.id, steps_run=100)
+        ledger.bind_model(c.id, model_name="monthly", model_version=version, mlflow_run_id="r", artifact_sha256=SHA)
+        ledger.record_evidence(c.id, task="classification", figures={"accuracy": 0.9}, audit=GOOD_AUDIT)
+        charges[block] = c.id
+    tamper(ledger, "UPDATE blocks SET epsilon_cap = 0.05 WHERE name = 'jan'")  # T11: a block's cap edited
+    b = ledger.budget("monthly")
+    jan = next(x for x in b.blocks if x.name == "jan")
+    assert b.spent <= b.epsilon_cap and jan.spent > jan.epsilon_cap  # max vs max passes; jan is over its cap
+    unverified = PolicyConfig(min_accuracy=0.7, require_ledger_verified=False)  # the block check alone
+    assert gate.decide(ledger, charge_id=charges["jan"], policy=unverified).reasons == [
+        f"dataset 'monthly' block 'jan' spent {jan.spent:.3f} > its cap 0.05"]
+    assert gate.decide(ledger, charge_id=charges["feb"], policy=unverified).promote  # feb read no record of jan
+    assert f"dataset 'monthly' block 'jan' spent {jan.spent:.3f} > its cap 0.05" in gate.decide(
+        ledger, charge_id=charges["jan"], policy=POLICY).reasons
+
+
 # --------------------------------------------------------------------------- task-aware utility, per-dataset thresholds
 
 LM_POLICY = PolicyConfig(min_accuracy=0.7, max_eval_loss=3.0)
@@ -146,18 +287,18 @@ LM_POLICY = PolicyConfig(min_accuracy=0.7, max_eval_loss=3.0)
 
 def test_a_language_model_is_judged_by_its_eval_loss_not_accuracy(ledger):
     good = _charge(ledger, accuracy=None, task="causal_lm", eval_loss=2.5, perplexity=12.2)
-    assert gate.decide(ledger, charge_id=good, policy=LM_POLICY, model="m/1").promote
+    assert gate.decide(ledger, charge_id=good, policy=LM_POLICY, model=_model(ledger, good)).promote
     bad = _charge(ledger, accuracy=None, task="causal_lm", eval_loss=3.4, perplexity=30.0)
-    assert gate.decide(ledger, charge_id=bad, policy=LM_POLICY, model="m/1").reasons == ["eval_loss 3.4000 > policy max_eval_loss 3"]
+    assert gate.decide(ledger, charge_id=bad, policy=LM_POLICY).reasons == ["eval_loss 3.4000 > policy max_eval_loss 3"]
     # a classifier on the same policy is still judged by accuracy, and its eval loss does not matter
     clf = _charge(ledger, accuracy=0.65, task="classification", eval_loss=9.0)
-    assert gate.decide(ledger, charge_id=clf, policy=LM_POLICY, model="m/1").reasons == ["accuracy 0.6500 < policy min_accuracy 0.7"]
+    assert gate.decide(ledger, charge_id=clf, policy=LM_POLICY).reasons == ["accuracy 0.6500 < policy min_accuracy 0.7"]
 
 
 def test_a_language_model_fails_every_threshold_it_misses_and_missing_figures_refuse(ledger):
     policy = PolicyConfig(max_eval_loss=3.0, max_perplexity=15.0)
     charge_id = _charge(ledger, commit=False, accuracy=None, task="causal_lm", eval_loss=3.2, perplexity=24.5)
-    reasons = gate.decide(ledger, charge_id=charge_id, policy=policy, model="m/1").reasons
+    reasons = gate.decide(ledger, charge_id=charge_id, policy=policy, model=_model(ledger, charge_id)).reasons
     assert reasons == [f"charge {charge_id} is 'running', not committed", "eval_loss 3.2000 > policy max_eval_loss 3",
                        "perplexity 24.5000 > policy max_perplexity 15"]
     bare = _charge(ledger, accuracy=None, task="causal_lm")  # recorded without its eval figures
@@ -180,7 +321,7 @@ def test_a_task_without_a_threshold_is_refused(ledger):
 def test_per_dataset_thresholds_replace_the_global_one_for_that_dataset_only(ledger):
     policy = PolicyConfig(min_accuracy=0.7, datasets={"medical_abstracts": {"min_accuracy": 0.5}, "notes": {"max_eval_loss": 2.0}})
     medical = _charge(ledger, dataset="medical_abstracts", accuracy=0.57, task="classification")
-    assert gate.decide(ledger, charge_id=medical, policy=policy, model="m/1").promote
+    assert gate.decide(ledger, charge_id=medical, policy=policy, model=_model(ledger, medical)).promote
     too_low = _charge(ledger, dataset="medical_abstracts", accuracy=0.45, task="classification")
     assert gate.decide(ledger, charge_id=too_low, policy=policy).reasons == [
         "accuracy 0.4500 < policy min_accuracy 0.5 (dataset 'medical_abstracts')"]
@@ -216,7 +357,7 @@ def test_a_language_model_run_is_recorded_and_gated_on_its_eval_loss(workspace_e
 
     import yaml
 
-    from dpops import stages
+    from dpops import stages, tracking
     from tests.tiny_models import tiny_llama
 
     shutil.copytree(project_root / "configs", tmp_path / "configs")
@@ -236,7 +377,11 @@ def test_a_language_model_run_is_recorded_and_gated_on_its_eval_loss(workspace_e
     rec = stages.record(str(job), ref, plan, charge_id, trained, metrics, audit)
 
     ledger = Ledger(f"sqlite:///{workspace_env / 'ledger.db'}")
-    notes = gate.evidence(ledger, charge_id)
+    ev = gate.evidence(ledger, charge_id)
+    assert ev.model == f"{rec['model_name']}/{rec['model_version']}" and ev.binding["mlflow_run_id"] == rec["run_id"]
+    assert ev.binding["artifact_sha256"] == tracking.weights_sha256(trained["model_dir"])
+    assert ledger.charge(charge_id).mlflow_run_id == rec["run_id"]
+    notes = ev.record
     assert notes["task"] == "causal_lm" and "accuracy" not in notes
     assert notes["eval_loss"] == pytest.approx(metrics["eval_loss"]) and notes["perplexity"] == pytest.approx(metrics["perplexity"])
 

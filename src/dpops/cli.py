@@ -228,6 +228,17 @@ def promote(
     typer.echo(f"{out['model']}: promoted -> alias {out['alias']!r} (charge {out['charge_id']})")
 
 
+def _checked_version(model: str, alias: str, dst: Path):
+    """The version ``alias`` points to, downloaded into ``dst`` and checked against the ledger
+    (:func:`dpops.serving.check`); exit 1, naming every missing condition, when it must not be served."""
+    from dpops import serving
+
+    checked = serving.check(workspace(), model, alias, dst)
+    if checked.reasons:
+        _fail(f"{checked.label}: not served. " + " ".join(f"({i}) {r}." for i, r in enumerate(checked.reasons, 1)), 1)
+    return checked
+
+
 @app.command()
 def predict(
     texts: Optional[list[str]] = typer.Argument(None, help="Texts to classify."),
@@ -235,7 +246,12 @@ def predict(
     alias: str = typer.Option("production", help="Model alias to load."),
     file: Optional[Path] = typer.Option(None, "--file", help="Also classify each line of this file."),
 ) -> None:
-    """Print one predicted label per input text, in order (labels only, never the texts)."""
+    """Print one predicted label per input text, in order (labels only, never the texts).
+
+    Serves only a version the gate promoted under this alias, with the weights bound in the
+    ledger: the alias is resolved to a version, that version is downloaded and checked
+    (exit 1 naming what is missing), and exactly that checked copy is loaded.
+    """
     apply_quiet_env()
     inputs = list(texts or [])
     if file is not None:
@@ -245,18 +261,46 @@ def predict(
             _fail(f"{file}: {exc.strerror or exc}")
     if not inputs:
         _fail("nothing to classify: give TEXT arguments or --file")
+    import tempfile
+
     import mlflow
     import pandas as pd
-    from mlflow.exceptions import MlflowException
 
-    mlflow.set_tracking_uri(workspace().tracking_uri)
-    try:
-        loaded = mlflow.pyfunc.load_model(f"models:/{model}@{alias}")
-    except MlflowException as exc:
-        _fail(f"model {model!r} alias {alias!r}: {exc.message}")
-        return
-    for label in loaded.predict(pd.DataFrame({"text": inputs}))["label"]:
+    with tempfile.TemporaryDirectory(prefix="dpops-predict-") as tmp:
+        checked = _checked_version(model, alias, Path(tmp))
+        loaded = mlflow.pyfunc.load_model(str(checked.local_path))
+        labels = list(loaded.predict(pd.DataFrame({"text": inputs}))["label"])
+    for label in labels:
         typer.echo(label)
+
+
+@app.command()
+def serve(
+    model: str = typer.Argument(..., help="Registered model name."),
+    alias: str = typer.Option("production", help="Model alias to serve."),
+    port: int = typer.Option(5001, min=1, max=65535, help="Port of the scoring server."),
+    host: str = typer.Option("127.0.0.1", help="Address the scoring server listens on."),
+) -> None:
+    """Run MLflow's scoring server (/ping, /invocations) for the version the gate promoted under ALIAS.
+
+    The same check as `dpops predict` (exit 1 naming what is missing, nothing served); then
+    `mlflow models serve --env-manager local` on exactly the checked copy of that version, until
+    it is stopped (Ctrl-C or SIGTERM stop the server too).
+    """
+    apply_quiet_env()
+    import shutil
+    import tempfile
+
+    from dpops import serving
+
+    tmp = Path(tempfile.mkdtemp(prefix="dpops-serve-"))
+    try:
+        checked = _checked_version(model, alias, tmp)
+        typer.echo(f"{checked.label}: the gate promoted it; serving on http://{host}:{port}")
+        code = serving.run_scoring_server(checked.local_path, host=host, port=port)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    raise typer.Exit(code)
 
 
 def main() -> None:  # pragma: no cover

@@ -28,6 +28,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import re
 import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -69,6 +70,18 @@ EXPIRED = "expired"
 PROGRESS = "progress"
 #: Not a state: the trainer's own completed result, the steps it ran (see Ledger.record_finished).
 FINISHED = "finished"
+#: Not a state: the model version a charge trained, written once (see Ledger.bind_model).
+MODEL_BOUND = "model_bound"
+#: Not a state: the gate's evidence on a charge (task, utility figures, audit verdict), written once.
+EVIDENCE = "evidence"
+#: Payload fields of a ``model_bound`` event.
+BINDING_FIELDS = ("model_name", "model_version", "mlflow_run_id", "artifact_sha256")
+#: The utility figures an ``evidence`` event may hold (the gate's policy judges them per task).
+EVIDENCE_FIGURES = ("accuracy", "eval_loss", "perplexity")
+#: Keys ``annotate`` refuses: the binding's and the evidence's (and ``model``, which old notes used).
+GATE_KEYS = frozenset((*BINDING_FIELDS, "model", "task", "audit", *EVIDENCE_FIGURES))
+#: PostgreSQL advisory lock serialising model bindings across datasets (one charge per model version).
+_PG_BINDING_LOCK = 7_274_002
 
 #: Allowed state changes. Anything else raises LedgerError.
 TRANSITIONS: dict[str, set[str]] = {
@@ -511,7 +524,7 @@ class Ledger:
                          c.n_records, c.job, c.data_version, c.flow_run_id, c.code_version, c.created_at, c.lease_expires_at)
                   .where(c.dataset_id == ds.id).order_by(c.created_at))
         events_q = (select(e.charge_id, e.kind, e.payload)
-                    .where(e.dataset_id == ds.id, e.charge_id.is_not(None), e.kind.in_([*TRANSITIONS, "annotated"]))
+                    .where(e.dataset_id == ds.id, e.charge_id.is_not(None), e.kind.in_([*TRANSITIONS, MODEL_BOUND]))
                     .order_by(e.seq))
         links_q = (select(ChargeBlockRow.charge_id, BlockRow.name)
                    .join(BlockRow, BlockRow.id == ChargeBlockRow.block_id)
@@ -524,10 +537,8 @@ class Ledger:
         steps_run: dict[str, int] = {}
         mlflow_run: dict[str, str] = {}
         for cid, kind, payload in session.execute(events_q):
-            if kind == "annotated":
-                run_id = json.loads(payload).get("mlflow_run_id")
-                if run_id:
-                    mlflow_run[cid] = run_id
+            if kind == MODEL_BOUND:  # the binding, written once, names the MLflow run
+                mlflow_run.setdefault(cid, json.loads(payload)["mlflow_run_id"])
                 continue
             state[cid] = kind
             if kind == COMMITTED:
@@ -965,10 +976,125 @@ class Ledger:
         return self._transition(charge_id, RELEASED, {"reason": reason}, counted=0)
 
     def annotate(self, charge_id: str, **fields: Any) -> None:
-        """Append lineage learnt later (e.g. ``mlflow_run_id``) as an event; the charge row stays as written."""
+        """Append free-form lineage learnt later as an ``annotated`` event; the charge row stays as written.
+
+        The gate reads nothing from these notes. The keys the model binding and the gate's evidence
+        own (:data:`GATE_KEYS`) are refused: they are written once, by :meth:`bind_model` and
+        :meth:`record_evidence`, so that a later note cannot re-point a charge at another model
+        or rewrite its accuracy.
+        """
+        owned = sorted(GATE_KEYS & set(fields))
+        if owned:
+            raise LedgerError(f"charge {charge_id}: annotate cannot write {owned}: the model binding and the gate's evidence "
+                              "are written once, by bind_model and record_evidence")
         with self.engine.begin() as conn:
             ds = self._lock_dataset(conn, dataset_id=self._charge_row(conn, charge_id).dataset_id)
             self._append(conn, ds, "annotated", charge_id, fields)
+
+    def bind_model(self, charge_id: str, *, model_name: str, model_version: str | int, mlflow_run_id: str,
+                   artifact_sha256: str) -> None:
+        """Bind the model version a charge trained to it: a ``model_bound`` event, written once.
+
+        ``artifact_sha256`` is the SHA-256 of the version's weight file (``trainable.safetensors``,
+        the DP output; its hash is post-processing): serving compares it with the weights it loads.
+        Written under the dataset's lock; a second binding of the charge is refused, and so is a
+        binding of a model version already bound to any charge of any dataset (one charge per
+        version; on PostgreSQL an advisory lock serialises bindings across datasets, on SQLite the
+        write lock is database-wide).
+
+        Raises:
+            LedgerError: a field is malformed, the charge is already bound, or the version is.
+        """
+        version = str(model_version).strip()
+        if not (isinstance(model_name, str) and model_name.strip() and len(model_name) <= 200):
+            raise LedgerError(f"charge {charge_id}: field 'model_name' must be a non-empty name of at most 200 characters")
+        if not version.isdigit():
+            raise LedgerError(f"charge {charge_id}: field 'model_version' must be an MLflow version number. Found {version!r:.40}.")
+        if not (isinstance(mlflow_run_id, str) and mlflow_run_id.strip() and len(mlflow_run_id) <= 100):
+            raise LedgerError(f"charge {charge_id}: field 'mlflow_run_id' must be a non-empty id of at most 100 characters")
+        if not (isinstance(artifact_sha256, str) and re.fullmatch(r"[0-9a-f]{64}", artifact_sha256)):
+            raise LedgerError(f"charge {charge_id}: field 'artifact_sha256' must be 64 lowercase hex digits")
+        binding = {"model_name": model_name, "model_version": str(int(version)), "mlflow_run_id": mlflow_run_id,
+                   "artifact_sha256": artifact_sha256}
+        with self.engine.begin() as conn:
+            if self._pg:  # before the dataset's lock, always in this order: no deadlock
+                conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_PG_BINDING_LOCK})")
+            ds = self._lock_dataset(conn, dataset_id=self._charge_row(conn, charge_id).dataset_id)
+            for bound_charge, _dataset, payload in self._bindings(conn):
+                if bound_charge == charge_id:
+                    raise LedgerError(f"charge {charge_id} is already bound to model {payload['model_name']}/"
+                                      f"{payload['model_version']}; a binding is written once")
+                if (payload["model_name"], payload["model_version"]) == (model_name, binding["model_version"]):
+                    raise LedgerError(f"model {model_name}/{binding['model_version']} is already bound to charge {bound_charge}; "
+                                      "a model version is bound to one charge")
+            self._append(conn, ds, MODEL_BOUND, charge_id, binding)
+
+    def record_evidence(self, charge_id: str, *, task: str, figures: dict[str, float], audit: dict[str, Any]) -> None:
+        """Record the gate's evidence on a bound charge: an ``evidence`` event, written once.
+
+        ``figures`` are the utility figures of the eval split (:data:`EVIDENCE_FIGURES`), ``audit``
+        the audit's verdict and figures (canaries only). Written under the dataset's lock, after
+        the model binding; a second record is refused.
+
+        Raises:
+            LedgerError: a field is malformed, the charge has no binding, or its evidence is recorded.
+        """
+        if not (isinstance(task, str) and task.strip() and len(task) <= 100):
+            raise LedgerError(f"charge {charge_id}: field 'task' must be a non-empty name of at most 100 characters")
+        unknown = sorted(set(figures) - set(EVIDENCE_FIGURES))
+        if unknown:
+            raise LedgerError(f"charge {charge_id}: evidence figures {unknown} are not among {list(EVIDENCE_FIGURES)}")
+        for name, value in figures.items():
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise LedgerError(f"charge {charge_id}: evidence figure {name!r} must be a number")
+        if not (isinstance(audit, dict) and isinstance(audit.get("verdict"), str)):
+            raise LedgerError(f"charge {charge_id}: field 'audit' must be the audit's figures with a 'verdict'")
+        with self.engine.begin() as conn:
+            ds = self._lock_dataset(conn, dataset_id=self._charge_row(conn, charge_id).dataset_id)
+            if not self._charge_payloads(conn, charge_id, MODEL_BOUND):
+                raise LedgerError(f"charge {charge_id} is bound to no model: bind_model comes before its evidence")
+            if self._charge_payloads(conn, charge_id, EVIDENCE):
+                raise LedgerError(f"charge {charge_id}: its evidence is already recorded; evidence is written once")
+            self._append(conn, ds, EVIDENCE, charge_id,
+                         {"task": task, **{k: float(v) for k, v in figures.items()}, "audit": audit})
+
+    @staticmethod
+    def _charge_payloads(conn: Connection, charge_id: str, kind: str) -> list[dict[str, Any]]:
+        e = _EVENTS.c
+        return [json.loads(p) for p in conn.scalars(
+            select(e.payload).where(e.charge_id == charge_id, e.kind == kind).order_by(e.seq))]
+
+    @staticmethod
+    def _bindings(conn: Connection) -> list[tuple[str, str, dict[str, Any]]]:
+        """Every ``model_bound`` event of the ledger, as (charge id, dataset, payload), in chain order."""
+        e, d = _EVENTS.c, _DATASETS.c
+        rows = conn.execute(select(e.charge_id, d.name, e.payload).join(_DATASETS, d.id == e.dataset_id)
+                            .where(e.kind == MODEL_BOUND).order_by(d.name, e.seq))
+        return [(cid, name, json.loads(payload)) for cid, name, payload in rows]
+
+    def charge_records(self, charge_id: str, kind: str) -> list[dict[str, Any]]:
+        """The payloads of a charge's events of ``kind`` (e.g. :data:`MODEL_BOUND`, :data:`EVIDENCE`), in chain order."""
+        with self.engine.connect() as conn:
+            self._charge_row(conn, charge_id)
+            return self._charge_payloads(conn, charge_id, kind)
+
+    def bindings_of(self, model_name: str, model_version: str | int) -> list[tuple[str, str, dict[str, Any]]]:
+        """The (charge id, dataset, binding) of every charge bound to this model version, across
+        the ledger: one for a version a dpops run recorded, none for any other."""
+        version = str(model_version)
+        with self.engine.connect() as conn:
+            return [b for b in self._bindings(conn) if (b[2]["model_name"], b[2]["model_version"]) == (model_name, version)]
+
+    def gate_decisions(self, model: str) -> list[dict[str, Any]]:
+        """Every ``gate_decision`` for ``model`` (``"name/version"``) across datasets, oldest first
+        (by time, then dataset and seq), each as {dataset, seq, at, charge, payload}."""
+        e, d = _EVENTS.c, _DATASETS.c
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(d.name, e.seq, e.created_at, e.charge_id, e.payload)
+                                .join(_DATASETS, d.id == e.dataset_id).where(e.kind == "gate_decision"))
+            found = [{"dataset": name, "seq": seq, "at": at, "charge": cid, "payload": json.loads(payload)}
+                     for name, seq, at, cid, payload in rows]
+        return sorted((f for f in found if f["payload"].get("model") == model), key=lambda f: (f["at"], f["dataset"], f["seq"]))
 
     def record_decision(self, dataset: str, *, decision: dict[str, Any]) -> None:
         """Append a gate decision to the dataset's chain."""

@@ -367,7 +367,7 @@ def record(
     job_path: str, ref: dict[str, Any], p: dict[str, Any], charge_id: str, train_out: dict[str, Any],
     metrics: dict[str, float], audit_out: dict[str, Any], *, flow_run_id: Optional[str] = None,
 ) -> dict[str, Any]:
-    """Stage 9: MLflow run + model version; the ledger learns the MLflow run id."""
+    """Stage 9: MLflow run + model version; the ledger binds the version to the charge and records the gate's evidence."""
     job, _ = _load(job_path)
     ws = workspace()
     ledger = _ledger(ws)
@@ -385,11 +385,13 @@ def record(
             metrics=metrics, audit=audit_out, dataset_budget=budget, model_dir=train_out["model_dir"], repo=ref["repo"],
             flow_run_id=flow_run_id,
         )
-        # The gate reads the task, the utility figures and the audit verdict from here (hash-chained), not from MLflow.
-        ledger.annotate(
-            charge_id, mlflow_run_id=res.run_id, model=f"{res.model_name}/{res.model_version}", task=job.task,
-            **{k: float(metrics[k]) for k in gate.UTILITY_FIGURES if k in metrics}, audit={k: audit_out[k] for k in AUDIT_EVIDENCE},
-        )
+        # The gate and serving read the model binding and the evidence from here (hash-chained, each
+        # written once), not from MLflow: the version, its run, the hash of its weights (the DP
+        # output as logged), the task, the utility figures and the audit verdict.
+        ledger.bind_model(charge_id, model_name=res.model_name, model_version=res.model_version, mlflow_run_id=res.run_id,
+                          artifact_sha256=tracking.weights_sha256(train_out["model_dir"]))
+        ledger.record_evidence(charge_id, task=job.task, figures={k: float(metrics[k]) for k in gate.UTILITY_FIGURES if k in metrics},
+                               audit={k: audit_out[k] for k in AUDIT_EVIDENCE})
         return {**asdict(res), "budget": budget}
     finally:
         ledger.dispose()

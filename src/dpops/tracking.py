@@ -9,6 +9,7 @@ of its own that the ledger would have to charge. The run's tag ``dpops.train_los
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -176,6 +177,31 @@ def record(
                        "dpops.accuracy": f"{metrics.get('accuracy', float('nan')):.4f}"}.items():
         client.set_model_version_tag(name, version, key, value)
     return RecordResult(run_id=run_id, experiment_id=experiment_id, model_name=name, model_version=version)
+
+
+#: The weight file of a dpops model (the DP output), as :func:`dpops.model.save` writes it.
+WEIGHTS_FILE = "trainable.safetensors"
+
+
+def weights_sha256(model_dir: str | Path) -> str:
+    """SHA-256 of a saved model's weight file (the DP output; its hash is post-processing)."""
+    digest = hashlib.sha256()
+    with open(Path(model_dir) / WEIGHTS_FILE, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def pyfunc_weights_dir(local_model: str | Path) -> Path:
+    """The weights directory inside a downloaded pyfunc model: the path its MLmodel gives the
+    ``weights`` artifact (what :class:`dpops.model.PyfuncClassifier` loads)."""
+    from mlflow.models import Model
+
+    flavor = Model.load(str(local_model)).flavors.get("python_function", {})
+    path = (flavor.get("artifacts") or {}).get("weights", {}).get("path")
+    if not path:
+        raise FileNotFoundError(f"{local_model}: the model has no 'weights' artifact (not a dpops model)")
+    return Path(local_model) / path
 
 
 def version_charge_id(ws: Workspace, model_name: str, version: str) -> Optional[str]:
