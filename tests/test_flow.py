@@ -63,7 +63,7 @@ def test_flow_end_to_end_records_ledger_mlflow_and_promotes(prefect_harness, wor
     assert ledger.budget("sst2").spent == pytest.approx(accounting.filter_epsilon([plan.mechanism], delta=ds.privacy.delta))
     assert ledger.verify() == []
     kinds = [e["event"] for e in ledger.history("sst2")]
-    assert kinds == ["registered", "reserved", "running", "progress", "finished", "committed", "annotated", "gate_decision"]
+    assert kinds == ["registered", "reserved", "running", "progress", "finished", "committed", "model_bound", "evidence", "gate_decision"]
 
     import mlflow
 
