@@ -104,6 +104,10 @@ GENESIS = "0" * 64
 #: A reservation that has not started within this many seconds expires (counts nothing).
 DEFAULT_LEASE_SECONDS = 3600.0
 
+#: The largest epsilon cap a dataset may be registered with. A cap above it guarantees nothing a
+#: privacy officer could sign off on, and non-finite caps (inf, nan) would disable the filter.
+MAX_EPSILON_CAP = 1000.0
+
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 _PG_MIGRATION_LOCK = 7_274_001
 
@@ -662,9 +666,10 @@ class Ledger:
             ConfigError: the dataset exists with a different unit, delta or cap. The ledger is the
                 source of truth; a config file cannot silently raise a cap.
         """
-        if not (epsilon_cap > 0):
-            raise ConfigError(f"dataset {name!r}: field 'privacy.epsilon_cap' must be > 0. Found {epsilon_cap}.")
-        if not (0 < delta < 1):
+        if not (0 < epsilon_cap <= MAX_EPSILON_CAP):  # also refuses nan and inf
+            raise ConfigError(f"dataset {name!r}: field 'privacy.epsilon_cap' must be in (0, {MAX_EPSILON_CAP:g}]. "
+                              f"Found {epsilon_cap}.")
+        if not (0 < delta < 1):  # also refuses nan
             raise ConfigError(f"dataset {name!r}: field 'privacy.delta' must be in (0, 1). Found {delta}.")
         if unit not in ("record", "user"):
             raise ConfigError(f"dataset {name!r}: field 'unit' must be 'record' or 'user'. Found {unit!r}.")
