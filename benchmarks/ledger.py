@@ -50,7 +50,7 @@ def _client(url: str, per_client: int, barrier, out) -> None:
 
 def admissions(url: str, clients: int, per_client: int) -> dict:
     ledger = Ledger(url)
-    ledger.register_dataset(name="bench", unit="record", delta=1e-7, epsilon_cap=1e9)
+    ledger.register_dataset(name="bench", unit="record", delta=1e-7, epsilon_cap=1000)
     ledger.dispose()
     ctx = mp.get_context("spawn")
     barrier, out = ctx.Barrier(clients), ctx.Queue()
@@ -68,7 +68,7 @@ def admissions(url: str, clients: int, per_client: int) -> dict:
 def epsilon_latency(url: str, n_charges: int, distinct: bool, repeats: int = 5) -> dict:
     ledger = Ledger(url)
     name = f"lat{n_charges}{'d' if distinct else 'r'}"
-    ledger.register_dataset(name=name, unit="record", delta=1e-7, epsilon_cap=1e9)
+    ledger.register_dataset(name=name, unit="record", delta=1e-7, epsilon_cap=1000)
     for i in range(n_charges):
         mech = SubsampledGaussian(1.0 + (i * 1e-4 if distinct else 0.0), 0.001, 100)
         c = ledger.reserve(dataset=name, mechanism=mech, max_grad_norm=1.0, n_records=1_000_000, job="j", data_version="v")

@@ -12,7 +12,7 @@ import pytest
 
 from dpops import accounting, evaluation, privacy, report, stages, training
 from dpops.config import DatasetConfig, DPSettings
-from dpops.errors import BudgetExceededError, DataValidationError
+from dpops.errors import BudgetExceededError, DataValidationError, LedgerError
 from dpops.ledger import COMMITTED, Ledger
 from tests.dvc_repo import commit, make_repo
 from tests.helpers import edit_yaml, steward_file
@@ -236,8 +236,9 @@ def test_a_block_not_yet_registered_counts_the_charges_that_read_the_whole_datas
     _reserve(ledger, p.mechanism)  # reads the whole dataset
     with pytest.raises(BudgetExceededError, match="no block can still admit"):
         privacy.plan_blocks(dataset=ds, dp=dp, blocks=new, extra_units=0, ledger=ledger, mode="fresh")
-    ledger.add_block("tickets", name="c", n_records=1000)
-    assert ledger.fresh_blocks("tickets", p.mechanism) == []  # the ledger agrees once it is registered
+    # and the ledger refuses to partition a dataset whose records were already spent as one (issue 16)
+    with pytest.raises(LedgerError, match="already read the whole dataset"):
+        ledger.add_block("tickets", name="c", n_records=1000)
 
 
 # --------------------------------------------------------------------------- the flow (Prefect, MLflow)

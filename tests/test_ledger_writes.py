@@ -20,3 +20,37 @@ def test_a_delta_outside_zero_one_does_not_register(ledger_url, delta):
     with pytest.raises(ConfigError, match="privacy.delta"):
         ledger.register_dataset(name="notes", unit="record", delta=delta, epsilon_cap=4.0)
     assert ledger.datasets() == []
+
+
+def test_a_block_never_has_more_budget_than_its_dataset(ledger_url):
+    """Issue 16: add_block accepted a cap above the dataset's (and an infinite one)."""
+    from dpops.errors import ConfigError
+    from dpops.ledger import Ledger
+
+    ledger = Ledger(ledger_url)
+    ledger.register_dataset(name="tickets", unit="record", delta=1e-5, epsilon_cap=4.0)
+    for cap in (4.5, float("inf"), float("nan"), 0.0):
+        with pytest.raises(ConfigError, match="epsilon_cap must be in"):
+            ledger.add_block("tickets", name="jan", n_records=1000, epsilon_cap=cap)
+    ledger.add_block("tickets", name="jan", n_records=1000, epsilon_cap=4.0)
+    ledger.add_block("tickets", name="feb", n_records=1000)
+    assert [b.epsilon_cap for b in ledger.budget("tickets").blocks] == [4.0, 4.0]
+    assert ledger.verify() == []
+
+
+def test_a_dataset_with_whole_dataset_spend_cannot_be_partitioned(ledger_url):
+    """Issue 16: on the cap-4 SST-2 ledger, blocks added after whole-dataset runs admitted 8 more runs."""
+    from dpops.accounting import SubsampledGaussian
+    from dpops.errors import LedgerError
+    from dpops.ledger import Ledger
+
+    ledger = Ledger(ledger_url)
+    ledger.register_dataset(name="sst2", unit="record", delta=1e-5, epsilon_cap=4.0)
+    c = ledger.reserve(dataset="sst2", mechanism=SubsampledGaussian(1.0, 0.01, 100), max_grad_norm=1.0,
+                       n_records=10_000, job="j", data_version="v")
+    with pytest.raises(LedgerError, match="already read the whole dataset"):
+        ledger.add_block("sst2", name="all", n_records=10_000)
+    assert ledger.budget("sst2").blocks == []
+    ledger.release(c.id, reason="never started")  # a released charge read nothing: partitioning is then allowed
+    ledger.add_block("sst2", name="all", n_records=10_000)
+    assert [b.name for b in ledger.budget("sst2").blocks] == ["all"]

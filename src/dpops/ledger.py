@@ -719,8 +719,19 @@ class Ledger:
         with self.engine.begin() as conn:
             ds = self._lock_dataset(conn, dataset)
             cap = ds.epsilon_cap if epsilon_cap is None else float(epsilon_cap)
-            if not cap > 0:
-                raise ConfigError(f"block {name!r}: epsilon_cap must be > 0. Found {cap}.")
+            if not 0 < cap <= ds.epsilon_cap:  # NaN fails too
+                raise ConfigError(f"dataset {dataset!r} block {name!r}: epsilon_cap must be in (0, {ds.epsilon_cap:g}] "
+                                  f"(the dataset's cap; a block never has more). Found {cap}.")
+            cs = _STATES.c
+            whole = conn.scalar(select(func.count()).select_from(_STATES).where(
+                cs.dataset_id == ds.id, cs.state.not_in(sorted(UNCHARGED)),
+                ~select(ChargeBlockRow.charge_id).where(ChargeBlockRow.charge_id == cs.charge_id).exists()))
+            if whole and not ds.partitioned:
+                raise LedgerError(
+                    f"dataset {dataset!r}: refused to add block {name!r}: {whole} charge(s) already read the whole "
+                    "dataset, so its records are spent as one; partitioning it now would give them fresh budgets. "
+                    "A dataset is partitioned before its first charge, or not at all."
+                )
             b = _BLOCKS.c
             if conn.execute(select(b.id).where(b.dataset_id == ds.id, b.name == name)).first():
                 raise LedgerError(f"dataset {dataset!r} already has a block {name!r}; blocks are append-only")
