@@ -66,3 +66,22 @@ def test_register_history_verify_release(workspace_env, project_root):
 
     budget = runner.invoke(app, ["budget", "sst2"])
     assert "pld estimate" in budget.output and "guaranteed" in budget.output
+
+
+def test_ledger_fail_closes_a_dead_running_charge_charged_in_full(workspace_env):
+    """Issue 16: a charge whose process died stayed `running` for ever, with no command to close it."""
+    workspace_env.mkdir(parents=True)
+    ledger = Ledger(f"sqlite:///{workspace_env / 'ledger.db'}")
+    ledger.register_dataset(name="notes", unit="record", delta=1e-5, epsilon_cap=8.0)
+    mech = SubsampledGaussian(1.0, 0.01, 100)
+    c = ledger.reserve(dataset="notes", mechanism=mech, max_grad_norm=1.0, n_records=10_000, job="j", data_version="v")
+    reserved = runner.invoke(app, ["ledger", "fail", c.id, "--reason", "worker lost"])
+    assert reserved.exit_code == 3 and "'reserved'" in reserved.output  # never started: release it instead
+    ledger.start(c.id)
+    spent = ledger.budget("notes").spent
+    out = runner.invoke(app, ["ledger", "fail", c.id, "--reason", "worker lost"])
+    assert out.exit_code == 0, out.output
+    assert "failed_charged" in out.output and "charged in full (100 steps)" in out.output
+    assert ledger.charge(c.id).state == "failed_charged" and ledger.budget("notes").spent == spent
+    assert runner.invoke(app, ["ledger", "fail", c.id, "--reason", "again"]).exit_code == 3
+    assert ledger.verify() == []

@@ -146,6 +146,25 @@ def ledger_verify() -> None:
     typer.echo(f"ledger verifies: {len(ledger.datasets())} dataset(s), every chain intact")
 
 
+@ledger_app.command("fail")
+def ledger_fail(
+    charge: str = typer.Argument(..., help="Charge id."),
+    reason: str = typer.Option(..., "--reason", help="Why the run is known to be dead."),
+) -> None:
+    """Close a dead `running` charge as `failed_charged`: it read data, so it stays charged in full."""
+    from dpops.errors import LedgerError
+
+    ledger = _require_ledger()
+    if not reason.strip():
+        _fail("a failure needs a reason (--reason)")
+    try:
+        c = ledger.fail(charge, reason=f"closed by an operator: {reason}")
+    except LedgerError as exc:
+        _fail(exc, 3)
+        return
+    typer.echo(f"charge {c.id} is {c.state}: charged in full ({c.mechanism.steps} steps)")
+
+
 @ledger_app.command("release")
 def ledger_release(
     charge: str = typer.Argument(..., help="Charge id."),
