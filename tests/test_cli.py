@@ -37,7 +37,7 @@ def test_budget_prints_cap_spent_remaining_and_charges(workspace_env):
     assert row["epsilon_cap"] == 8.0 and row["spent"] == spent and row["charges"] == {"committed": 1}
 
     unknown = runner.invoke(app, ["budget", "nope"])
-    assert unknown.exit_code == 2 and "'nope' is not registered" in unknown.output
+    assert unknown.exit_code == 3 and "'nope' is not registered" in unknown.output
 
 
 def test_register_history_verify_release(workspace_env, project_root):
@@ -52,7 +52,7 @@ def test_register_history_verify_release(workspace_env, project_root):
     released = runner.invoke(app, ["ledger", "release", unused.id, "--reason", "cancelled"])
     assert released.exit_code == 0 and "released" in released.output
     refused = runner.invoke(app, ["ledger", "release", read.id, "--reason", "please"])
-    assert refused.exit_code == 2 and "never released" in refused.output
+    assert refused.exit_code == 3 and "never released" in refused.output
 
     history = runner.invoke(app, ["ledger", "history", "sst2"])
     events = [line.split()[2] for line in history.output.strip().splitlines()]

@@ -13,14 +13,18 @@ from typing import Optional
 
 import typer
 
-from dpops.errors import DpopsError
+from dpops.errors import EXIT_BAD_INPUT, DpopsError, exit_code
 from dpops.settings import apply_quiet_env, workspace
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Recurring DP fine-tunes with a privacy-budget ledger.")
 
 
-def _fail(exc: BaseException | str, code: int = 2) -> None:
+def _fail(exc: BaseException | str, code: Optional[int] = None) -> None:
+    """Print ``exc`` and exit: with ``code``, else the documented code of the error (:func:`dpops.errors.exit_code`),
+    2 (bad input) for a plain message."""
     typer.secho(f"dpops: {exc}", err=True, fg=typer.colors.RED)
+    if code is None:
+        code = exit_code(exc) if isinstance(exc, BaseException) else EXIT_BAD_INPUT
     raise typer.Exit(code)
 
 
@@ -48,7 +52,7 @@ def run(
 
         summary = private_finetune(job_path=str(job.resolve()), policy_path=str(Path(policy).resolve()))
     except DpopsError as exc:
-        _fail(exc, 3)
+        _fail(exc)
         return
     if summary_json:
         summary_json.write_text(json.dumps(summary, indent=2))
@@ -160,7 +164,7 @@ def ledger_fail(
     try:
         c = ledger.fail(charge, reason=f"closed by an operator: {reason}")
     except LedgerError as exc:
-        _fail(exc, 3)
+        _fail(exc)
         return
     typer.echo(f"charge {c.id} is {c.state}: charged in full ({c.mechanism.steps} steps)")
 

@@ -66,3 +66,26 @@ class PrivacyError(DpopsError, RuntimeError):
 
 class TrainingError(DpopsError, RuntimeError):
     """A training process failed, was killed, or left no result. Its charge stays charged in full."""
+
+
+class LedgerUnavailableError(DpopsError, RuntimeError):
+    """The ledger could not be reached or stayed locked past ``DPOPS_LEDGER_LOCK_TIMEOUT``. Nothing changed."""
+
+
+#: The exit code of every ``dpops`` command, by what went wrong (README, "Exit codes"). 1 is kept
+#: for a check that ran and said no (``ledger verify`` found tampering, the gate or serving refused).
+EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT, EXIT_REFUSED, EXIT_LEDGER_UNAVAILABLE, EXIT_RUN_FAILED = 0, 1, 2, 3, 4, 5
+
+
+def exit_code(exc: BaseException) -> int:
+    """The documented exit code of a dpops error: 2 bad input (a config or data file), 3 refused by
+    the ledger or the privacy checks, 4 ledger unavailable, 5 the run failed after it started."""
+    if isinstance(exc, LedgerUnavailableError):
+        return EXIT_LEDGER_UNAVAILABLE
+    if isinstance(exc, (ConfigError, DataValidationError)):
+        return EXIT_BAD_INPUT
+    if isinstance(exc, TrainingError):
+        return EXIT_RUN_FAILED
+    if isinstance(exc, DpopsError):
+        return EXIT_REFUSED
+    return EXIT_BAD_INPUT  # a foreign error on the command's arguments (e.g. MLflow: no such model version)
