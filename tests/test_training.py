@@ -299,11 +299,11 @@ def test_train_follows_the_schedule_and_saves_the_average(bases, tmp_path, monke
     trained, average = list(initial), list(initial.values())
     for t, weights in enumerate(iterates, start=1):
         d = min(0.9, (1 + t) / (10 + t))
-        average = [d * a + (1 - d) * w for a, w in zip(average, weights)]
+        average = [d * a + (1 - d) * w for a, w in zip(average, weights, strict=True)]
     assert len(trained) == len(average)
-    for name, expected in zip(trained, average):
+    for name, expected in zip(trained, average, strict=True):
         assert torch.allclose(saved[name], expected, atol=1e-6), name
-    assert not all(torch.allclose(saved[n], w) for n, w in zip(trained, iterates[-1]))  # not the last iterate
+    assert not all(torch.allclose(saved[n], w) for n, w in zip(trained, iterates[-1], strict=True))  # not the last iterate
 
 
 def _initial(bases, job) -> dict[str, torch.Tensor]:
