@@ -35,6 +35,8 @@ def _workspace_in_tmp(tmp_path, monkeypatch):
     output are written there on first use, never into the project); workspace_env uses the same."""
     monkeypatch.setenv("DPOPS_HOME", str(tmp_path / "dpops-home"))
     monkeypatch.delenv("DPOPS_FINGERPRINT_KEY", raising=False)
+    monkeypatch.delenv("DPOPS_ANCHOR_KEY", raising=False)
+    monkeypatch.delenv("DPOPS_ANCHOR_LOG", raising=False)
 
 
 @pytest.fixture

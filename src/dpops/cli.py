@@ -66,6 +66,7 @@ app.add_typer(ledger_app, name="ledger")
 
 
 def _open_ledger(must_exist: bool = True):
+    from dpops.anchors import AnchorLog
     from dpops.ledger import Ledger
 
     ws = workspace()
@@ -75,7 +76,7 @@ def _open_ledger(must_exist: bool = True):
             if must_exist:
                 return None
             path.parent.mkdir(parents=True, exist_ok=True)
-    return Ledger(ws.ledger_url)
+    return Ledger(ws.ledger_url, anchors=AnchorLog.for_workspace(ws))
 
 
 def _require_ledger():
@@ -127,27 +128,46 @@ def ledger_history(
 
 
 @ledger_app.command("verify")
-def ledger_verify() -> None:
+def ledger_verify(
+    anchors: Optional[Path] = typer.Option(
+        None, "--anchors", metavar="PATH",
+        help="Also check the chains against this anchor log (default: the workspace's, $DPOPS_ANCHOR_LOG or "
+        "$DPOPS_HOME/anchors.jsonl, when it exists)."),
+) -> None:
     """Recompute the ledger from its hash chains; exit 1 on any edited, deleted, reordered or forged row.
 
-    Numerical drift of a stored RDP curve (its last digits, e.g. after a library upgrade) is printed
-    as a warning and does not fail: no lower figure is adopted, admission keeps the stored curve.
+    Then check every anchor (a chain head signed and kept outside the database, see dpops.anchors)
+    against the chains: a truncated tail or a consistently rewritten chain, which the database's own
+    rows cannot show, fails here. Numerical drift of a stored RDP curve (its last digits, e.g. after a
+    library upgrade) is printed as a warning and does not fail: no lower figure is adopted, admission
+    keeps the stored curve.
     """
+    from dpops.anchors import AnchorLog, verify_anchors
+
+    if anchors is not None and not anchors.is_file():
+        _fail(f"{anchors}: no such anchor log")
     ledger = _open_ledger()
     if ledger is None:
         typer.echo("no ledger yet")
         return
+    log = AnchorLog(anchors) if anchors is not None else AnchorLog.for_workspace()
     report = ledger.verify_report()
+    try:
+        anchor_problems = verify_anchors(ledger, log) if log.path.exists() else []
+    except DpopsError as exc:
+        _fail(exc)
+        return
     for line in report.drift:
         typer.secho(f"warning: {line}", err=True, fg=typer.colors.YELLOW)
     if report.drift:
         typer.secho("warning: drift is not an edit and does not fail verify; the lower of the two curves is never "
                     "adopted: admission counts the stored curves as written", err=True, fg=typer.colors.YELLOW)
-    if report.problems:
-        for p in report.problems:
+    if report.problems or anchor_problems:
+        for p in (*report.problems, *anchor_problems):
             typer.secho(p, err=True, fg=typer.colors.RED)
         raise typer.Exit(1)
-    typer.echo(f"ledger verifies: {len(ledger.datasets())} dataset(s), every chain intact")
+    checked = f"; {len(log.lines())} anchor(s) in {log.path} match" if log.path.exists() else "; no anchor log"
+    typer.echo(f"ledger verifies: {len(ledger.datasets())} dataset(s), every chain intact{checked}")
 
 
 @ledger_app.command("fail")

@@ -28,12 +28,13 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import re
 import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional
 
 import numpy as np
 from sqlalchemy import (
@@ -59,6 +60,11 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from dpops import accounting
 from dpops.accounting import SubsampledGaussian
 from dpops.errors import BudgetExceededError, ConfigError, LedgerError
+
+if TYPE_CHECKING:
+    from dpops.anchors import AnchorLog
+
+_log = logging.getLogger("dpops.ledger")
 
 RESERVED = "reserved"
 RUNNING = "running"
@@ -398,6 +404,24 @@ class _Locked:
     partitioned: bool
 
 
+@dataclass(frozen=True)
+class ChainHead:
+    """A dataset's chain head after a write: the seq and hash of its last event (what an anchor signs)."""
+
+    dataset: str
+    seq: int
+    hash: str
+
+    @property
+    def label(self) -> str:
+        """``"<dataset>:<seq>:<hash>"``, as the MLflow tags ``dpops.chain_head`` and ``dpops.gate_chain_head`` hold it."""
+        return f"{self.dataset}:{self.seq}:{self.hash}"
+
+
+#: Events after which the ledger writes an anchor (see :mod:`dpops.anchors`): a charge settled
+#: or failed, the gate's evidence, a gate decision.
+ANCHORED = frozenset({COMMITTED, FAILED_CHARGED, EVIDENCE, "gate_decision"})
+
 _DATASETS = DatasetRow.__table__
 _BLOCKS = BlockRow.__table__
 _EVENTS = EventRow.__table__
@@ -414,11 +438,16 @@ class Ledger:
     Args:
         url: database URL.
         create: create missing tables (idempotent).
+        anchors: where to write the chain head after each commit, failure, evidence and gate
+            decision (:mod:`dpops.anchors`); None writes none. The CLI and the stages pass the
+            workspace's log.
     """
 
-    def __init__(self, url: str, *, create: bool = True, lease_seconds: float = DEFAULT_LEASE_SECONDS) -> None:
+    def __init__(self, url: str, *, create: bool = True, lease_seconds: float = DEFAULT_LEASE_SECONDS,
+                 anchors: Optional["AnchorLog"] = None) -> None:
         self.url = url
         self.lease_seconds = lease_seconds
+        self.anchors = anchors
         self.engine = self._make_engine(url)
         if create:
             upgrade(self.engine)
@@ -445,6 +474,21 @@ class Ledger:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+    def _anchor(self, ds: _Locked, kind: str) -> ChainHead:
+        """The chain head ``ds`` moved to, anchored outside the database when an anchor log is set.
+
+        Called after the transaction committed: a failure to write the anchor loses nothing of the
+        ledger. It is logged; `verify` with the anchors then sees a gap, not a mismatch.
+        """
+        head = ChainHead(ds.name, ds.head_seq, ds.head_hash)
+        if self.anchors is not None:
+            try:
+                self.anchors.append(head.dataset, head.seq, head.hash, kind)
+            except Exception as exc:  # the ledger's write is committed; the anchor is only missing
+                _log.warning("dataset %r: event %d (%s) is committed, but its anchor is missing: %s: %s",
+                             head.dataset, head.seq, kind, type(exc).__name__, exc)
+        return head
 
     # ----------------------------------------------------------------- internals
     #
@@ -887,6 +931,8 @@ class Ledger:
                                 counted=was if counted is None else counted, was_counted=was)
         if expired_at:
             raise LedgerError(f"charge {charge_id}: the reservation expired at {expired_at}; plan and reserve again")
+        if new_state in ANCHORED:
+            self._anchor(ds, new_state)
         return self.charge(charge_id)
 
     def start(self, charge_id: str) -> Charge:
@@ -1045,12 +1091,12 @@ class Ledger:
                                       "a model version is bound to one charge")
             self._append(conn, ds, MODEL_BOUND, charge_id, binding)
 
-    def record_evidence(self, charge_id: str, *, task: str, figures: dict[str, float], audit: dict[str, Any]) -> None:
+    def record_evidence(self, charge_id: str, *, task: str, figures: dict[str, float], audit: dict[str, Any]) -> ChainHead:
         """Record the gate's evidence on a bound charge: an ``evidence`` event, written once.
 
         ``figures`` are the utility figures of the eval split (:data:`EVIDENCE_FIGURES`), ``audit``
         the audit's verdict and figures (canaries only). Written under the dataset's lock, after
-        the model binding; a second record is refused.
+        the model binding; a second record is refused. Returns the chain head after it (anchored).
 
         Raises:
             LedgerError: a field is malformed, the charge has no binding, or its evidence is recorded.
@@ -1073,6 +1119,7 @@ class Ledger:
                 raise LedgerError(f"charge {charge_id}: its evidence is already recorded; evidence is written once")
             self._append(conn, ds, EVIDENCE, charge_id,
                          {"task": task, **{k: float(v) for k, v in figures.items()}, "audit": audit})
+        return self._anchor(ds, EVIDENCE)
 
     @staticmethod
     def _charge_payloads(conn: Connection, charge_id: str, kind: str) -> list[dict[str, Any]]:
@@ -1112,11 +1159,12 @@ class Ledger:
                      for name, seq, at, cid, payload in rows]
         return sorted((f for f in found if f["payload"].get("model") == model), key=lambda f: (f["at"], f["dataset"], f["seq"]))
 
-    def record_decision(self, dataset: str, *, decision: dict[str, Any]) -> None:
-        """Append a gate decision to the dataset's chain."""
+    def record_decision(self, dataset: str, *, decision: dict[str, Any]) -> ChainHead:
+        """Append a gate decision to the dataset's chain; return the chain head after it (anchored)."""
         with self.engine.begin() as conn:
             ds = self._lock_dataset(conn, dataset)
             self._append(conn, ds, "gate_decision", decision.get("charge_id"), decision)
+        return self._anchor(ds, "gate_decision")
 
     # ----------------------------------------------------------------- reads
 

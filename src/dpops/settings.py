@@ -7,6 +7,8 @@ variable               meaning                                         default
 ``DPOPS_LEDGER_URL``   SQLAlchemy URL of the ledger                    ``sqlite:///$DPOPS_HOME/ledger.db``
 ``MLFLOW_TRACKING_URI`` MLflow tracking store                          ``sqlite:///$DPOPS_HOME/mlflow.db``
 ``DPOPS_FINGERPRINT_KEY`` key of the data fingerprints (64 hex digits)  ``$DPOPS_HOME/fingerprint.key``
+``DPOPS_ANCHOR_KEY``   key of the ledger's anchors (64 hex digits)     ``$DPOPS_HOME/anchor.key``
+``DPOPS_ANCHOR_LOG``   the ledger's anchor log (see dpops.anchors)     ``$DPOPS_HOME/anchors.jsonl``
 =====================  ==============================================  ==========================
 
 The fingerprint key (:func:`fingerprint_key`) is a workspace secret: dpops publishes an
@@ -63,6 +65,16 @@ class Workspace:
     @property
     def fingerprint_key_file(self) -> Path:
         return self.root / "fingerprint.key"
+
+    @property
+    def anchor_key_file(self) -> Path:
+        """The key of the ledger's anchors (see :mod:`dpops.anchors`), unless ``DPOPS_ANCHOR_KEY`` is set."""
+        return self.root / "anchor.key"
+
+    @property
+    def anchor_log(self) -> Path:
+        """The ledger's anchor log: ``DPOPS_ANCHOR_LOG`` when set, else ``$DPOPS_HOME/anchors.jsonl``."""
+        return Path(os.environ.get("DPOPS_ANCHOR_LOG") or self.root / "anchors.jsonl").resolve()
 
     @property
     def steward(self) -> Path:

@@ -20,6 +20,7 @@ from dpops import config as cfgmod
 from dpops import data as datamod
 from dpops import model as modeling
 from dpops.accounting import SubsampledGaussian
+from dpops.anchors import AnchorLog
 from dpops.errors import DataValidationError, LedgerError, PrivacyError
 from dpops.ledger import RESERVED, DatasetBudget, Ledger
 from dpops.settings import Workspace, workspace
@@ -62,7 +63,7 @@ def _ledger(ws: Optional[Workspace] = None) -> Ledger:
     ws = ws or workspace()
     if ws.ledger_url.startswith("sqlite:///"):
         Path(ws.ledger_url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-    return Ledger(ws.ledger_url)
+    return Ledger(ws.ledger_url, anchors=AnchorLog.for_workspace(ws))
 
 
 def resolve(job_path: str, repo: Optional[str] = None) -> dict[str, Any]:
@@ -390,8 +391,12 @@ def record(
         # output as logged), the task, the utility figures and the audit verdict.
         ledger.bind_model(charge_id, model_name=res.model_name, model_version=res.model_version, mlflow_run_id=res.run_id,
                           artifact_sha256=tracking.weights_sha256(train_out["model_dir"]))
-        ledger.record_evidence(charge_id, task=job.task, figures={k: float(metrics[k]) for k in gate.UTILITY_FIGURES if k in metrics},
-                               audit={k: audit_out[k] for k in AUDIT_EVIDENCE})
+        head = ledger.record_evidence(charge_id, task=job.task,
+                                      figures={k: float(metrics[k]) for k in gate.UTILITY_FIGURES if k in metrics},
+                                      audit={k: audit_out[k] for k in AUDIT_EVIDENCE})
+        # A second copy of the chain head, outside the ledger's database (besides the anchor log):
+        # it covers the charge's commit, its binding and its evidence.
+        tracking.tag_chain_head(ws, run_id=res.run_id, head=head.label)
         return {**asdict(res), "budget": budget}
     finally:
         ledger.dispose()
@@ -421,10 +426,11 @@ def promote(policy_path: str, model_name: str, version: str, *, alias: Optional[
         tracking.apply_decision(ws, model_name=model_name, version=version, promote=decision.promote,
                                 reasons=decision.reasons, alias=alias)
         if dataset:
-            ledger.record_decision(dataset, decision={
+            head = ledger.record_decision(dataset, decision={
                 "charge_id": charge_id, "model": model, "decision": decision.label, "reasons": decision.reasons,
                 "alias": alias if decision.promote else None,
             })
+            tracking.tag_gate_chain_head(ws, model_name=model_name, version=version, head=head.label)
         return {"promote": decision.promote, "decision": decision.label, "reasons": decision.reasons, "alias": alias,
                 "model": model, "charge_id": charge_id}
     finally:

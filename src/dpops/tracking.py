@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import subprocess
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ from typing import Any, Optional
 
 import dpops
 from dpops.settings import Workspace
+
+_log = logging.getLogger("dpops.tracking")
 
 
 @dataclass(frozen=True)
@@ -212,6 +215,30 @@ def version_charge_id(ws: Workspace, model_name: str, version: str) -> Optional[
     """
     _, client = _client(ws)
     return client.get_model_version(model_name, str(version)).tags.get("dpops.charge_id")
+
+
+def tag_chain_head(ws: Workspace, *, run_id: str, head: str) -> None:
+    """Tag the run with ``dpops.chain_head``, the ledger's chain head after the record stage
+    (``"<dataset>:<seq>:<hash>"``): a copy kept outside the ledger's database, like an anchor.
+
+    Written after the ledger's events are committed: a failure here is logged, not raised (the
+    evidence is written once; failing the stage now would leave a run that can never be recorded).
+    """
+    try:
+        _, client = _client(ws)
+        client.set_tag(run_id, "dpops.chain_head", head)
+    except Exception as exc:  # MLflow raises many kinds; the ledger stays the record
+        _log.warning("MLflow run %s: tag dpops.chain_head not written: %s", run_id, type(exc).__name__)
+
+
+def tag_gate_chain_head(ws: Workspace, *, model_name: str, version: str, head: str) -> None:
+    """Tag the model version with ``dpops.gate_chain_head``, the chain head after its gate decision
+    (see :func:`tag_chain_head`; a failure is logged, not raised)."""
+    try:
+        _, client = _client(ws)
+        client.set_model_version_tag(model_name, str(version), "dpops.gate_chain_head", head)
+    except Exception as exc:
+        _log.warning("model %s/%s: tag dpops.gate_chain_head not written: %s", model_name, version, type(exc).__name__)
 
 
 def apply_decision(ws: Workspace, *, model_name: str, version: str, promote: bool, reasons: list[str], alias: str) -> None:
