@@ -75,7 +75,10 @@ def _open_ledger(must_exist: bool = True):
             if must_exist:
                 return None
             path.parent.mkdir(parents=True, exist_ok=True)
-    return Ledger(ws.ledger_url)
+    try:
+        return Ledger(ws.ledger_url)
+    except DpopsError as exc:  # locked past DPOPS_LEDGER_LOCK_TIMEOUT, unreachable, or a bad setting
+        _fail(exc)
 
 
 def _require_ledger():
@@ -137,7 +140,11 @@ def ledger_verify() -> None:
     if ledger is None:
         typer.echo("no ledger yet")
         return
-    report = ledger.verify_report()
+    try:
+        report = ledger.verify_report()
+    except DpopsError as exc:
+        _fail(exc)
+        return
     for line in report.drift:
         typer.secho(f"warning: {line}", err=True, fg=typer.colors.YELLOW)
     if report.drift:
@@ -163,7 +170,7 @@ def ledger_fail(
         _fail("a failure needs a reason (--reason)")
     try:
         c = ledger.fail(charge, reason=f"closed by an operator: {reason}")
-    except LedgerError as exc:
+    except (LedgerError, DpopsError) as exc:
         _fail(exc)
         return
     typer.echo(f"charge {c.id} is {c.state}: charged in full ({c.mechanism.steps} steps)")
