@@ -76,7 +76,10 @@ def _open_ledger(must_exist: bool = True):
             if must_exist:
                 return None
             path.parent.mkdir(parents=True, exist_ok=True)
-    return Ledger(ws.ledger_url, anchors=AnchorLog.for_workspace(ws))
+    try:
+        return Ledger(ws.ledger_url, anchors=AnchorLog.for_workspace(ws))
+    except DpopsError as exc:  # locked past DPOPS_LEDGER_LOCK_TIMEOUT, unreachable, or a bad setting
+        _fail(exc)
 
 
 def _require_ledger():
@@ -151,8 +154,8 @@ def ledger_verify(
         typer.echo("no ledger yet")
         return
     log = AnchorLog(anchors) if anchors is not None else AnchorLog.for_workspace()
-    report = ledger.verify_report()
     try:
+        report = ledger.verify_report()
         anchor_problems = verify_anchors(ledger, log) if log.path.exists() else []
     except DpopsError as exc:
         _fail(exc)
@@ -183,7 +186,7 @@ def ledger_fail(
         _fail("a failure needs a reason (--reason)")
     try:
         c = ledger.fail(charge, reason=f"closed by an operator: {reason}")
-    except LedgerError as exc:
+    except (LedgerError, DpopsError) as exc:
         _fail(exc)
         return
     typer.echo(f"charge {c.id} is {c.state}: charged in full ({c.mechanism.steps} steps)")

@@ -15,16 +15,39 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 
 from dpops.errors import ConfigError
 
+#: The largest epsilon a config may name (a dataset's cap, a block's cap, a run's target): the
+#: ledger's own ceiling, :data:`dpops.ledger.MAX_EPSILON_CAP` (a test keeps the two equal).
+MAX_EPSILON = 1000.0
+
+#: The most noisy steps one run may take. Far beyond any fine-tune (10^7 steps at batch 100 is a
+#: billion examples), and it keeps every step count the ledger stores, and their sums over many
+#: charges, inside its 32-bit integer columns; a typo such as 10^12 is refused on load.
+MAX_STEPS = 10_000_000
+
+#: The most records (or users) a count in a config may name: the ledger stores counts in 32-bit
+#: integer columns (at most 2^31 - 1).
+MAX_RECORDS = 1_000_000_000
+
+#: The longest name (dataset, job, registered model, alias): the width of the ledger's name columns.
+MAX_NAME_CHARS = 200
+
+#: What a dataset or job name may look like: lower-case letters, digits, '_' and '-', at most 200.
+NAME_PATTERN = r"^[a-z0-9][a-z0-9_\-]*$"
+
+#: What a registered model name or MLflow alias may look like: no spaces, slashes or quotes.
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"
+
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: every float is finite (an infinite cap or target would disable the filter).
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 # --------------------------------------------------------------------------- datasets
 
 
 class PrivacyBudget(_Strict):
-    epsilon_cap: float = Field(gt=0, description="Total epsilon this dataset may ever spend, across all runs and versions.")
+    epsilon_cap: float = Field(gt=0, le=MAX_EPSILON, description="Total epsilon this dataset may ever spend, across all runs and versions.")
     delta: float = Field(gt=0, lt=1, description="Delta of every guarantee on this dataset; must be below 1/n.")
 
 
@@ -49,14 +72,14 @@ class BlockSettings(_Strict):
         "labels (letters, digits, '_', '.', '-'; at most 64 characters): they are written to the ledger and MLflow.",
     )
     epsilon_cap: Optional[float] = Field(
-        default=None, gt=0,
+        default=None, gt=0, le=MAX_EPSILON,
         description="Cap of each new block (None: the dataset's `privacy.epsilon_cap`). Each block has its own "
         "privacy filter; at most the dataset's cap.",
     )
 
 
 class DatasetConfig(_Strict):
-    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_\-]*$", description="Ledger name of the dataset (lower case).")
+    name: str = Field(pattern=NAME_PATTERN, max_length=MAX_NAME_CHARS, description="Ledger name of the dataset (lower case).")
     description: str = Field(default="", description="What the records are; shown in `dpops budget`.")
     files: SplitFiles = Field(description="Where each split lives in the DVC-tracked repository.")
     delimiter: str = Field(default="\t", min_length=1, max_length=1, description="Field delimiter of the files.")
@@ -70,10 +93,10 @@ class DatasetConfig(_Strict):
     )
     user_column: Optional[str] = Field(default=None, description="Column naming the user who contributed each row (unit 'user').")
     contribution_bound: Optional[int] = Field(
-        default=None, ge=1, description="Most rows one user may contribute (unit 'user'); validation refuses data above it."
+        default=None, ge=1, le=MAX_RECORDS, description="Most rows one user may contribute (unit 'user'); validation refuses data above it."
     )
-    min_text_chars: int = Field(default=1, ge=0, description="Shortest allowed text, in characters.")
-    max_text_chars: int = Field(default=2000, gt=0, description="Longest allowed text, in characters.")
+    min_text_chars: int = Field(default=1, ge=0, le=MAX_RECORDS, description="Shortest allowed text, in characters.")
+    max_text_chars: int = Field(default=2000, gt=0, le=MAX_RECORDS, description="Longest allowed text, in characters.")
     privacy: PrivacyBudget = Field(description="The dataset's budget.")
     public: bool = Field(
         default=False,
@@ -138,7 +161,7 @@ class ModelConfig(_Strict):
 
 
 class LoraSettings(_Strict):
-    r: int = Field(default=8, ge=1, description="LoRA rank.")
+    r: int = Field(default=8, ge=1, le=4096, description="LoRA rank.")
     alpha: float = Field(default=16, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
     dropout: float = Field(default=0.0, ge=0, lt=1, description="Dropout on the LoRA path.")
     target_modules: list[str] = Field(default_factory=lambda: ["query", "value"], min_length=1, description="Module names that get adapters.")
@@ -146,7 +169,7 @@ class LoraSettings(_Strict):
 
 class BudgetFit(_Strict):
     planned_runs: int = Field(
-        ge=1,
+        ge=1, le=MAX_RECORDS,
         description="Runs, this one included, that should share what the dataset has left: the noise is raised "
         "until that many runs like this one pass the ledger's filter (never below what target_epsilon needs).",
     )
@@ -159,10 +182,10 @@ class BudgetFit(_Strict):
 
 
 class DPSettings(_Strict):
-    target_epsilon: float = Field(gt=0, description="Epsilon this run may spend (run accountant, at the dataset's delta).")
+    target_epsilon: float = Field(gt=0, le=MAX_EPSILON, description="Epsilon this run may spend (run accountant, at the dataset's delta).")
     max_grad_norm: float = Field(default=1.0, gt=0, description="Per-example clipping bound C.")
-    expected_batch_size: int = Field(default=128, ge=1, description="Expected Poisson batch size; sample rate q = 1 / ceil(n / this).")
-    steps: int = Field(default=150, ge=1, description="Noisy optimizer steps to run, exactly.")
+    expected_batch_size: int = Field(default=128, ge=1, le=MAX_RECORDS, description="Expected Poisson batch size; sample rate q = 1 / ceil(n / this).")
+    steps: int = Field(default=150, ge=1, le=MAX_STEPS, description="Noisy optimizer steps to run, exactly (at most MAX_STEPS).")
     sampler: Literal["poisson"] = Field(default="poisson", description="Batch sampler. Only Poisson sampling matches the accountant.")
     accountant: Literal["rdp"] = Field(default="rdp", description="Accountant of the run epsilon.")
     fit_to_budget: Optional[BudgetFit] = Field(
@@ -194,7 +217,7 @@ class TrainingSettings(_Strict):
     )
     max_physical_batch_size: Optional[int] = Field(
         default=None,
-        ge=1,
+        ge=1, le=MAX_RECORDS,
         description="Most records in one forward/backward pass; a larger Poisson batch is processed in pieces and "
         "still makes one noisy step (memory bound only: the sample rate is unchanged). None: no limit.",
     )
@@ -206,7 +229,7 @@ class TrainingSettings(_Strict):
     )
     nproc_per_node: int = Field(
         default=1,
-        ge=1,
+        ge=1, le=1024,
         description="Training processes on the training machine (one per GPU). Above 1 the train stage launches "
         "torchrun: each process Poisson-samples its own shard of the records at the plan's q, clipped gradients are "
         "summed across processes and only rank 0 adds noise, so the mechanism is the one the plan accounted. "
@@ -215,14 +238,14 @@ class TrainingSettings(_Strict):
 
 
 class OptimSettings(_Strict):
-    learning_rate: float = Field(default=1e-3, gt=0, description="Adam learning rate (the peak, with a schedule).")
+    learning_rate: float = Field(default=1e-3, gt=0, le=10, description="Adam learning rate (the peak, with a schedule).")
     weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay.")
     schedule: Literal["constant", "linear", "cosine"] = Field(
         default="constant",
         description="Learning rate over the planned steps after warm-up: 'constant', or decayed towards 0 ('linear', "
         "'cosine'; never 0, so every charged step moves the weights). Post-processing of the noisy gradients: no privacy cost.",
     )
-    warmup_steps: int = Field(default=0, ge=0, description="Steps over which the learning rate rises linearly to its peak.")
+    warmup_steps: int = Field(default=0, ge=0, le=MAX_STEPS, description="Steps over which the learning rate rises linearly to its peak.")
     ema_decay: Optional[float] = Field(
         default=None, gt=0, lt=1,
         description="Keep an exponential moving average of the trainable weights (decay ramped up as "
@@ -233,7 +256,7 @@ class OptimSettings(_Strict):
 
 class AuditSettings(_Strict):
     canaries: int = Field(
-        default=1000, ge=10,
+        default=1000, ge=10, le=MAX_RECORDS,
         description="Canaries of the one-run audit, each trained on with probability 1/2; counted in n. "
         "More canaries refute larger claims: at most about 2.8, 4.4, 5.0 for 100, 500, 1000 at delta 1e-5. A job "
         "whose epsilon is at or above that is refused at plan unless the policy sets `accept_inconclusive`.",
@@ -251,10 +274,12 @@ class AuditSettings(_Strict):
 
 
 class JobConfig(_Strict):
-    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_\-]*$", description="Job name; used as MLflow experiment name.")
-    dataset: str = Field(description="Dataset name; its config is configs/datasets/<name>.yaml.")
+    name: str = Field(pattern=NAME_PATTERN, max_length=MAX_NAME_CHARS, description="Job name; used as MLflow experiment name.")
+    dataset: str = Field(pattern=NAME_PATTERN, max_length=MAX_NAME_CHARS,
+                         description="Dataset name; its config is configs/datasets/<name>.yaml.")
     data_rev: Optional[str] = Field(default=None, description="Git revision of the data to read (None: the working tree).")
-    registered_model: str = Field(description="MLflow registered-model name for the result.")
+    registered_model: str = Field(pattern=MODEL_NAME_PATTERN, max_length=MAX_NAME_CHARS,
+                                  description="MLflow registered-model name for the result.")
     task: Literal["classification", "causal_lm"] = Field(
         default="classification",
         description="'classification': sequence classification of the text into `labels`; 'causal_lm': next-token "
@@ -267,7 +292,7 @@ class JobConfig(_Strict):
     )
     training: TrainingSettings = Field(default_factory=TrainingSettings, description="How the DP step is computed.")
     seed: int = Field(
-        default=0,
+        default=0, ge=0, le=2**32 - 1,
         description="Seed of model initialisation and audit sampling. Poisson sampling and DP noise always use "
         "fresh, unrecorded randomness: reusing them across runs would void the guarantee.",
     )
@@ -275,15 +300,15 @@ class JobConfig(_Strict):
     lora: LoraSettings = Field(default_factory=LoraSettings)
     dp: DPSettings
     optim: OptimSettings = Field(default_factory=OptimSettings)
-    eval_max_records: Optional[int] = Field(default=None, ge=1, description="Cap on evaluation records (None: all).")
+    eval_max_records: Optional[int] = Field(default=None, ge=1, le=MAX_RECORDS, description="Cap on evaluation records (None: all).")
     train_max_records: Optional[int] = Field(
         default=None,
-        ge=1,
+        ge=1, le=MAX_RECORDS,
         description="Use only the first N training records (for tests). The ledger then counts n = N; "
         "the rest of the file is never read.",
     )
     audit: AuditSettings = Field(default_factory=AuditSettings)
-    eval_batch_size: int = Field(default=256, ge=1, description="Batch size for evaluation and audit scoring.")
+    eval_batch_size: int = Field(default=256, ge=1, le=MAX_RECORDS, description="Batch size for evaluation and audit scoring.")
 
     @model_validator(mode="after")
     def _check_method(self) -> "JobConfig":
@@ -352,7 +377,7 @@ TASK_UTILITY = {"classification": ("min_accuracy",), "causal_lm": ("max_eval_los
 
 
 class PolicyConfig(UtilityPolicy):
-    datasets: dict[Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_\-]*$")], UtilityPolicy] = Field(
+    datasets: dict[Annotated[str, StringConstraints(pattern=NAME_PATTERN, max_length=MAX_NAME_CHARS)], UtilityPolicy] = Field(
         default_factory=dict,
         description="Per-dataset utility thresholds (keys: ledger dataset names); a field set here replaces the "
         "global one for that dataset (e.g. a five-class dataset cannot reach a two-class accuracy). Only utility: "
@@ -366,7 +391,8 @@ class PolicyConfig(UtilityPolicy):
         "job before anything is charged (it could never be promoted), naming `audit.canaries` and `dp.target_epsilon`.",
     )
     require_ledger_verified: bool = Field(default=True, description="Promotion needs the ledger's hash chain to verify.")
-    alias: str = Field(default="production", description="MLflow alias set on promotion.")
+    alias: str = Field(default="production", pattern=MODEL_NAME_PATTERN, max_length=MAX_NAME_CHARS,
+                       description="MLflow alias set on promotion.")
 
     def utility(self, dataset: str, task: str) -> dict[str, float]:
         """The thresholds that judge a ``task`` model of ``dataset``: policy field -> limit (only those set).
@@ -389,13 +415,53 @@ class PolicyConfig(UtilityPolicy):
 # --------------------------------------------------------------------------- loading
 
 
+class _DuplicateKey(yaml.YAMLError):
+    """A mapping names one key twice (PyYAML would silently keep the last value)."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key repeated in one mapping at any depth.
+
+    A repeated key is most often an edit that did not take (a second ``epsilon_cap:`` further
+    down): silently keeping the last value would register or train on a term nobody reviewed.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may be overridden, as YAML allows
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:  # an unhashable key: let PyYAML report it
+                continue
+            if first != key_node.start_mark.line + 1:
+                raise _DuplicateKey(f"key {str(key)[:100]!r} appears twice in one mapping (lines {first} and "
+                                    f"{key_node.start_mark.line + 1}); keep one")
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
+    """The mapping in a YAML config file; ConfigError naming the file when it is missing, a
+    directory, not UTF-8, not YAML, repeats a key or is not a mapping."""
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not a YAML config file") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot be read ({exc.strerror or type(exc).__name__})") from None
     try:
-        data = yaml.safe_load(text)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path}: byte {exc.start} (line {line}) is not valid UTF-8; save the file as UTF-8") from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+    except _DuplicateKey as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):

@@ -59,7 +59,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from dpops import accounting
 from dpops.accounting import SubsampledGaussian
-from dpops.errors import BudgetExceededError, ConfigError, LedgerError
+from dpops.errors import BudgetExceededError, ConfigError, LedgerError, LedgerUnavailableError
 
 if TYPE_CHECKING:
     from dpops.anchors import AnchorLog
@@ -113,6 +113,14 @@ DEFAULT_LEASE_SECONDS = 3600.0
 #: The largest epsilon cap a dataset may be registered with. A cap above it guarantees nothing a
 #: privacy officer could sign off on, and non-finite caps (inf, nan) would disable the filter.
 MAX_EPSILON_CAP = 1000.0
+
+#: The largest value of the ledger's Integer columns (steps, record counts, sequence numbers): a
+#: 32-bit signed integer on PostgreSQL. The API refuses larger values before any SQL runs.
+MAX_INT = 2**31 - 1
+#: The width of the ledger's name columns (dataset, block, job, data version: ``String(200)``).
+MAX_NAME = 200
+#: The width of its id columns (``flow_run_id``, ``code_version``: ``String(100)``).
+MAX_ID = 100
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 _PG_MIGRATION_LOCK = 7_274_001
@@ -429,6 +437,97 @@ _STATES = ChargeStateRow.__table__
 _TOTALS = SpendTotalRow.__table__
 
 
+# --------------------------------------------------------------------------- bounds and availability
+
+
+def _check_name(what: str, value: Optional[str], limit: int = MAX_NAME, *, optional: bool = False) -> None:
+    """Refuse, before any SQL, a name the ledger's ``String(limit)`` column cannot hold."""
+    if value is None and optional:
+        return
+    if not isinstance(value, str) or not value.strip() or len(value) > limit:
+        raise ConfigError(f"field {what!r} must be a non-empty name of at most {limit} characters"
+                          + (f" (found {len(value)})" if isinstance(value, str) and value.strip() else ""))
+
+
+def _check_count(what: str, value: Any, *, low: int = 1) -> None:
+    """Refuse, before any SQL, an integer the ledger's 32-bit ``Integer`` columns cannot hold."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not low <= value <= MAX_INT:
+        raise ConfigError(f"field {what!r} must be an integer in [{low}, {MAX_INT}] (the ledger's integer columns). "
+                          f"Found {value!r:.40}.")
+
+
+def _pg_engine(url: str, lock_timeout: float) -> Engine:
+    """A PostgreSQL engine whose connections wait at most ``lock_timeout`` for a lock
+    (``lock_timeout``, set on each new connection) and about as long to connect."""
+    from sqlalchemy.engine import make_url
+
+    connect_args: dict[str, Any] = {}
+    if "connect_timeout" not in make_url(url).query:
+        connect_args["connect_timeout"] = max(2, int(np.ceil(lock_timeout)))  # libpq: whole seconds, at least 2
+    engine = create_engine(url, pool_pre_ping=True, connect_args=connect_args)
+
+    @event.listens_for(engine, "connect")
+    def _connect(dbapi_conn: Any, _record: Any) -> None:
+        with dbapi_conn.cursor() as cur:
+            cur.execute("SELECT set_config('lock_timeout', %s, false)", (f"{int(np.ceil(lock_timeout * 1000))}ms",))
+        dbapi_conn.commit()
+
+    return engine
+
+
+#: SQLSTATEs of a PostgreSQL server that is there but cannot serve now: lock_timeout ran out,
+#: the server is shutting down or starting up.
+_PG_UNAVAILABLE = {"55P03", "57P01", "57P02", "57P03"}
+
+
+def _unavailable(exc: BaseException, dialect: str) -> Optional[str]:
+    """Why ``exc`` (a DBAPI error) means the ledger is unavailable ('locked', 'unreachable'), else None."""
+    if dialect == "sqlite":
+        message = str(exc).lower()
+        if "locked" in message or "busy" in message:
+            return "locked"
+        return "unreachable" if "unable to open" in message else None
+    import psycopg
+
+    if not isinstance(exc, psycopg.OperationalError):
+        return None
+    state = getattr(exc, "sqlstate", None)
+    if state == "55P03":
+        return "locked"
+    if state is None or state.startswith("08") or state in _PG_UNAVAILABLE:
+        return "unreachable"
+    return None
+
+
+def _raise_unavailable(engine: Engine, lock_timeout: float) -> None:
+    """Turn the engine's lock timeouts and connection failures into LedgerUnavailableError.
+
+    One hook on the engine (SQLAlchemy's ``handle_error``), so every entry point of the ledger,
+    from the schema upgrade in the constructor to each read and write, reports one clear line
+    (exit code 4) instead of a driver traceback. The message names the ledger without its password
+    and never the driver's text.
+    """
+    where = engine.url.render_as_string(hide_password=True)
+
+    @event.listens_for(engine, "handle_error")
+    def _handle(context: Any) -> None:
+        if context.is_pre_ping:  # let the pool reconnect
+            return
+        why = _unavailable(context.original_exception, engine.dialect.name)
+        if why is None:
+            return
+        from dpops.settings import LEDGER_LOCK_TIMEOUT_ENV
+
+        if why == "locked":
+            message = (f"ledger {where} is unavailable: it stayed locked by another process for {lock_timeout:g} s "
+                       f"({LEDGER_LOCK_TIMEOUT_ENV}). Nothing changed; retry, or raise {LEDGER_LOCK_TIMEOUT_ENV}.")
+        else:
+            message = (f"ledger {where} is unavailable: it could not be reached "
+                       f"({type(context.original_exception).__name__}; connection timeout {lock_timeout:g} s, "
+                       f"{LEDGER_LOCK_TIMEOUT_ENV}). Nothing changed.")
+        raise LedgerUnavailableError(message) from context.original_exception
+
+
 # --------------------------------------------------------------------------- the ledger
 
 
@@ -444,18 +543,25 @@ class Ledger:
     """
 
     def __init__(self, url: str, *, create: bool = True, lease_seconds: float = DEFAULT_LEASE_SECONDS,
-                 anchors: Optional["AnchorLog"] = None) -> None:
+                 anchors: Optional["AnchorLog"] = None, lock_timeout: Optional[float] = None) -> None:
+        from dpops.settings import ledger_lock_timeout
+
         self.url = url
         self.lease_seconds = lease_seconds
         self.anchors = anchors
-        self.engine = self._make_engine(url)
+        #: Seconds to wait for a lock (or a connection) before LedgerUnavailableError; default
+        #: ``DPOPS_LEDGER_LOCK_TIMEOUT``.
+        self.lock_timeout = ledger_lock_timeout() if lock_timeout is None else float(lock_timeout)
+        self.engine = self._make_engine(url, self.lock_timeout)
+        _raise_unavailable(self.engine, self.lock_timeout)
         if create:
             upgrade(self.engine)
 
     @staticmethod
-    def _make_engine(url: str) -> Engine:
+    def _make_engine(url: str, lock_timeout: float = 30.0) -> Engine:
         if url.startswith("sqlite"):
-            engine = create_engine(url, connect_args={"timeout": 120})
+            # pysqlite's timeout is SQLite's busy timeout: how long BEGIN IMMEDIATE waits for the lock.
+            engine = create_engine(url, connect_args={"timeout": lock_timeout})
 
             @event.listens_for(engine, "connect")
             def _connect(dbapi_conn: Any, _record: Any) -> None:
@@ -470,7 +576,7 @@ class Ledger:
                 conn.exec_driver_sql("BEGIN IMMEDIATE")
 
             return engine
-        return create_engine(url, pool_pre_ping=True)
+        return _pg_engine(url, lock_timeout)
 
     def dispose(self) -> None:
         self.engine.dispose()
@@ -710,6 +816,9 @@ class Ledger:
             ConfigError: the dataset exists with a different unit, delta or cap. The ledger is the
                 source of truth; a config file cannot silently raise a cap.
         """
+        _check_name("name", name)
+        if contribution_bound is not None:
+            _check_count("contribution_bound", contribution_bound)
         if not (0 < epsilon_cap <= MAX_EPSILON_CAP):  # also refuses nan and inf
             raise ConfigError(f"dataset {name!r}: field 'privacy.epsilon_cap' must be in (0, {MAX_EPSILON_CAP:g}]. "
                               f"Found {epsilon_cap}.")
@@ -760,6 +869,8 @@ class Ledger:
             raise ConfigError(f"block {name!r}: n_records must be >= 1. Found {n_records}.")
         if not name.strip():
             raise ConfigError(f"dataset {dataset!r}: a block needs a non-empty name")
+        _check_name("block", name)
+        _check_count("n_records", n_records)
         with self.engine.begin() as conn:
             ds = self._lock_dataset(conn, dataset)
             cap = ds.epsilon_cap if epsilon_cap is None else float(epsilon_cap)
@@ -819,8 +930,16 @@ class Ledger:
         Raises:
             BudgetExceededError: the charge would take the dataset (or a block) past its cap.
                 Nothing is written.
-            ConfigError: delta is not below 1/n for this data version.
+            ConfigError: delta is not below 1/n for this data version, or a field does not fit its
+                ledger column (names up to 200 characters, counts up to 2^31 - 1).
         """
+        _check_count("n_records", n_records)
+        _check_count("dp.steps", mechanism.steps)
+        for what, value, limit in (("job", job, MAX_NAME), ("data_version", data_version, MAX_NAME),
+                                   ("flow_run_id", flow_run_id, MAX_ID), ("code_version", code_version, MAX_ID)):
+            _check_name(what, value, limit, optional=what in ("flow_run_id", "code_version"))
+        if not (0 < max_grad_norm < float("inf")):  # also refuses nan
+            raise ConfigError(f"field 'dp.max_grad_norm' must be a positive finite number. Found {max_grad_norm}.")
         with self.engine.begin() as conn:
             # On PostgreSQL the reservation commits asynchronously: durability is owed before data
             # is read, and `start` commits synchronously, which flushes the WAL up to and including

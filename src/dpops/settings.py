@@ -9,6 +9,7 @@ variable               meaning                                         default
 ``DPOPS_FINGERPRINT_KEY`` key of the data fingerprints (64 hex digits)  ``$DPOPS_HOME/fingerprint.key``
 ``DPOPS_ANCHOR_KEY``   key of the ledger's anchors (64 hex digits)     ``$DPOPS_HOME/anchor.key``
 ``DPOPS_ANCHOR_LOG``   the ledger's anchor log (see dpops.anchors)     ``$DPOPS_HOME/anchors.jsonl``
+``DPOPS_LEDGER_LOCK_TIMEOUT`` seconds to wait for the ledger's lock      ``30``
 =====================  ==============================================  ==========================
 
 The fingerprint key (:func:`fingerprint_key`) is a workspace secret: dpops publishes an
@@ -153,6 +154,35 @@ def _create_key_file(path: Path) -> None:
             pass
     finally:
         tmp.unlink(missing_ok=True)
+
+
+#: Environment variable: seconds a ledger operation waits for the ledger's lock (and for a
+#: PostgreSQL connection) before it gives up with LedgerUnavailableError (exit code 4).
+LEDGER_LOCK_TIMEOUT_ENV = "DPOPS_LEDGER_LOCK_TIMEOUT"
+DEFAULT_LEDGER_LOCK_TIMEOUT = 30.0
+
+
+def ledger_lock_timeout() -> float:
+    """``DPOPS_LEDGER_LOCK_TIMEOUT`` in seconds (default 30): how long a ledger operation waits for
+    a lock another process holds, so a frozen holder costs a clear error, not a hang.
+
+    Raises:
+        ConfigError: the variable is not a positive finite number of seconds (at most a day).
+    """
+    import math
+
+    from dpops.errors import ConfigError
+
+    value = os.environ.get(LEDGER_LOCK_TIMEOUT_ENV)
+    if value is None or not value.strip():
+        return DEFAULT_LEDGER_LOCK_TIMEOUT
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not (0 < seconds <= 86400):  # also refuses nan and inf
+        raise ConfigError(f"environment variable {LEDGER_LOCK_TIMEOUT_ENV} must be a number of seconds in (0, 86400]")
+    return seconds
 
 
 def apply_quiet_env() -> None:
