@@ -68,6 +68,50 @@ def check_grad_sample_mode(task: str, method: str, mode: str, model_cfg: ModelCo
         bookkeeping.check(build(task, method, base, n_labels=2, lora=lora or LoraSettings(), skeleton=True))
 
 
+def check_model(task: str, method: str, model_cfg: ModelConfig, lora: LoraSettings, *, n_labels: int) -> None:
+    """Refuse, before anything is charged, a model the trainer could not build: the directory of
+    ``model.path`` (or of ``model.package``) missing or not one transformers loads, a tokenizer that
+    does not load, or a method that does not fit the model (a LoRA target module the model lacks,
+    'bitfit' on a model without biases). The model is built as a skeleton (meta device, from its
+    config: no weights read), so this takes seconds even for a large model.
+
+    Raises:
+        ConfigError: naming the field (``model.path``, ``model.package``, ``lora.target_modules``, ...).
+    """
+    field, value = ("model.path", model_cfg.path) if model_cfg.path else ("model.package", model_cfg.package)
+    named = f"field {field!r} = {value!r}"
+    try:
+        base = base_model_path(model_cfg)
+    except ImportError:
+        raise ConfigError(f"{named}: cannot import it; is it installed?") from None
+    except Exception as exc:
+        raise ConfigError(f"{named}: cannot find its model directory ({type(exc).__name__})") from None
+    if not base.exists():
+        where = "" if base.is_absolute() else f" (relative to the working directory {Path.cwd()})"
+        raise ConfigError(f"{named}: no such directory{where}")
+    if not base.is_dir():
+        raise ConfigError(f"{named}: not a directory")
+    _offline()
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(str(base), local_files_only=True)
+    except Exception as exc:
+        raise ConfigError(f"{named}: not a model directory transformers can load: no usable config.json "
+                          f"({type(exc).__name__})") from None
+    try:
+        load_tokenizer(base)
+    except Exception as exc:
+        raise ConfigError(f"{named}: the model's tokenizer does not load from this directory ({type(exc).__name__})") from None
+    try:
+        build(task, method, base, n_labels=n_labels, lora=lora, skeleton=True)
+    except ConfigError:
+        raise
+    except Exception as exc:
+        raise ConfigError(f"{named}: cannot build a model of field 'task' = {task!r}, field 'method' = {method!r} from it "
+                          f"({type(exc).__name__})") from None
+
+
 def _offline() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
