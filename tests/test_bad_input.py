@@ -325,4 +325,24 @@ def test_dpops_run_stops_before_reserve_on_bad_data(tmp_path, workspace_env):
     assert result.returncode == 2, output  # bad input (README, "Exit codes")
     assert "expect_column_values_to_be_in_set(label)" in output and "row 2" not in output
     assert "odd one" not in output
+    assert "Traceback" not in output  # Prefect's engines log a dpops error without its traceback
+    _assert_nothing_happened(workspace_env)
+
+
+def test_dpops_run_refuses_a_missing_model_path_before_prefect_starts(tmp_path, workspace_env):
+    """`dpops run` runs the preflight before the flow: exit 2 (bad input) in seconds, one message
+    naming the file and field, no traceback, Prefect never started, nothing charged."""
+    import time
+
+    repo, job = _setup(tmp_path, _tsv(GOOD), job_fields={"model": {"path": "models/nope", "max_length": 8}})
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")}
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "dpops.cli", "run", str(job)], cwd=repo, env=env,
+                            capture_output=True, text=True, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output
+    assert re.search(r"dpops: .*configs/jobs/toy\.yaml: field 'model\.path' = 'models/nope': no such directory", result.stderr)
+    assert "Traceback" not in output
+    assert not (tmp_path / "prefect").exists()  # Prefect never started
+    assert time.monotonic() - started < 120
     _assert_nothing_happened(workspace_env)
