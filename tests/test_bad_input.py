@@ -15,9 +15,10 @@ import pytest
 import yaml
 
 from dpops import prepare, stages
-from dpops.errors import MAX_MESSAGE_CHARS, DpopsError
+from dpops.errors import EXIT_BAD_INPUT, MAX_MESSAGE_CHARS, DpopsError, exit_code
 from dpops.ledger import Ledger
 from tests.dvc_repo import make_repo
+from tests.helpers import policy_accepting_inconclusive
 
 GOOD = ["1\ta fine and moving film", "0\tdull , long and flat", "1\twarm and funny throughout", "0\ta mess from start to end"]
 SECRETS = ("fine and moving", "dull , long", "warm and funny", "mess from start", "xxxxxxxx", "caf")
@@ -45,12 +46,14 @@ def _in_months(rows: list[str]) -> list[str]:
 BLOCKS = {"blocks": {"column": "month"}}
 
 
-def _setup(tmp_path, train: str | bytes, *, dataset: dict | None = None, dp: dict | None = None, holdout_header: str = "label\ttext"):
-    """A DVC repo holding ``train`` plus good hold-out/eval splits, and a job + dataset config."""
+def _setup(tmp_path, train: str | bytes, *, dataset: dict | None = None, dp: dict | None = None, holdout_header: str = "label\ttext",
+           job_fields: dict | None = None, files: dict | None = None):
+    """A DVC repo holding ``train`` plus good hold-out/eval splits (or ``files``, path -> content,
+    in their place), and a job (with ``job_fields`` set) + dataset config."""
     users = holdout_header.startswith("user\t")
     split = [f"h{i}\t{r}" for i, r in enumerate(GOOD)] if users else GOOD
     repo = make_repo(tmp_path / "repo", {"data/train.tsv": train, "data/holdout.tsv": _tsv(split[:2], holdout_header),
-                                         "data/eval.tsv": _tsv(split[2:], holdout_header)})
+                                         "data/eval.tsv": _tsv(split[2:], holdout_header), **(files or {})})
     ds = {"name": "toy", "files": {"train": "data/train.tsv", "holdout": "data/holdout.tsv", "eval": "data/eval.tsv"},
           "text_column": "text", "label_column": "label", "labels": ["0", "1"], "max_text_chars": 1000,
           "privacy": {"epsilon_cap": 5.0, "delta": 1e-3}}
@@ -62,14 +65,14 @@ def _setup(tmp_path, train: str | bytes, *, dataset: dict | None = None, dp: dic
     job = repo / "configs/jobs/toy.yaml"
     job.write_text(yaml.safe_dump({"name": "toy", "dataset": "toy", "registered_model": "toy", "model": {"max_length": 8},
                                    "dp": {"target_epsilon": 1.0, "expected_batch_size": 2, "steps": 1, **(dp or {})},
-                                   "audit": {"canaries": 10}}))
+                                   "audit": {"canaries": 10}, **(job_fields or {})}))
     return repo, job
 
 
-def _until_reserve(repo, job) -> None:
+def _until_reserve(repo, job, policy: str | None = None) -> None:
     ref = stages.resolve(str(job), str(repo))
     stages.validate(str(job), ref)
-    plan = stages.plan(str(job), ref)
+    plan = stages.plan(str(job), ref, policy_path=policy)
     stages.reserve(str(job), ref, plan)
 
 
@@ -153,6 +156,81 @@ def test_bad_input_is_named_and_nothing_is_charged(case, tmp_path, workspace_env
     emitted = [r.getMessage() for r in caplog.records] + [str(w.message) for w in recwarn]  # every log line and warning
     assert not any(_leaks(line) or "yyyy" in line for line in emitted)
     _assert_nothing_happened(workspace_env)
+
+
+def _model_without_tokenizer(tmp_path) -> str:
+    """A real (tiny) model directory whose tokenizer files were left out."""
+    from tests.tiny_models import tiny_bert
+
+    path = tiny_bert(tmp_path / "no-tokenizer")
+    for f in path.iterdir():
+        if f.name.startswith("tokenizer") or f.name in ("vocab.txt", "special_tokens_map.json"):
+            f.unlink()
+    return str(path)
+
+
+#: Headerless split files: their first record stands where the header should be.
+HEADERLESS = "\n".join([f"1\t{SECRET}", *GOOD]) + "\n"
+FILES = {"train": "data/train.tsv", "holdout": "data/holdout.tsv", "eval": "data/eval.tsv"}
+
+#: Mistakes in a config, a model directory or a hold-out/eval file, which the trainer or the eval
+#: stage would otherwise meet only after the charge started: setup (``job_fields``, ``dataset``,
+#: ``files``; ``job``: which path is given as the job; ``model``: a model directory to make), message.
+PREFLIGHT_CASES = {
+    "model.path missing": (dict(job_fields={"model": {"path": "models/nope", "max_length": 8}}),
+                           r"configs/jobs/toy\.yaml: field 'model\.path' = 'models/nope': no such directory"),
+    "LoRA target module the model lacks": (dict(job_fields={"lora": {"target_modules": ["query", "vlaue"]}}),
+                                           r"configs/jobs/toy\.yaml: field 'lora\.target_modules' = \['query', 'vlaue'\]: "
+                                           r".*no module named 'vlaue'"),
+    "tokenizer missing": (dict(model="no tokenizer"), r"configs/jobs/toy\.yaml: field 'model\.path' = '.*no-tokenizer': no tokenizer"),
+    "eval file missing": (dict(dataset={"files": {**FILES, "eval": "data/nope.tsv"}}),
+                          r"data/nope\.tsv: file not found .*\(field 'files\.eval' of .*configs/datasets/toy\.yaml\)"),
+    "holdout file missing": (dict(dataset={"files": {**FILES, "holdout": "data/nope.tsv"}}),
+                             r"data/nope\.tsv: file not found .*\(field 'files\.holdout' of .*configs/datasets/toy\.yaml\)"),
+    "eval file without the text column (no header line)": (
+        dict(files={"data/eval.tsv": HEADERLESS}),
+        r"data/eval\.tsv: the header has 2 field\(s\) separated by '\\t' and no column 'text' \(field 'text_column'\), "
+        r"'label' \(field 'label_column'\).*\(field 'files\.eval' of .*configs/datasets/toy\.yaml\)"),
+    "holdout with the wrong delimiter": (
+        dict(files={"data/holdout.tsv": _tsv([r.replace("\t", ",") for r in GOOD], "label,text")}),
+        r"data/holdout\.tsv: the header has 1 field\(s\) separated by '\\t' and no column 'text' \(field 'text_column'\), "
+        r"'label' \(field 'label_column'\).*\(field 'files\.holdout' of .*configs/datasets/toy\.yaml\)"),
+    "job file missing": (dict(job="configs/jobs/nope.yaml"), r"configs/jobs/nope\.yaml: (no such file|file not found)"),
+    "job given as a directory": (dict(job="configs/jobs"), r"configs/jobs: is a directory; expected a job file"),
+    "dataset config missing": (dict(job_fields={"dataset": "nope"}),
+                               r"configs/jobs/toy\.yaml: field 'dataset' = 'nope': no dataset config .*configs/datasets/nope\.yaml"),
+}
+
+
+@pytest.mark.parametrize("case", list(PREFLIGHT_CASES))
+def test_a_config_model_or_split_mistake_is_found_before_reserve(case, tmp_path, workspace_env, caplog):
+    """Found by the preflight (what ``dpops run`` calls before Prefect starts), and again by the flow's
+    own stages before reserve (plan calls it): the file and field named, no data text, nothing charged."""
+    setup, match = PREFLIGHT_CASES[case]
+    job_fields = dict(setup.get("job_fields") or {})
+    if setup.get("model"):
+        job_fields["model"] = {"path": _model_without_tokenizer(tmp_path), "max_length": 8}
+    repo, job = _setup(tmp_path, _tsv(GOOD), dataset=setup.get("dataset"), job_fields=job_fields, files=setup.get("files"))
+    if setup.get("job"):
+        job = repo / setup["job"]
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(DpopsError, match=match) as before:
+        stages.preflight(str(job))
+    with pytest.raises(DpopsError, match=match) as during:  # the policy lets the good setup reach reserve (see below)
+        _until_reserve(repo, job, policy_accepting_inconclusive(tmp_path))
+    for message in (str(before.value), str(during.value)):
+        assert not any(s in message for s in SECRETS) and not _leaks(message), message[:300]
+    assert not any(_leaks(r.getMessage()) for r in caplog.records)
+    assert exit_code(before.value) == exit_code(during.value) == EXIT_BAD_INPUT
+    _assert_nothing_happened(workspace_env)
+
+
+def test_the_good_setup_of_the_preflight_cases_reaches_reserve(tmp_path, workspace_env):
+    """The control of the matrix above: without its mistake, the same setup passes every check and is charged."""
+    repo, job = _setup(tmp_path, _tsv(GOOD))
+    assert stages.preflight(str(job))["dataset"] == "toy"
+    _until_reserve(repo, job, policy_accepting_inconclusive(tmp_path))
+    assert Ledger(f"sqlite:///{workspace_env / 'ledger.db'}").datasets() != []
 
 
 @pytest.mark.parametrize("split", ["holdout", "eval"])
@@ -247,4 +325,24 @@ def test_dpops_run_stops_before_reserve_on_bad_data(tmp_path, workspace_env):
     assert result.returncode == 2, output  # bad input (README, "Exit codes")
     assert "expect_column_values_to_be_in_set(label)" in output and "row 2" not in output
     assert "odd one" not in output
+    assert "Traceback" not in output  # Prefect's engines log a dpops error without its traceback
+    _assert_nothing_happened(workspace_env)
+
+
+def test_dpops_run_refuses_a_missing_model_path_before_prefect_starts(tmp_path, workspace_env):
+    """`dpops run` runs the preflight before the flow: exit 2 (bad input) in seconds, one message
+    naming the file and field, no traceback, Prefect never started, nothing charged."""
+    import time
+
+    repo, job = _setup(tmp_path, _tsv(GOOD), job_fields={"model": {"path": "models/nope", "max_length": 8}})
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")}
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "dpops.cli", "run", str(job)], cwd=repo, env=env,
+                            capture_output=True, text=True, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output
+    assert re.search(r"dpops: .*configs/jobs/toy\.yaml: field 'model\.path' = 'models/nope': no such directory", result.stderr)
+    assert "Traceback" not in output
+    assert not (tmp_path / "prefect").exists()  # Prefect never started
+    assert time.monotonic() - started < 120
     _assert_nothing_happened(workspace_env)

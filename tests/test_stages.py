@@ -10,10 +10,11 @@ from tests.helpers import edit_yaml
 
 
 def test_run_that_dies_after_reading_data_stays_charged(workspace_env, smoke_job, project_root):
-    edit_yaml(smoke_job, lambda d: d.update(lora={"target_modules": ["no_such_module"]}))
     ref = stages.resolve(str(smoke_job), str(project_root))
     plan = stages.plan(str(smoke_job), ref)
     charge_id = stages.reserve(str(smoke_job), ref, plan)
+    # edited after reserve, so plan's preflight passed: the trainer finds the module missing once data is read
+    edit_yaml(smoke_job, lambda d: d.update(lora={"target_modules": ["no_such_module"]}))
     with pytest.raises(ValueError, match="no_such_module"):
         stages.train(str(smoke_job), ref, plan, charge_id)
     ledger = Ledger(f"sqlite:///{workspace_env / 'ledger.db'}")

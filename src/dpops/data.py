@@ -103,6 +103,96 @@ def read_bytes(repo: str | Path, path: str, rev: Optional[str] = None) -> bytes:
     return data
 
 
+#: The most bytes :func:`read_header` reads looking for the end of the header line.
+HEADER_MAX_BYTES = 1 << 20
+
+
+def read_header(repo: str | Path, path: str, rev: Optional[str] = None) -> list[bytes]:
+    """The first line of ``path`` at ``rev`` (at most :data:`HEADER_MAX_BYTES`), as raw bytes in a
+    one-item list, or ``[]`` for an empty file; nothing after the first line is read.
+
+    For checks before anything is charged: a header is a list of column names, but in a file
+    without one it is a record, so callers compare it with the config and never repeat it.
+    """
+    os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+    from dvc.api import DVCFileSystem
+
+    try:
+        fs = DVCFileSystem(str(repo), rev=rev)
+    except Exception as exc:  # dvc raises several unrelated types for a bad rev
+        raise DataValidationError(f"{repo}: cannot open revision {rev!r} ({describe_exception(exc)})") from None
+    head = b""
+    try:
+        with fs.open(path, "rb") as fh:
+            while b"\n" not in head and len(head) < HEADER_MAX_BYTES:
+                chunk = fh.read(64 * 1024)
+                if not chunk:
+                    break
+                head += chunk
+    except FileNotFoundError:
+        where = f"at revision {rev}" if rev else "in the working tree"
+        raise DataValidationError(f"{path}: file not found {where} of {repo} (run `dvc pull` and `dvc repro`?)") from None
+    except IsADirectoryError:
+        raise DataValidationError(f"{path}: is a directory, not a data file") from None
+    except Exception as exc:  # dvc's RevError, missing cache objects, ...
+        raise DataValidationError(
+            f"{path}: cannot read revision {rev!r} of {repo} ({describe_exception(exc)}; run `dvc pull`?)"
+        ) from None
+    return [head.split(b"\n", 1)[0][:HEADER_MAX_BYTES]] if head else []
+
+
+def check_split_headers(cfg: DatasetConfig, *, repo: str | Path, rev: Optional[str] = None, config_file: str | Path) -> None:
+    """Refuse, before anything is charged, a hold-out or eval split that is missing or whose header
+    lacks a configured column, and a training split that is missing. Reads only the first line of
+    the hold-out and eval files and nothing of the training file (its records are validated later).
+
+    Raises:
+        DataValidationError: naming the file and the field of ``config_file`` that names it; never
+            a header's content (in a file without a header line it is a record).
+    """
+    splits = {"train": cfg.files.train, "holdout": cfg.files.holdout, "eval": cfg.files.eval}
+    for split, path in splits.items():
+        field = f"(field 'files.{split}' of {config_file})"
+        try:
+            if split == "train":
+                _check_exists(repo, path, rev)
+                continue
+            lines = read_header(repo, path, rev)
+        except DataValidationError as exc:
+            raise DataValidationError(f"{exc} {field}. Nothing was charged or trained.") from None
+        if not lines:
+            raise DataValidationError(f"{path}: the file is empty (not even a header) {field}. Nothing was charged or trained.")
+        line = lines[0]
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            if len(line) < HEADER_MAX_BYTES:
+                raise DataValidationError(
+                    f"{path}: row 0: bytes are not valid UTF-8 (offset {exc.start}) {field}. Nothing was charged or trained."
+                ) from None
+            text = line.decode("utf-8", errors="ignore")  # cut mid-character at the limit
+        found = text.removesuffix("\r").split(cfg.delimiter)
+        if any(c not in found for c in _columns(cfg, train=False)):
+            raise DataValidationError(
+                f"{path}: {_missing_columns(found, cfg, train=False)} {field}. Nothing was charged or trained."
+            )
+
+
+def _check_exists(repo: str | Path, path: str, rev: Optional[str]) -> None:
+    """Refuse a file that ``read_bytes`` would not find; reads none of it."""
+    os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+    from dvc.api import DVCFileSystem
+
+    try:
+        fs = DVCFileSystem(str(repo), rev=rev)
+        found = fs.isfile(path)
+    except Exception as exc:  # dvc raises several unrelated types for a bad rev
+        raise DataValidationError(f"{repo}: cannot open revision {rev!r} ({describe_exception(exc)})") from None
+    if not found:
+        where = f"at revision {rev}" if rev else "in the working tree"
+        raise DataValidationError(f"{path}: file not found {where} of {repo} (run `dvc pull` and `dvc repro`?)")
+
+
 def _parse(data: bytes, *, source: str, delimiter: str) -> pd.DataFrame:
     """Strings of a delimited file with a header, every character literal (no quoting).
 

@@ -25,6 +25,8 @@ from dpops.errors import ConfigError, PrivacyError
 
 WEIGHTS = "trainable.safetensors"
 META = "dpops_model.json"
+#: Files one of which a model directory's tokenizer is loaded from.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model")
 
 
 def base_model_path(cfg: ModelConfig) -> Path:
@@ -66,6 +68,62 @@ def check_grad_sample_mode(task: str, method: str, mode: str, model_cfg: ModelCo
         from dpops import bookkeeping
 
         bookkeeping.check(build(task, method, base, n_labels=2, lora=lora or LoraSettings(), skeleton=True))
+
+
+def check_model(task: str, method: str, model_cfg: ModelConfig, lora: LoraSettings, *, n_labels: int) -> None:
+    """Refuse, before anything is charged, a model the trainer could not build: the directory of
+    ``model.path`` (or of ``model.package``) missing or not one transformers loads, a tokenizer that
+    does not load, or a method that does not fit the model (a LoRA target module the model lacks,
+    'bitfit' on a model without biases). The model is built as a skeleton (meta device, from its
+    config: no weights read), so this takes seconds even for a large model.
+
+    Raises:
+        ConfigError: naming the field (``model.path``, ``model.package``, ``lora.target_modules``, ...).
+    """
+    field, value = ("model.path", model_cfg.path) if model_cfg.path else ("model.package", model_cfg.package)
+    named = f"field {field!r} = {value!r}"
+    try:
+        base = base_model_path(model_cfg)
+    except ImportError:
+        raise ConfigError(f"{named}: cannot import it; is it installed?") from None
+    except Exception as exc:
+        raise ConfigError(f"{named}: cannot find its model directory ({type(exc).__name__})") from None
+    if not base.exists():
+        where = "" if base.is_absolute() else f" (relative to the working directory {Path.cwd()})"
+        raise ConfigError(f"{named}: no such directory{where}")
+    if not base.is_dir():
+        raise ConfigError(f"{named}: not a directory")
+    _offline()
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(str(base), local_files_only=True)
+    except Exception as exc:
+        raise ConfigError(f"{named}: not a model directory transformers can load: no usable config.json "
+                          f"({type(exc).__name__})") from None
+    # transformers builds a tokenizer of special tokens only from a directory without tokenizer
+    # files, without a word: every text would then train as unknown tokens.
+    if not any((base / name).is_file() for name in TOKENIZER_FILES):
+        raise ConfigError(f"{named}: no tokenizer in this directory (none of {', '.join(TOKENIZER_FILES)})")
+    try:
+        tokenizer = load_tokenizer(base)
+    except Exception as exc:
+        raise ConfigError(f"{named}: the model's tokenizer does not load from this directory ({type(exc).__name__})") from None
+    if len(tokenizer) <= len(set(tokenizer.all_special_tokens)):
+        raise ConfigError(f"{named}: the tokenizer in this directory has no vocabulary beyond its special tokens")
+    try:
+        net = build(task, method, base, n_labels=n_labels, lora=lora, skeleton=True)
+    except ConfigError:
+        raise
+    except Exception as exc:
+        raise ConfigError(f"{named}: cannot build a model of field 'task' = {task!r}, field 'method' = {method!r} from it "
+                          f"({type(exc).__name__})") from None
+    if method == "lora":  # PEFT refuses only a list none of which matches; the trainer adapts each name it is given
+        modules = [name for name, _ in net.named_modules()]
+        missing = [t for t in lora.target_modules if not any(m == t or m.endswith("." + t) for m in modules)]
+        if missing:
+            raise ConfigError(f"field 'lora.target_modules' = {list(lora.target_modules)}: the model of {named} has no "
+                              f"module named {', '.join(repr(t) for t in missing)}")
 
 
 def _offline() -> None:

@@ -27,7 +27,12 @@ from dpops.settings import Workspace, workspace
 
 
 def _load(job_path: str) -> tuple[cfgmod.JobConfig, cfgmod.DatasetConfig]:
+    _check_config_file(job_path, "job file")
     job = cfgmod.load_job_config(job_path)
+    ds_file = cfgmod.configs_root(job_path) / "datasets" / f"{job.dataset}.yaml"
+    if not ds_file.is_file():
+        raise cfgmod.ConfigError(f"{job_path}: field 'dataset' = {job.dataset!r}: no dataset config {ds_file} "
+                                 f"({'a directory' if ds_file.is_dir() else 'no such file'}). Nothing was charged or trained.")
     ds = cfgmod.dataset_config_for(job, job_path)
     cfgmod.check_training(job, ds, job_path)  # from stage 1 on: refused before anything is charged
     try:
@@ -35,6 +40,44 @@ def _load(job_path: str) -> tuple[cfgmod.JobConfig, cfgmod.DatasetConfig]:
     except cfgmod.ConfigError as exc:
         raise cfgmod.ConfigError(f"{job_path}: {exc}. Nothing was charged or trained.") from None
     return job, ds
+
+
+def _check_config_file(path: str, what: str) -> None:
+    """Refuse a config path that is not a file (missing, or a directory) with its name, not an OSError."""
+    p = Path(path)
+    if not p.is_file():
+        why = "is a directory" if p.is_dir() else "no such file"
+        raise cfgmod.ConfigError(f"{path}: {why}; expected a {what} (YAML). Nothing was charged or trained.")
+
+
+def preflight(job_path: str, *, policy_path: Optional[str] = None, repo: Optional[str] = None) -> dict[str, Any]:
+    """Check, before anything is reserved, what a run would otherwise find only after its charge
+    starts, when the charge is already spent: the job, dataset and policy configs load; the model
+    directory (``model.path`` or ``model.package``) exists, holds a model and tokenizer transformers
+    loads, and has every LoRA target module the job names (:func:`dpops.model.check_model`, on a
+    skeleton: no weights read); the training split exists and the hold-out and eval splits exist
+    with the configured columns in their header line (:func:`dpops.data.check_split_headers`).
+
+    Reads no training record and charges nothing, so ``dpops run`` calls it before Prefect starts
+    and :func:`plan` calls it again before its plan can be reserved. Data files are looked up at
+    the job's ``data_rev`` in ``repo`` (default: the job file's DVC repository). Returns what was checked (names only).
+
+    Raises:
+        ConfigError: naming the config file and field.
+        DataValidationError: naming the data file and the dataset config's field; never its content.
+    """
+    job, ds = _load(job_path)
+    if policy_path is not None:
+        _check_config_file(policy_path, "policy file")
+        cfgmod.load_policy(policy_path)
+    try:
+        modeling.check_model(job.task, job.method, job.model, job.lora, n_labels=len(ds.labels))
+    except cfgmod.ConfigError as exc:
+        raise cfgmod.ConfigError(f"{job_path}: {exc}. Nothing was charged or trained.") from None
+    root = datamod.find_repo_root(repo or Path(job_path).resolve().parent)
+    datamod.check_split_headers(ds, repo=root, rev=job.data_rev,
+                                config_file=_dataset_file(job_path, ds))
+    return {"job": job.name, "dataset": ds.name, "model": job.model.path or job.model.package, "method": job.method}
 
 
 def _ref(ref: dict[str, Any]) -> datamod.DataRef:
@@ -95,6 +138,7 @@ def plan(job_path: str, ref: dict[str, Any], *, policy_path: Optional[str] = Non
     """
     job, ds = _load(job_path)
     data_ref = _ref(ref)
+    preflight(job_path, policy_path=policy_path, repo=data_ref.repo)  # a typo found after reserve costs the charge
     if ds.unit == "user" and data_ref.n_users is None:
         raise cfgmod.ConfigError(
             f"dataset {ds.name!r}: unit 'user' but {data_ref.path} has no column {ds.user_column!r} to count users. "
