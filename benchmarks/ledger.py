@@ -2,6 +2,10 @@
 
 * admissions per second with 1, 4, 16 and 40 concurrent client processes, on SQLite (a file in a
   temporary directory) and PostgreSQL (a throwaway database on 127.0.0.1:5432);
+* admission latency (one ``reserve``, one client) on a dataset already holding 0, 100 and 1000
+  charges: ``first_ms`` is a fresh process's first admission, ``median_ms`` the later ones
+  (admission checks the spend index against the dataset's chain; later admissions replay only
+  the events appended since);
 * time to compute a dataset's guaranteed epsilon (``Ledger.budget``, from the spend index) with 1,
   100 and 1000 charges, both for a recurring job (identical mechanisms, merged) and for
   all-distinct ones; ``median_ms`` with the per-step RDP cache warm (a long-running process),
@@ -65,6 +69,39 @@ def admissions(url: str, clients: int, per_client: int) -> dict:
     return {"clients": clients, "admissions": total, "seconds": round(wall, 3), "admissions_per_second": round(total / wall, 1)}
 
 
+def admission_latency(url: str, n_charges: int, repeats: int = 20) -> dict:
+    ledger = Ledger(url)
+    name = f"adm{n_charges}"
+    ledger.register_dataset(name=name, unit="record", delta=1e-7, epsilon_cap=1000)
+    for i in range(n_charges):  # a history: most charges committed, some still reserved
+        c = ledger.reserve(dataset=name, mechanism=MECH, max_grad_norm=1.0, n_records=1_000_000, job="j", data_version="v")
+        if i % 4:
+            ledger.start(c.id)
+            ledger.commit(c.id, steps_run=MECH.steps)
+    ledger.dispose()
+    ledger = Ledger(url, create=False)  # a fresh client: nothing of the chain cached yet
+    accounting.filter_epsilon([MECH], delta=1e-7)  # warm the per-step RDP cache, as the clients above do
+    times = []
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
+        ledger.reserve(dataset=name, mechanism=MECH, max_grad_norm=1.0, n_records=1_000_000, job="bench", data_version="v")
+        times.append(time.perf_counter() - t0)
+    ledger.dispose()
+    return {"charges": n_charges, "first_ms": round(1000 * times[0], 2), "median_ms": round(1000 * statistics.median(times[1:]), 2)}
+
+
+def _fresh(backend: str, fn, *args) -> dict:
+    """``fn(url, *args)`` on a throwaway ledger of ``backend``."""
+    if backend == "sqlite":
+        with tempfile.TemporaryDirectory() as d:
+            return fn(f"sqlite:///{d}/ledger.db", *args)
+    name, url = _pg_url()
+    try:
+        return fn(url, *args)
+    finally:
+        _pg_drop(name)
+
+
 def epsilon_latency(url: str, n_charges: int, distinct: bool, repeats: int = 5) -> dict:
     ledger = Ledger(url)
     name = f"lat{n_charges}{'d' if distinct else 'r'}"
@@ -112,9 +149,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 40])
     parser.add_argument("--per-client", type=int, default=50)
+    parser.add_argument("--only", choices=["admission_latency"], help="run only this part (and print it)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/ledger.json"))
     args = parser.parse_args()
 
+    if args.only == "admission_latency":
+        for backend in ("sqlite", "postgresql"):
+            for n in (0, 100, 1000):
+                print(backend, _fresh(backend, admission_latency, n), flush=True)
+        return
     result: dict = {"cpu_count": os.cpu_count(), "load_average_at_start": os.getloadavg(), "per_client": args.per_client, "admissions": {}, "epsilon_latency": {}}
     for backend in ("sqlite", "postgresql"):
         result["admissions"][backend] = []
@@ -130,6 +173,11 @@ def main() -> None:
                     _pg_drop(name)
             print(backend, row, flush=True)
             result["admissions"][backend].append(row)
+        result.setdefault("admission_latency", {})[backend] = []
+        for n in (0, 100, 1000):
+            row = _fresh(backend, admission_latency, n)
+            print(backend, row, flush=True)
+            result["admission_latency"][backend].append(row)
         result["epsilon_latency"][backend] = []
         for n in (1, 100, 1000):
             for distinct in (False, True):

@@ -554,6 +554,9 @@ class Ledger:
         self.lock_timeout = ledger_lock_timeout() if lock_timeout is None else float(lock_timeout)
         self.engine = self._make_engine(url, self.lock_timeout)
         _raise_unavailable(self.engine, self.lock_timeout)
+        #: Per dataset id, the chain admission last verified: (head seq, head hash, its replay).
+        #: Lives in this process only; admission replays just the events appended since.
+        self._verified: dict[int, tuple[int, str, _Chain]] = {}
         if create:
             upgrade(self.engine)
 
@@ -831,6 +834,7 @@ class Ledger:
         if unit == "record":
             contribution_bound = None
         d = _DATASETS.c
+        raced = False
         with self.engine.begin() as conn:
             row = conn.execute(select(d.unit, d.contribution_bound, d.delta, d.epsilon_cap).where(d.name == name)).one_or_none()
             if row is not None:
@@ -846,14 +850,22 @@ class Ledger:
                         "The ledger is the source of truth; a cap is not changed by editing a config."
                     )
                 return
-            new_id = conn.execute(insert(_DATASETS).values(
+            # ON CONFLICT DO NOTHING: a concurrent registration that inserted the same name first wins
+            # (PostgreSQL waits for it to commit); this one then compares terms with it, below.
+            dialect_insert = pg_insert if self._pg else sqlite_insert
+            new_id = conn.scalar(dialect_insert(_DATASETS).values(
                 name=name, unit=unit, contribution_bound=contribution_bound, delta=delta, epsilon_cap=epsilon_cap,
                 accountant=accounting.FILTER_NAME, created_at=_now(), head_seq=0, head_hash=GENESIS,
-            )).inserted_primary_key[0]
-            ds = _Locked(new_id, name, unit, delta, epsilon_cap, 0, GENESIS, False)
-            self._append(conn, ds, "registered", None,
-                         {"unit": unit, "contribution_bound": contribution_bound, "delta": delta,
-                          "epsilon_cap": epsilon_cap, "accountant": accounting.FILTER_NAME})
+            ).on_conflict_do_nothing(index_elements=[d.name]).returning(d.id))
+            raced = new_id is None
+            if not raced:
+                ds = _Locked(new_id, name, unit, delta, epsilon_cap, 0, GENESIS, False)
+                self._append(conn, ds, "registered", None,
+                             {"unit": unit, "contribution_bound": contribution_bound, "delta": delta,
+                              "epsilon_cap": epsilon_cap, "accountant": accounting.FILTER_NAME})
+        if raced:  # the winner's row is committed now: same terms are a no-op, others refused
+            self.register_dataset(name=name, unit=unit, delta=delta, epsilon_cap=epsilon_cap,
+                                  contribution_bound=contribution_bound)
 
     def datasets(self) -> list[str]:
         with self.engine.connect() as conn:
@@ -873,6 +885,7 @@ class Ledger:
         _check_count("n_records", n_records)
         with self.engine.begin() as conn:
             ds = self._lock_dataset(conn, dataset)
+            ds.epsilon_cap = self._check_admission(conn, ds).terms.epsilon_cap  # the cap a block is bounded by
             cap = ds.epsilon_cap if epsilon_cap is None else float(epsilon_cap)
             if not 0 < cap <= ds.epsilon_cap:  # NaN fails too
                 raise ConfigError(f"dataset {dataset!r} block {name!r}: epsilon_cap must be in (0, {ds.epsilon_cap:g}] "
@@ -902,6 +915,51 @@ class Ledger:
                 name for _id, name, cap, _n in self._blocks(conn, ds.id)
                 if _epsilon(self._scope_rdp(conn, ds.id, name), mechanism, ds.delta) <= cap
             ]
+
+    # ----------------------------------------------------------------- admission checks the record
+
+    def _check_admission(self, conn: Connection, ds: _Locked) -> _Chain:
+        """Check, under the dataset's lock, that what admission reads agrees with the record; return
+        the chain's replay, whose terms admission then uses.
+
+        Admission reads derived rows: the dataset's and blocks' terms and the spend index
+        (``charge_states``, ``spend_totals``). An edit to them would let a charge in on a cap
+        higher, or a spend lower, than the record's. So the dataset's chain is replayed (only the
+        events appended since this process last verified it, see ``self._verified``) and compared
+        with those rows by verify's own per-dataset checks. Anything wrong refuses the admission;
+        so does a dataset registered with a privacy filter this code does not implement.
+
+        Raises:
+            LedgerError: the dataset does not verify (``dpops ledger verify`` says why).
+        """
+        d = _DATASETS.c
+        row = conn.execute(select(d.id, d.name, d.unit, d.contribution_bound, d.delta, d.epsilon_cap, d.accountant,
+                                  d.head_seq, d.head_hash).where(d.id == ds.id)).one()
+        problems: list[str] = []
+        cached = self._verified.pop(ds.id, None)  # popped: a replay that fails half-way leaves nothing cached
+        resume = cached if cached is not None and cached[0] <= row.head_seq else None
+        chain = self._replay_chain(conn, row, problems, resume)
+        for accountant in {row.accountant, chain.terms.accountant if chain.terms else accounting.FILTER_NAME}:
+            if accountant != accounting.FILTER_NAME:
+                raise LedgerError(
+                    f"dataset {ds.name!r} is accounted by privacy filter {accountant!r}, which this code does not "
+                    f"implement (it implements {accounting.FILTER_NAME!r}); refused to admit. Use the dpops version "
+                    "that registered it."
+                )
+        cs = _STATES.c
+        index = {r.charge_id: r for r in conn.execute(
+            select(cs.charge_id, cs.dataset_id, cs.state, cs.steps_counted, cs.lease_expires_at).where(cs.dataset_id == ds.id))}
+        problems.extend(self._verify_terms(conn, row, chain))
+        problems.extend(self._verify_charge_rows(conn, row, chain))
+        problems.extend(self._verify_spend_index(conn, row, chain, index, []))
+        problems.extend(f"dataset {ds.name!r}: charge {cid} has a state index row but no reserved event (edited)"
+                        for cid in index)
+        if problems:
+            more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise LedgerError(f"ledger {ds.name!r} does not verify: {problems[0]}{more}; refused to admit. "
+                              "Run `dpops ledger verify`.")
+        self._verified[ds.id] = (row.head_seq, row.head_hash, chain)
+        return chain
 
     # ----------------------------------------------------------------- charges
 
@@ -946,6 +1004,8 @@ class Ledger:
             # this reservation. If the server crashed first, the reservation is lost whole and
             # `start` refuses: nothing is read uncharged. Not waiting for the flush keeps the lock short.
             ds = self._lock_dataset(conn, dataset, asynchronous_commit=True)
+            chain = self._check_admission(conn, ds)  # the terms below are the chain's (the rows agree)
+            ds.delta, ds.epsilon_cap = chain.terms.delta, chain.terms.epsilon_cap
             if not (ds.delta < 1.0 / n_records):
                 raise ConfigError(
                     f"dataset {dataset!r}: delta {ds.delta} must be below 1/n = {1.0 / n_records:.3g} (n = {n_records} records)"
@@ -955,6 +1015,7 @@ class Ledger:
             if blocks and not ds.partitioned:
                 raise ConfigError(f"dataset {dataset!r} has no blocks; reserve without naming any")
             block_rows = self._blocks(conn, ds.id, sorted(set(blocks)), lock=True, dataset=dataset) if blocks else []
+            block_rows = [(i, name, chain.blocks[name].epsilon_cap, n) for i, name, _cap, n in block_rows]
             for block, cap in [(name, cap) for _id, name, cap, _n in block_rows] or [(None, ds.epsilon_cap)]:
                 base = self._scope_rdp(conn, ds.id, block)
                 after = _epsilon(base, mechanism, ds.delta)
@@ -1395,18 +1456,23 @@ class Ledger:
         return VerifyReport(tuple(problems), tuple(drift))
 
     @staticmethod
-    def _replay_chain(conn: Connection, ds: Any, problems: list[str]) -> _Chain:
+    def _replay_chain(conn: Connection, ds: Any, problems: list[str],
+                      resume: Optional[tuple[int, str, _Chain]] = None) -> _Chain:
         """One pass over the dataset's events: check the hash chain and replay what it records.
 
         Problems of the chain itself and of the rules it must follow are appended to ``problems``;
         the returned :class:`_Chain` is what the events give, for comparison with the rows.
+
+        Args:
+            resume: (seq, hash, chain) of a prefix already verified: replay only the events after
+                ``seq`` into ``chain`` (changed in place), the first of them linking to ``hash``.
         """
         name = ds.name
-        chain = _Chain()
-        prev, expected_seq = GENESIS, 1
+        start_seq, prev, chain = resume or (0, GENESIS, _Chain())
+        expected_seq = start_seq + 1
         e = _EVENTS.c
         for ev in conn.execute(select(e.seq, e.charge_id, e.kind, e.payload, e.created_at, e.prev_hash, e.hash)
-                               .where(e.dataset_id == ds.id).order_by(e.seq)):
+                               .where(e.dataset_id == ds.id, e.seq > start_seq).order_by(e.seq)):
             if ev.seq != expected_seq:
                 problems.append(f"dataset {name!r}: event seq {ev.seq} found where {expected_seq} was expected (deleted or reordered)")
             if ev.prev_hash != prev:
