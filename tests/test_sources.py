@@ -75,11 +75,9 @@ def test_a_copied_config_is_refused_and_a_linked_one_charges_the_first_budget(
 
 def test_a_user_in_one_block_is_refused_in_another_block_of_a_later_version(tmp_path, workspace_env):
     """Version 1 holds January; version 2 drops January and moves one January user into February."""
-    from tests.dvc_repo import commit
-    from tests.test_blocks import FEB, JAN, _ledger, _policy, _train_tsv, _until_reserve as _blocks_until_reserve
-    from tests.test_blocks import monthly as _monthly  # noqa: F401  (fixture body reused below)
-    from tests.dvc_repo import make_repo
-    from tests.test_blocks import FIXTURE
+    from tests.dvc_repo import commit, make_repo
+    from tests.test_blocks import FEB, FIXTURE, JAN, _ledger, _policy, _train_tsv
+    from tests.test_blocks import _until_reserve as _blocks_until_reserve
 
     repo = make_repo(tmp_path / "repo", {"data/train.tsv": _train_tsv([JAN]),
                                          "data/holdout.tsv": (FIXTURE / "holdout.tsv").read_text(),
