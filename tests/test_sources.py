@@ -104,3 +104,33 @@ def test_a_user_in_one_block_is_refused_in_another_block_of_a_later_version(tmp_
         assert plan["blocks"] == [FEB] and ledger.charge(second).blocks == (FEB,)
     finally:
         ledger.dispose()
+
+
+@pytest.mark.parametrize("statement", ["UPDATE user_blocks SET block = 'jan'", "DELETE FROM user_blocks"])
+def test_reserve_maps_users_once_and_the_map_is_append_only(ledger_url, statement):
+    from sqlalchemy import exc, text
+
+    from dpops.accounting import SubsampledGaussian
+
+    run = SubsampledGaussian(1.0, 0.01, 10)
+    ledger = Ledger(ledger_url)
+    try:
+        ledger.register_dataset(name="notes", unit="user", delta=1e-5, epsilon_cap=50.0, contribution_bound=2)
+        for block in ("jan", "feb"):
+            ledger.add_block("notes", name=block, n_records=10_000)
+        ledger.reserve(dataset="notes", mechanism=run, max_grad_norm=1.0, n_records=10_000, job="j", data_version="v1",
+                       blocks=["jan"], user_blocks={"k1": "jan", "k2": "jan"})
+        with pytest.raises(LedgerError, match=r"2 user\(s\) of block 'jan' now in block 'feb'"):  # under the lock
+            ledger.reserve(dataset="notes", mechanism=run, max_grad_norm=1.0, n_records=10_000, job="j",
+                           data_version="v2", blocks=["feb"], user_blocks={"k1": "feb", "k2": "feb", "k3": "feb"})
+        assert len(ledger.charges("notes")) == 1
+        ledger.reserve(dataset="notes", mechanism=run, max_grad_norm=1.0, n_records=10_000, job="j", data_version="v2",
+                       blocks=["feb"], user_blocks={"k3": "feb"})
+        with pytest.raises(exc.DatabaseError, match="append-only"):
+            with ledger.engine.begin() as conn:
+                conn.execute(text(statement))
+        with pytest.raises(LedgerError, match="'feb' now in block 'jan'"):
+            ledger.check_user_blocks("notes", {"k3": "jan"})
+        assert ledger.verify() == []
+    finally:
+        ledger.dispose()
