@@ -131,8 +131,9 @@ def dataset_register(
     try:
         cfg = load_dataset_config(config)
         ledger = _open_ledger(must_exist=False)
-        ledger.register_dataset(name=cfg.name, unit=cfg.unit, delta=cfg.privacy.delta, epsilon_cap=cfg.privacy.epsilon_cap,
-                                contribution_bound=cfg.contribution_bound)
+        ledger.register_dataset(name=cfg.ledger_name, unit=cfg.unit, delta=cfg.privacy.delta, epsilon_cap=cfg.privacy.epsilon_cap,
+                                contribution_bound=cfg.contribution_bound, source=cfg.source,
+                                linked_from=cfg.name if cfg.budget_of else None)
     except DpopsError as exc:
         _fail(exc)
         return

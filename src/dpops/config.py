@@ -110,6 +110,22 @@ class DatasetConfig(_Strict):
         description="Partition the training records into blocks (Sage, Lecuyer et al. 2019), each with its own "
         "cap; a run is charged only to the blocks it reads (None: the dataset is one block).",
     )
+    budget_of: Optional[str] = Field(
+        default=None, pattern=r"^[a-z0-9][a-z0-9_\-]*$",
+        description="Name of the dataset whose ledger budget this one shares: set it when this config reads the "
+        "same source (training file) as that dataset. A budget belongs to the data, not to a name, so the "
+        "ledger refuses a second dataset on a registered source unless it is linked here.",
+    )
+
+    @property
+    def ledger_name(self) -> str:
+        """The ledger entry charged for runs on this dataset: ``budget_of`` when linked, else ``name``."""
+        return self.budget_of or self.name
+
+    @property
+    def source(self) -> str:
+        """The repo-relative DVC path of the training file: what a budget belongs to."""
+        return Path(self.files.train).as_posix()
 
     @model_validator(mode="after")
     def _check(self) -> "DatasetConfig":
@@ -121,6 +137,8 @@ class DatasetConfig(_Strict):
             )
         if self.text_column == self.label_column:
             raise ValueError("text_column and label_column must differ.")
+        if self.budget_of == self.name:
+            raise ValueError("field 'budget_of' names another dataset, not this one.")
         if self.unit == "user":
             if not self.user_column:
                 raise ValueError("unit 'user' needs field 'user_column'.")

@@ -338,6 +338,19 @@ def resolve(cfg: DatasetConfig, *, repo: str | Path, rev: Optional[str] = None, 
     )
 
 
+def keyed_user_blocks(ref: DataRef, cfg: DatasetConfig, blocks: list[str]) -> dict[str, str]:
+    """Keyed user id -> block, for the users of ``blocks`` in the resolved training file (unit
+    'user', partitioned). The key is HMAC-SHA256 of the user id under the fingerprint key: the
+    ledger's user-to-block map never holds a raw id. Rows past ``ref.n_records`` are not read."""
+    df = _parse(read_resolved(ref), source=ref.path, delimiter=cfg.delimiter).iloc[:ref.n_records]
+    df = df[df[cfg.blocks.column].isin(set(blocks))]
+    key = fingerprint_key()
+    out: dict[str, str] = {}
+    for user, block in zip(df[cfg.user_column], df[cfg.blocks.column], strict=True):
+        out.setdefault(hmac.new(key, f"user\x00{user}".encode("utf-8"), hashlib.sha256).hexdigest(), str(block))
+    return out
+
+
 # --------------------------------------------------------------------------- validation
 
 #: Extra column the suite checks for unit 'user' on a partitioned dataset: how many blocks the

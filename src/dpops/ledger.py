@@ -124,6 +124,7 @@ MAX_ID = 100
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 _PG_MIGRATION_LOCK = 7_274_001
+_PG_REGISTER_LOCK = 7_274_003  # (7_274_002 serialises model bindings)
 
 
 def upgrade(engine: Engine) -> None:
@@ -231,6 +232,22 @@ class EventRow(Base):
     created_at: Mapped[str] = mapped_column(String(40))
     prev_hash: Mapped[str] = mapped_column(String(64))
     hash: Mapped[str] = mapped_column(String(64))
+
+
+class UserBlockRow(Base):
+    """Which block a user of a partitioned unit-'user' dataset was charged in (migration 0006).
+
+    ``user_key`` is HMAC-SHA256 of the user id under the workspace fingerprint key, never the raw
+    id. Append-only: a user mapped to one block is refused in any other, in every data version.
+    """
+
+    __tablename__ = "user_blocks"
+    __table_args__ = (UniqueConstraint("dataset_id", "user_key"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id"))
+    user_key: Mapped[str] = mapped_column(String(64))
+    block: Mapped[str] = mapped_column(String(64))
 
 
 class ChargeStateRow(Base):
@@ -433,6 +450,7 @@ ANCHORED = frozenset({COMMITTED, FAILED_CHARGED, EVIDENCE, "gate_decision"})
 _DATASETS = DatasetRow.__table__
 _BLOCKS = BlockRow.__table__
 _EVENTS = EventRow.__table__
+_USER_BLOCKS = UserBlockRow.__table__
 _STATES = ChargeStateRow.__table__
 _TOTALS = SpendTotalRow.__table__
 
@@ -811,13 +829,22 @@ class Ledger:
     # ----------------------------------------------------------------- datasets
 
     def register_dataset(
-        self, *, name: str, unit: str, delta: float, epsilon_cap: float, contribution_bound: Optional[int] = None
+        self, *, name: str, unit: str, delta: float, epsilon_cap: float, contribution_bound: Optional[int] = None,
+        source: Optional[str] = None, linked_from: Optional[str] = None,
     ) -> None:
         """Register a dataset, or check that the registered one has the same terms.
+
+        ``source`` (the repo-relative DVC path of the training file) is recorded in the
+        ``registered`` event: a budget belongs to the data, not to a name, so a new dataset on a
+        source another dataset registered is refused. ``linked_from`` is the name of a config
+        that shares ``name``'s budget (its field ``budget_of``): ``name`` must then be registered
+        already, on the same source, and nothing new is registered.
 
         Raises:
             ConfigError: the dataset exists with a different unit, delta or cap. The ledger is the
                 source of truth; a config file cannot silently raise a cap.
+            LedgerError: the source is another dataset's, or a link names an unregistered dataset
+                or one on another source.
         """
         _check_name("name", name)
         if contribution_bound is not None:
@@ -836,7 +863,11 @@ class Ledger:
         d = _DATASETS.c
         raced = False
         with self.engine.begin() as conn:
+            if self._pg and source is not None:  # one registration at a time: two names cannot claim one source
+                conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_PG_REGISTER_LOCK})")
             row = conn.execute(select(d.unit, d.contribution_bound, d.delta, d.epsilon_cap).where(d.name == name)).one_or_none()
+            if source is not None:
+                self._check_source(conn, name, source, registered=row is not None, linked_from=linked_from)
             if row is not None:
                 differs = [
                     f"{k}: ledger {a!r}, config {b!r}"
@@ -860,12 +891,53 @@ class Ledger:
             raced = new_id is None
             if not raced:
                 ds = _Locked(new_id, name, unit, delta, epsilon_cap, 0, GENESIS, False)
-                self._append(conn, ds, "registered", None,
-                             {"unit": unit, "contribution_bound": contribution_bound, "delta": delta,
-                              "epsilon_cap": epsilon_cap, "accountant": accounting.FILTER_NAME})
+                payload = {"unit": unit, "contribution_bound": contribution_bound, "delta": delta,
+                           "epsilon_cap": epsilon_cap, "accountant": accounting.FILTER_NAME}
+                if source is not None:
+                    payload["source"] = source
+                self._append(conn, ds, "registered", None, payload)
         if raced:  # the winner's row is committed now: same terms are a no-op, others refused
             self.register_dataset(name=name, unit=unit, delta=delta, epsilon_cap=epsilon_cap,
-                                  contribution_bound=contribution_bound)
+                                  contribution_bound=contribution_bound, source=source, linked_from=linked_from)
+
+    @staticmethod
+    def _sources(conn: Connection) -> dict[str, Optional[str]]:
+        """Each registered dataset's source, from its ``registered`` event (None: registered without one)."""
+        e, d = _EVENTS.c, _DATASETS.c
+        rows = conn.execute(select(d.name, e.payload).join(_EVENTS, e.dataset_id == d.id).where(e.kind == "registered"))
+        out: dict[str, Optional[str]] = {}
+        for ds_name, body in rows:
+            try:
+                out[ds_name] = json.loads(body).get("source")
+            except (ValueError, AttributeError):
+                out[ds_name] = None
+        return out
+
+    def _check_source(self, conn: Connection, name: str, source: str, *, registered: bool,
+                      linked_from: Optional[str]) -> None:
+        """Refuse a second budget on one source: a new name on a registered source, or a broken link."""
+        sources = self._sources(conn)
+        if linked_from is not None:
+            if not registered:
+                raise LedgerError(
+                    f"dataset {linked_from!r} has field 'budget_of: {name}', but dataset {name!r} is not registered in "
+                    f"the ledger: run a job on {name!r} first, or remove the field. Nothing was charged."
+                )
+            if sources.get(name) not in (None, source):
+                raise LedgerError(
+                    f"dataset {linked_from!r} has field 'budget_of: {name}', but its training file {source!r} is not "
+                    f"the source dataset {name!r} was registered on: a link shares one source's budget. Nothing was charged."
+                )
+            return
+        if registered:
+            return
+        others = sorted(n for n, src in sources.items() if src == source and n != name)
+        if others:
+            raise LedgerError(
+                f"dataset {name!r}: its training file {source!r} is the source dataset {others[0]!r} was registered on. "
+                f"A budget belongs to the data, not to a name: set field 'budget_of: {others[0]}' in dataset "
+                f"{name!r}'s config to charge {others[0]!r}'s budget. Nothing was registered or charged."
+            )
 
     def datasets(self) -> list[str]:
         with self.engine.connect() as conn:
@@ -975,6 +1047,7 @@ class Ledger:
         flow_run_id: Optional[str] = None,
         code_version: Optional[str] = None,
         blocks: Optional[list[str]] = None,
+        user_blocks: Optional[dict[str, str]] = None,
     ) -> Charge:
         """Admit ``mechanism`` on ``dataset`` if the privacy filter still holds with it.
 
@@ -990,6 +1063,8 @@ class Ledger:
                 Nothing is written.
             ConfigError: delta is not below 1/n for this data version, or a field does not fit its
                 ledger column (names up to 200 characters, counts up to 2^31 - 1).
+            LedgerError: a user of ``user_blocks`` (keyed user id -> block read, unit 'user') is
+                mapped to another block; else the new users are mapped, in this transaction.
         """
         _check_count("n_records", n_records)
         _check_count("dp.steps", mechanism.steps)
@@ -1032,6 +1107,8 @@ class Ledger:
                         f"epsilon {requested:.3f}, which would bring the cumulative epsilon to {after:.3f} > cap "
                         f"{cap:g}. Nothing was trained."
                     )
+            if user_blocks:
+                self._claim_user_blocks(conn, ds.id, dataset, user_blocks)
             created = _now()
             charge = Charge(
                 id=str(uuid.uuid4()), dataset=ds.name, state=RESERVED, mechanism=mechanism, steps_run=None,
@@ -1083,6 +1160,48 @@ class Ledger:
             "VALUES (:ev_dataset_id, :ev_seq, :ev_charge_id, :ev_kind, :ev_payload, :ev_created_at, :ev_prev_hash, :ev_hash)) "
             "UPDATE datasets SET head_seq = :ev_seq, head_hash = :ev_hash WHERE id = :dataset_id"
         ), params)
+
+    @staticmethod
+    def _mapped_blocks(conn: Session | Connection, dataset_id: int, keys: list[str]) -> dict[str, str]:
+        """The block each of ``keys`` (keyed user ids) is mapped to, for those mapped."""
+        u = _USER_BLOCKS.c
+        out: dict[str, str] = {}
+        for i in range(0, len(keys), 500):
+            rows = conn.execute(select(u.user_key, u.block).where(u.dataset_id == dataset_id, u.user_key.in_(keys[i:i + 500])))
+            out.update({k: b for k, b in rows})
+        return out
+
+    @classmethod
+    def _check_user_blocks(cls, conn: Session | Connection, dataset_id: int, dataset: str,
+                           user_blocks: dict[str, str]) -> list[str]:
+        """Refuse users already mapped to another block; return the keys not yet mapped.
+
+        The message names the blocks and how many users, never a user (nor their keyed id)."""
+        mapped = cls._mapped_blocks(conn, dataset_id, sorted(user_blocks))
+        moved: dict[tuple[str, str], int] = {}
+        for key, block in mapped.items():
+            if block != user_blocks[key]:
+                moved[(block, user_blocks[key])] = moved.get((block, user_blocks[key]), 0) + 1
+        if moved:
+            which = "; ".join(f"{n} user(s) of block {old!r} now in block {new!r}" for (old, new), n in sorted(moved.items()))
+            raise LedgerError(
+                f"dataset {dataset!r}: refused. {which}: a user counted in one block is never counted in another, "
+                "in any data version (blocks compose in parallel only over disjoint users). Nothing was charged."
+            )
+        return [k for k in user_blocks if k not in mapped]
+
+    def _claim_user_blocks(self, conn: Connection, dataset_id: int, dataset: str, user_blocks: dict[str, str]) -> None:
+        new = self._check_user_blocks(conn, dataset_id, dataset, user_blocks)
+        if new:
+            conn.execute(insert(_USER_BLOCKS), [{"dataset_id": dataset_id, "user_key": k, "block": user_blocks[k]} for k in new])
+
+    def check_user_blocks(self, dataset: str, user_blocks: dict[str, str]) -> None:
+        """Read-only: refuse (LedgerError) a user mapped to another block, for plan, before any
+        charge; :meth:`reserve` checks again under the lock. A dataset not registered maps no one."""
+        with self.engine.connect() as conn:
+            row = conn.execute(select(_DATASETS.c.id).where(_DATASETS.c.name == dataset)).one_or_none()
+            if row is not None:
+                self._check_user_blocks(conn, row.id, dataset, user_blocks)
 
     def _transition(self, charge_id: str, new_state: str, payload: dict[str, Any], *, counted: Optional[int] = None,
                     check: Optional[Callable[[Connection, int], None]] = None) -> Charge:

@@ -313,12 +313,13 @@ def reserve(
     data_version: str,
     flow_run_id: Optional[str] = None,
     code_version: Optional[str] = None,
+    user_blocks: Optional[dict[str, str]] = None,
 ) -> Charge:
     """Admit the planned mechanism in one atomic ledger transaction (see :meth:`Ledger.reserve`)."""
     return ledger.reserve(
         dataset=p.dataset, mechanism=p.mechanism, max_grad_norm=p.max_grad_norm, n_records=p.n_records,
         job=job, data_version=data_version, flow_run_id=flow_run_id, code_version=code_version,
-        blocks=list(p.blocks) if p.blocks else None,
+        blocks=list(p.blocks) if p.blocks else None, user_blocks=user_blocks,
     )
 
 

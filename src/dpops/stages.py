@@ -102,6 +102,11 @@ def _budget_view(b: DatasetBudget, read: Optional[list[str]] = None) -> dict[str
     return out
 
 
+def _charged_as(ds: cfgmod.DatasetConfig) -> cfgmod.DatasetConfig:
+    """The dataset as the ledger knows it: named by the budget it is charged to (field ``budget_of``)."""
+    return ds if ds.budget_of is None else ds.model_copy(update={"name": ds.ledger_name})
+
+
 def _ledger(ws: Optional[Workspace] = None) -> Ledger:
     ws = ws or workspace()
     if ws.ledger_url.startswith("sqlite:///"):
@@ -152,6 +157,7 @@ def plan(job_path: str, ref: dict[str, Any], *, policy_path: Optional[str] = Non
         )
     policy = cfgmod.load_policy(policy_path) if policy_path else cfgmod.PolicyConfig()
     ledger = _ledger() if job.dp.fit_to_budget is not None or mode is not None else None
+    named, ds = ds, _charged_as(ds)  # the ledger's figures are those of the budget charged
     try:
         if mode is None:
             planned = privacy.plan(dataset=ds, dp=job.dp, n_records=data_ref.n_units + job.audit.canaries, ledger=ledger)
@@ -159,8 +165,10 @@ def plan(job_path: str, ref: dict[str, Any], *, policy_path: Optional[str] = Non
             blocks = privacy.blocks_in(ledger, ds, data_ref.blocks, source=data_ref.path)
             planned = privacy.plan_blocks(dataset=ds, dp=job.dp, blocks=blocks, extra_units=job.audit.canaries,
                                           ledger=ledger, mode=mode)
+            if ds.unit == "user":  # read-only here; reserve checks again under the lock
+                ledger.check_user_blocks(ds.name, datamod.keyed_user_blocks(data_ref, ds, list(planned.blocks)))
     except cfgmod.ConfigError as exc:  # name the file that holds the field (e.g. privacy.delta)
-        raise cfgmod.ConfigError(f"{_dataset_file(job_path, ds)}: {exc}") from None
+        raise cfgmod.ConfigError(f"{_dataset_file(job_path, named)}: {exc}") from None
     finally:
         if ledger is not None:
             ledger.dispose()
@@ -199,14 +207,16 @@ def reserve(job_path: str, ref: dict[str, Any], p: dict[str, Any], *, flow_run_i
     """Stage 4: register the dataset if new (and, when partitioned, the blocks of this data
     version the ledger does not know yet, n = each block's units), then admit the planned charge
     atomically, naming the blocks the plan chose."""
-    job, ds = _load(job_path)
+    job, named = _load(job_path)
+    ds = _charged_as(named)  # a linked dataset (field budget_of) is charged to the first dataset's entry
     ledger = _ledger()
     try:
         ledger.register_dataset(name=ds.name, unit=ds.unit, delta=ds.privacy.delta, epsilon_cap=ds.privacy.epsilon_cap,
-                                contribution_bound=ds.contribution_bound)
+                                contribution_bound=ds.contribution_bound, source=ds.source,
+                                linked_from=named.name if named.budget_of else None)
         if ds.blocks is not None:
             if not p.get("blocks"):
-                raise cfgmod.ConfigError(f"{_dataset_file(job_path, ds)}: dataset {ds.name!r} is partitioned into blocks "
+                raise cfgmod.ConfigError(f"{_dataset_file(job_path, named)}: dataset {ds.name!r} is partitioned into blocks "
                                          "but the plan names none; plan again")
             data_ref = _ref(ref)
             try:
@@ -214,10 +224,12 @@ def reserve(job_path: str, ref: dict[str, Any], p: dict[str, Any], *, flow_run_i
                 # again: a block another run registered in between must have this version's count
                 privacy.blocks_in(ledger, ds, data_ref.blocks, source=data_ref.path)
             except cfgmod.ConfigError as exc:
-                raise cfgmod.ConfigError(f"{_dataset_file(job_path, ds)}: {exc}") from None
+                raise cfgmod.ConfigError(f"{_dataset_file(job_path, named)}: {exc}") from None
+        mapped = (datamod.keyed_user_blocks(_ref(ref), ds, list(p["blocks"]))
+                  if ds.blocks is not None and ds.unit == "user" else None)
         charge = privacy.reserve(
             ledger, _plan_obj(p), job=job.name, data_version=ref["version"], flow_run_id=flow_run_id,
-            code_version=tracking.git_commit(ref["repo"]),
+            code_version=tracking.git_commit(ref["repo"]), user_blocks=mapped,
         )
         return charge.id
     finally:

@@ -315,7 +315,7 @@ def authorize(
     Raises:
         PrivacyError: any of the above does not hold. The message names figures and fields only.
     """
-    if plan.dataset != dataset.name or job.dataset != dataset.name:
+    if plan.dataset != dataset.ledger_name or job.dataset != dataset.name:
         raise PrivacyError(f"the plan is for dataset {plan.dataset!r} and the job for {job.dataset!r}, but the dataset "
                            f"config is {dataset.name!r}. Nothing was trained.")
     sigma = plan.noise_multiplier
