@@ -137,6 +137,10 @@ def test_migrate_is_idempotent_and_grants_the_role(pg, monkeypatch):
     ledger = Ledger(pipeline_url)
     assert ledger.verify() == [] and ledger.budget("notes").spent > 0
     ledger.dispose()
+    monkeypatch.delenv("DPOPS_LEDGER_ADMIN_URL")  # the pipeline role itself may not grant
+    refused = runner.invoke(app, ["ledger", "migrate", "--grant", role])
+    assert refused.exit_code == 3 and "DPOPS_LEDGER_ADMIN_URL" in refused.output, refused.output
+    monkeypatch.setenv("DPOPS_LEDGER_ADMIN_URL", admin_url)
     sql = runner.invoke(app, ["ledger", "migrate", "--grant", role, "--print-sql"])
     assert sql.exit_code == 0 and f'GRANT UPDATE (head_seq, head_hash) ON TABLE datasets TO "{role}";' in sql.output
 

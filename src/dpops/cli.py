@@ -195,10 +195,10 @@ def ledger_migrate(
 
     The pipeline's own opens never migrate a PostgreSQL ledger they do not own: they refuse, naming this command.
     """
-    from sqlalchemy.exc import OperationalError
+    from sqlalchemy.exc import DBAPIError, OperationalError
 
     from dpops import ledger as ledger_mod
-    from dpops.errors import LedgerUnavailableError
+    from dpops.errors import LedgerError, LedgerUnavailableError
 
     ws = workspace()
     url = os.environ.get("DPOPS_LEDGER_ADMIN_URL") or ws.ledger_url
@@ -216,7 +216,7 @@ def ledger_migrate(
             return
         before = ledger_mod.schema_revision(engine)
         if before != ledger_mod.head_revision():
-            ledger_mod.upgrade(engine)
+            ledger_mod.ensure_schema(engine)  # refuses, naming the admin URL, a role that may not migrate
             typer.echo(f"ledger schema upgraded from revision {before or 'none'} to {ledger_mod.head_revision()}")
         else:
             typer.echo(f"ledger schema already at revision {before}")
@@ -226,6 +226,11 @@ def ledger_migrate(
                        "index, owns nothing")
     except OperationalError as exc:  # the URL may hold a password: name the error class only
         _fail(LedgerUnavailableError(f"the ledger's database could not be reached ({type(exc.orig).__name__})"))
+    except DBAPIError as exc:
+        if getattr(exc.orig, "sqlstate", None) != "42501":  # insufficient_privilege
+            raise
+        _fail(LedgerError(f"role {engine.url.username!r} may not grant roles on the ledger: run `dpops ledger migrate` "
+                          "as the admin role (DPOPS_LEDGER_ADMIN_URL)"))
     except DpopsError as exc:
         _fail(exc)
     finally:

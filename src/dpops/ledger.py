@@ -244,6 +244,11 @@ def grant_pipeline_role(engine: Engine, role: str) -> list[str]:
     sql = pipeline_role_sql(engine, role)
     with engine.begin() as conn:
         conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_PG_MIGRATION_LOCK})")
+        # A non-owner's GRANT only warns ("no privileges were granted"): refuse it here instead.
+        if not conn.scalar(text("SELECT pg_has_role(current_user, relowner, 'USAGE') FROM pg_class "
+                                "WHERE oid = to_regclass('alembic_version')")):
+            raise LedgerError(f"role {engine.url.username or 'this role'!r} does not own the ledger's tables and may not "
+                              "grant on them: run `dpops ledger migrate` as the admin role (DPOPS_LEDGER_ADMIN_URL)")
         for statement in sql:
             conn.exec_driver_sql(statement)
         unsafe = conn.execute(text(
