@@ -115,9 +115,9 @@ def compose():
 
 def test_compose_has_the_stack_with_healthchecks(compose):
     services = compose["services"]
-    assert set(services) == {"postgres", "minio", "minio-buckets", "prefect", "mlflow", "worker"}
+    assert set(services) == {"postgres", "minio", "minio-buckets", "prefect", "mlflow", "ledger-migrate", "worker"}
     for name, svc in services.items():
-        assert name == "minio-buckets" or "healthcheck" in svc, f"{name} has no healthcheck"
+        assert name in ("minio-buckets", "ledger-migrate") or "healthcheck" in svc, f"{name} has no healthcheck"
         image = svc.get("image", "")
         assert image and ":" in image and not image.endswith(":latest"), f"{name}: image {image!r} is not pinned"
     assert "prefect server start" in services["prefect"]["command"]
@@ -140,6 +140,22 @@ def test_compose_wires_postgres_and_minio(compose):
     for url in (prefect_db, mlflow_cmd.split("--backend-store-uri ")[1].split()[0], worker_env["DPOPS_LEDGER_URL"]):
         assert url.rsplit("/", 1)[1] in databases, f"{url}: database not created"
     assert "local/mlflow" in services["minio-buckets"]["entrypoint"] and "local/dvc" in services["minio-buckets"]["entrypoint"]
+
+
+def test_compose_runs_the_pipeline_as_a_role_that_owns_nothing(compose):
+    """Fails on the old stack (the worker connected as the superuser that owns the ledger)."""
+    services = compose["services"]
+    owner = services["postgres"]["environment"]["POSTGRES_USER"]
+    pipeline_url = services["worker"]["environment"]["DPOPS_LEDGER_URL"]
+    pipeline_role = pipeline_url.split("://", 1)[1].split(":", 1)[0]
+    assert pipeline_role != owner
+    migrate = services["ledger-migrate"]
+    assert migrate["command"].split() == ["dpops", "ledger", "migrate", "--grant", pipeline_role]
+    admin_url = migrate["environment"]["DPOPS_LEDGER_ADMIN_URL"]
+    assert admin_url.split("://", 1)[1].split(":", 1)[0] == owner
+    assert admin_url.rsplit("/", 1)[1] == pipeline_url.rsplit("/", 1)[1]  # the same ledger database
+    assert services["worker"]["depends_on"]["ledger-migrate"] == {"condition": "service_completed_successfully"}
+    assert f"CREATE ROLE {pipeline_role} LOGIN" in (INFRA / "postgres-init.sql").read_text()
 
 
 # --------------------------------------------------------------------------- runner image

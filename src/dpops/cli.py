@@ -240,6 +240,59 @@ def ledger_release(
     typer.echo(f"charge {c.id} released ({reason})")
 
 
+@ledger_app.command("migrate")
+def ledger_migrate(
+    grant: Optional[str] = typer.Option(
+        None, "--grant", metavar="ROLE", help="PostgreSQL only: create (if missing) the pipeline role ROLE and grant it "
+        "exactly what the ledger writes; it owns no table, so it cannot drop, truncate or alter one, nor its triggers."),
+    print_sql: bool = typer.Option(False, "--print-sql", help="With --grant: print the role's SQL for a DBA and change nothing."),
+) -> None:
+    """Bring the ledger's schema to this version, as the admin role (DPOPS_LEDGER_ADMIN_URL, else DPOPS_LEDGER_URL).
+
+    The pipeline's own opens never migrate a PostgreSQL ledger they do not own: they refuse, naming this command.
+    """
+    from sqlalchemy.exc import DBAPIError, OperationalError
+
+    from dpops import ledger as ledger_mod
+    from dpops.errors import LedgerError, LedgerUnavailableError
+
+    ws = workspace()
+    url = os.environ.get("DPOPS_LEDGER_ADMIN_URL") or ws.ledger_url
+    if url.startswith("sqlite:///"):
+        if grant:
+            _fail("--grant: a pipeline role exists only on PostgreSQL (SQLite has no roles)")
+        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    if print_sql and not grant:
+        _fail("--print-sql prints the SQL of --grant ROLE: name the role")
+    engine = ledger_mod.Ledger(url, create=False).engine
+    try:
+        if print_sql:
+            for statement in ledger_mod.pipeline_role_sql(engine, grant):
+                typer.echo(statement + ";")
+            return
+        before = ledger_mod.schema_revision(engine)
+        if before != ledger_mod.head_revision():
+            ledger_mod.ensure_schema(engine)  # refuses, naming the admin URL, a role that may not migrate
+            typer.echo(f"ledger schema upgraded from revision {before or 'none'} to {ledger_mod.head_revision()}")
+        else:
+            typer.echo(f"ledger schema already at revision {before}")
+        if grant:
+            ledger_mod.grant_pipeline_role(engine, grant)
+            typer.echo(f"role {grant!r}: reads the ledger and appends to it, updates only the chain head and the spend "
+                       "index, owns nothing")
+    except OperationalError as exc:  # the URL may hold a password: name the error class only
+        _fail(LedgerUnavailableError(f"the ledger's database could not be reached ({type(exc.orig).__name__})"))
+    except DBAPIError as exc:
+        if getattr(exc.orig, "sqlstate", None) != "42501":  # insufficient_privilege
+            raise
+        _fail(LedgerError(f"role {engine.url.username!r} may not grant roles on the ledger: run `dpops ledger migrate` "
+                          "as the admin role (DPOPS_LEDGER_ADMIN_URL)"))
+    except DpopsError as exc:
+        _fail(exc)
+    finally:
+        engine.dispose()
+
+
 @app.command()
 def budget(
     dataset: Optional[str] = typer.Argument(None, help="One dataset (default: all)."),
