@@ -134,3 +134,26 @@ def test_reserve_maps_users_once_and_the_map_is_append_only(ledger_url, statemen
         assert ledger.verify() == []
     finally:
         ledger.dispose()
+
+
+def test_the_same_data_under_another_name_and_path_is_refused_at_reserve(ledger_url):
+    """The source check compares paths; the keyed fingerprint names the bytes: a copy of sst2's
+    training file under another path and dataset name is still sst2's records, and sst2's budget."""
+    from dpops.accounting import SubsampledGaussian
+
+    ledger = Ledger(ledger_url)
+    version = "hmac-sha256:" + "ab" * 32
+    args = dict(mechanism=SubsampledGaussian(1.0, 0.01, 10), max_grad_norm=1.0, n_records=1000, job="j")
+    try:
+        ledger.register_dataset(name="sst2", source="data/prepared/sst2/train.tsv", **TERMS)
+        ledger.register_dataset(name="copy", source="data/elsewhere/train.tsv", **TERMS)
+        ledger.reserve(dataset="sst2", data_version=version, **args)
+        ledger.reserve(dataset="sst2", data_version=version, **args)  # the same dataset again: its own budget
+        with pytest.raises(LedgerError) as exc:
+            ledger.reserve(dataset="copy", data_version=version, **args)
+        assert "'sst2'" in str(exc.value) and "budget_of: sst2" in str(exc.value) and "ab" * 32 not in str(exc.value)
+        assert ledger.charges("copy") == []  # nothing charged
+        ledger.reserve(dataset="copy", data_version="hmac-sha256:" + "cd" * 32, **args)  # other bytes: its own budget
+        assert len(ledger.charges("copy")) == 1 and ledger.verify() == []
+    finally:
+        ledger.dispose()

@@ -125,6 +125,8 @@ MAX_ID = 100
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 _PG_MIGRATION_LOCK = 7_274_001
 _PG_REGISTER_LOCK = 7_274_003  # (7_274_002 serialises model bindings)
+#: First key of the two-key PostgreSQL transaction lock on one data version (second: its hash).
+_PG_DATA_VERSION_LOCK = 7_274_004
 
 
 def upgrade(engine: Engine) -> None:
@@ -578,6 +580,7 @@ class ChainHead:
 ANCHORED = frozenset({COMMITTED, FAILED_CHARGED, EVIDENCE, "gate_decision"})
 
 _DATASETS = DatasetRow.__table__
+_CHARGES = ChargeRow.__table__
 _BLOCKS = BlockRow.__table__
 _EVENTS = EventRow.__table__
 _USER_BLOCKS = UserBlockRow.__table__
@@ -1238,6 +1241,7 @@ class Ledger:
                         f"epsilon {requested:.3f}, which would bring the cumulative epsilon to {after:.3f} > cap "
                         f"{cap:g}. Nothing was trained."
                     )
+            self._check_data_version(conn, ds.id, dataset, data_version)
             if user_blocks:
                 self._claim_user_blocks(conn, ds.id, dataset, user_blocks)
             created = _now()
@@ -1325,6 +1329,29 @@ class Ledger:
         new = self._check_user_blocks(conn, dataset_id, dataset, user_blocks)
         if new:
             conn.execute(insert(_USER_BLOCKS), [{"dataset_id": dataset_id, "user_key": k, "block": user_blocks[k]} for k in new])
+
+    def _check_data_version(self, conn: Connection, dataset_id: int, dataset: str, data_version: str) -> None:
+        """Refuse a data version another dataset's budget has charged: a budget belongs to the data.
+
+        Only keyed fingerprints (``hmac-sha256:...``, :func:`dpops.data.fingerprint`) name data;
+        the same bytes under another path or another name are the same records. A dataset linked
+        with ``budget_of`` charges the first dataset, so it never meets this refusal. On PostgreSQL
+        a transaction lock on the version serialises two datasets reserving it at once (SQLite's
+        ``BEGIN IMMEDIATE`` already does).
+        """
+        if not data_version.startswith("hmac-sha256:"):
+            return
+        if self._pg:
+            conn.execute(text("SELECT pg_advisory_xact_lock(:k, hashtext(:v))"), {"k": _PG_DATA_VERSION_LOCK, "v": data_version})
+        c, d = _CHARGES.c, _DATASETS.c
+        other = conn.scalar(select(d.name).join(_CHARGES, c.dataset_id == d.id)
+                            .where(c.data_version == data_version, c.dataset_id != dataset_id).order_by(d.name).limit(1))
+        if other is not None:
+            raise LedgerError(
+                f"dataset {dataset!r}: this data version (its keyed fingerprint) is already charged to dataset {other!r}'s "
+                f"budget. A budget belongs to the data, not to a name: set field 'budget_of: {other}' in dataset "
+                f"{dataset!r}'s config to charge {other!r}'s budget. Nothing was charged."
+            )
 
     def check_user_blocks(self, dataset: str, user_blocks: dict[str, str]) -> None:
         """Read-only: refuse (LedgerError) a user mapped to another block, for plan, before any
