@@ -249,6 +249,7 @@ def test_cli_verify_checks_the_workspace_anchors_and_another_log(ledger_url, wor
     assert ledger.verify() == []
     alone = runner.invoke(app, ["ledger", "verify"])
     assert alone.exit_code == 0 and "no anchor log" in alone.output, alone.output
+    assert "warning: no anchor log" in alone.output and "cannot be detected" in alone.output  # said, not silent
     caught = runner.invoke(app, ["ledger", "verify", "--anchors", str(elsewhere)])
     assert caught.exit_code == 1 and "events were deleted from its tail (truncated)" in caught.output, caught.output
 

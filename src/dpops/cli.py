@@ -203,6 +203,9 @@ def ledger_verify(
             typer.secho(p, err=True, fg=typer.colors.RED)
         raise typer.Exit(1)
     checked = f"; {len(log.lines())} anchor(s) in {log.path} match" if log.path.exists() else "; no anchor log"
+    if not log.path.exists():
+        typer.secho(f"warning: no anchor log at {log.path}: a truncated tail or a consistent rewrite of a chain cannot "
+                    "be detected without one (pass --anchors PATH to check a copy)", err=True, fg=typer.colors.YELLOW)
     typer.echo(f"ledger verifies: {len(ledger.datasets())} dataset(s), every chain intact{checked}")
 
 
