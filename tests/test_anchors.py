@@ -226,6 +226,8 @@ def test_T25_gate_evidence_edited_and_rehashed_is_caught_by_the_anchors(ledger_u
     problems = verify_anchors(ledger, log)
     assert [p.split(" (")[0] for p in problems] == ["dataset 'notes': anchored at seq 6", "dataset 'notes': anchored at seq 7"]
     assert all("the chain up to it was rewritten" in p for p in problems), problems
+    assert gate.ledger_problems(ledger) == problems  # the gate and serving refuse it too
+    assert gate.ledger_problems(Ledger(ledger.url)) == []  # (a ledger opened without its anchors cannot tell)
 
 
 # ----------------------------------------------------------------- the command line

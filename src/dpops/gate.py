@@ -87,8 +87,21 @@ def evidence(ledger: Ledger, charge_id: str) -> Evidence:
 
 def ledger_problems(ledger: Ledger) -> list[str]:
     """Why the ledger cannot be believed (empty: it verifies). The one place the gate and serving
-    check the ledger; a check against anchors kept outside the database belongs here too."""
-    return ledger.verify()
+    check the ledger: its chains, and the anchors kept outside the database (:mod:`dpops.anchors`)
+    when the ledger was opened with a log that exists, so a truncated tail or a consistent rewrite
+    (evidence re-stated and rehashed) is refused too. Anchors that cannot be checked (no key) are a
+    problem, not a pass."""
+    from dpops.anchors import verify_anchors
+    from dpops.errors import DpopsError
+
+    problems = ledger.verify()
+    log = getattr(ledger, "anchors", None)
+    if log is not None and log.path.exists():
+        try:
+            problems += verify_anchors(ledger, log)
+        except DpopsError as exc:
+            problems.append(f"its anchors cannot be checked: {exc}")
+    return problems
 
 
 def _ledger_reason(problems: list[str]) -> list[str]:
