@@ -39,6 +39,28 @@ def _workspace_in_tmp(tmp_path, monkeypatch):
     monkeypatch.delenv("DPOPS_ANCHOR_LOG", raising=False)
 
 
+@pytest.fixture(autouse=True)
+def _dispose_ledgers(monkeypatch):
+    """Dispose every Ledger a test opened, at its end. A ledger left to the garbage collector keeps
+    its pool's PostgreSQL connections open; hundreds of tests' worth would exhaust the server's
+    100 connections before the 40-process race tests (tests/test_ledger.py) get theirs."""
+    from dpops import ledger as ledger_mod
+
+    opened: list = []
+    init = ledger_mod.Ledger.__init__
+
+    def tracked(self, *args, **kwargs):
+        opened.append(self)
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(ledger_mod.Ledger, "__init__", tracked)
+    yield
+    for ledger in opened:
+        engine = getattr(ledger, "engine", None)
+        if engine is not None:
+            engine.dispose()
+
+
 @pytest.fixture
 def workspace_env(tmp_path, monkeypatch):
     """A fresh dpops workspace (ledger, MLflow store, runs) under tmp_path."""

@@ -316,8 +316,12 @@ def _naive_worker(url: str, barrier, out) -> None:
 
     engine = create_engine(url, connect_args={"timeout": 120} if url.startswith("sqlite") else {})
     barrier.wait()
-    with engine.connect() as conn:
-        rows = conn.execute(text("SELECT noise_multiplier, sample_rate, steps_planned FROM charges")).all()
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(text("SELECT noise_multiplier, sample_rate, steps_planned FROM charges")).all()
+    except Exception as exc:  # say why (e.g. the server's connections exhausted) instead of timing out the queue
+        out.put(f"error: {type(exc).__name__}: {str(exc)[:200]}")
+        return
     spent = [SubsampledGaussian(*r) for r in rows]
     if accounting.filter_epsilon(spent + [RUN], delta=DELTA) > _cap_for(K):
         out.put("refused")
