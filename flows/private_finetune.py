@@ -75,7 +75,8 @@ def private_finetune(
         trained = _train(job_path, ref, plan, charge_id, train_deployment)
         budget = privacy.settle(charge_id, trained["steps_run"])
     metrics = evaluation.evaluate(job_path, ref, trained["model_dir"])
-    audit = evaluation.audit(job_path, plan, trained["model_dir"], trained["steps_run"], trained["canaries_path"])
+    audit = evaluation.audit(job_path, plan, trained["model_dir"], trained["steps_run"], trained["canaries_path"],
+                             trained=trained, charge_id=charge_id)
     rec = tracking.record(job_path, ref, plan, charge_id, trained, metrics, audit, run_id)
     decision = tracking.gate(policy_path, rec)
     summary = {
@@ -86,7 +87,10 @@ def private_finetune(
         "accuracy": metrics.get("accuracy"), "majority_baseline": metrics.get("majority_baseline"),  # None for a language model
         "eval_loss": metrics["eval_loss"], "perplexity": metrics.get("perplexity"),
         "audit_passed": audit["passed"], "audit_verdict": audit["verdict"],
+        "audit_decided_by": audit["decided_by"], "audit_ceiling": audit["ceiling"],
         "canary_epsilon_lower_bound": audit["canary_epsilon_lower_bound"], "canary_ceiling": audit["canary_ceiling"],
+        "white_box_epsilon_lower_bound": audit["white_box_epsilon_lower_bound"], "white_box_ceiling": audit["white_box_ceiling"],
+        "noise_multiplier_upper": audit["noise_multiplier_upper"], "audit_pooled": rec.get("pooled"),
         "mia_auc": audit["mia_auc"], "mia_epsilon_lower_bound": audit["mia_epsilon_lower_bound"],
         "decision": decision["decision"], "reasons": decision["reasons"], "alias": decision["alias"],
         "model": f"{rec['model_name']} v{rec['model_version']}", "mlflow_run_id": rec["run_id"],

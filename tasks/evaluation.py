@@ -1,4 +1,4 @@
-from typing import Any
+from typing import Any, Optional
 
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
@@ -13,7 +13,10 @@ def evaluate(job_path: str, ref: dict[str, Any], model_dir: str) -> dict[str, fl
 
 
 @task(name="audit", **TASK_OPTIONS)
-def audit(job_path: str, plan: dict[str, Any], model_dir: str, steps_run: int, canaries_path: str) -> dict[str, Any]:
-    out = stages.audit(job_path, plan, model_dir, steps_run, canaries_path)
+def audit(
+    job_path: str, plan: dict[str, Any], model_dir: str, steps_run: int, canaries_path: str, *,
+    trained: Optional[dict[str, Any]] = None, charge_id: Optional[str] = None,
+) -> dict[str, Any]:
+    out = stages.audit(job_path, plan, model_dir, steps_run, canaries_path, trained=trained, charge_id=charge_id)
     create_markdown_artifact(key="dpops-audit", markdown=audit_report.markdown(out), description="dpops privacy audit")
     return out

@@ -33,28 +33,50 @@ def _figure(value: Optional[float]) -> str:
 def markdown(audit: Mapping[str, Any]) -> str:
     """A markdown summary of an audit's figures (the dict of :meth:`AuditResult.to_dict`)."""
     rows = [
-        ("verdict", audit["verdict"]),
-        ("claimed epsilon", f"{audit['claimed_epsilon']:.3f} at delta {audit['delta']:g}"),
-        ("canary audit: epsilon lower bound (95%)", f"{audit['canary_epsilon_lower_bound']:.3f}"),
-        ("canary audit: largest refutable epsilon", f"{audit['canary_ceiling']:.3f} ({audit['canaries']} canaries)"),
-        ("canary audit: guesses", f"{audit['canary_correct']} of {audit['canary_guesses']} right "
-                                  f"({audit['canary_guesses_in']} 'in', the rest 'out'; "
-                                  f"{audit['canaries_included']} of {audit['canaries']} canaries trained on)"),
-        ("membership inference on the canaries: AUC", f"{_figure(audit['mia_auc'])} (members: the "
-                                                      f"{audit['canaries_included']} trained on; non-members: the other "
-                                                      f"{audit['canaries'] - audit['canaries_included']})"),
-        ("membership inference on the canaries: TPR at 1% / 0.1% FPR",
+        ("verdict", f"{audit['verdict']} (decided by the {audit.get('decided_by', 'black-box canaries')})"),
+        ("claimed epsilon", f"{audit['claimed_epsilon']:.3f} at delta {audit['delta']:g} (the ledger charge, at the steps run)"),
+        ("most the audit could refute", f"{audit.get('ceiling', audit['canary_ceiling']):.3f} (what a run that memorised every "
+                                        "canary it sampled would reach, at this q and number of steps)"),
+    ]
+    if audit.get("white_box_canaries"):
+        rows += [
+            ("white-box canaries: epsilon lower bound", f"{audit['white_box_epsilon_lower_bound']:.3f} of at most "
+                                                        f"{audit['white_box_ceiling']:.3f} ({audit['white_box_correct']} of "
+                                                        f"{audit['white_box_guesses']} 'in' guesses right; "
+                                                        f"{audit['white_box_included']} of {audit['white_box_canaries']} included)"),
+            ("white-box noise check", f"noise in the released sums at most {_figure(audit['noise_multiplier_upper'])} C "
+                                      f"(upper bound; claimed sigma {audit['mechanism'].get('noise_multiplier', 0.0):.3f}; "
+                                      f"p = {_pvalue(audit['noise_p_value'])})"),
+        ]
+    rows += [
+        ("black-box canaries: epsilon lower bound", f"{audit['canary_epsilon_lower_bound']:.3f} of at most "
+                                                    f"{audit['canary_ceiling']:.3f} at this q "
+                                                    f"({_figure(audit.get('canary_all_detected_ceiling'))} if every "
+                                                    "included canary were sampled)"),
+        ("black-box canaries: guesses", f"{audit['canary_correct']} of {audit['canary_guesses']} right "
+                                        f"({audit['canary_guesses_in']} 'in', the rest 'out'; "
+                                        f"{audit['canaries_included']} of {audit['canaries']} canaries trained on; "
+                                        f"scores: {audit.get('canary_scoring', '-loss')})"),
+        ("membership inference on the canaries (heuristic, not gating): AUC", f"{_figure(audit['mia_auc'])}"),
+        ("... TPR at 1% / 0.1% FPR",
          f"{_figure(audit['mia_tpr_at_1pct_fpr'])} / {_figure(audit['mia_tpr_at_01pct_fpr'])}"),
-        ("membership inference on the canaries: epsilon lower bound (95%)", f"{audit['mia_epsilon_lower_bound']:.3f}"),
-        ("accountant cross-check", f"{'OK' if audit['cross_check_ok'] else 'MISMATCH'} (dpops {audit['accountant_epsilon']:.6f}, "
-                                   f"dp_accounting {audit['cross_check_epsilon']:.6f})"),
+        ("... epsilon lower bound treating one model's canaries as independent", f"{audit['mia_epsilon_lower_bound']:.3f}"),
+        ("accountant cross-check", f"{'OK' if audit['cross_check_ok'] else 'MISMATCH'} (dpops {audit['accountant_epsilon']:.6f} "
+                                   f"for the charge, dp_accounting {audit['cross_check_epsilon']:.6f} for what the trainer "
+                                   f"ran: sigma {audit.get('trained_noise_multiplier', float('nan')):.4f}, "
+                                   f"q {audit.get('trained_sample_rate', float('nan')):.3g}, {audit.get('trained_steps', '?')} steps)"),
     ]
     body = "\n".join(f"| {k} | {v} |" for k, v in rows)
     reasons = "".join(f"\n- {r}" for r in audit["reasons"]) or "\n- none"
     return (f"# dpops privacy audit: {audit['verdict']}\n\n| | |\n| --- | --- |\n{body}\n\n## Reasons{reasons}\n\n"
-            "A lower bound above the claimed epsilon means the DP implementation or its accounting is broken. "
-            "A PASS is evidence against gross bugs, not proof of the claim. Every figure comes from the synthetic "
-            "canaries; no real record is scored.\n")
+            "A lower bound above the claimed epsilon, or less noise than claimed, means the DP implementation or its "
+            "accounting is broken. A PASS is evidence against gross bugs, not proof of the claim. Every figure comes "
+            "from synthetic canaries (input canaries scored by the model, gradient canaries read from the released "
+            "noisy sums); no real record is scored.\n")
+
+
+def _pvalue(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{value:.2g}"
 
 
 def _plot(result: AuditResult, canary_hist: dict[str, list[float]], path: Path) -> None:
@@ -67,12 +89,12 @@ def _plot(result: AuditResult, canary_hist: dict[str, list[float]], path: Path) 
     edges = np.asarray(canary_hist["edges"])
     axes[0].stairs(canary_hist["first"], edges, label="trained on", fill=True, alpha=0.5)
     axes[0].stairs(canary_hist["second"], edges, label="not trained on", fill=True, alpha=0.5)
-    axes[0].set_title("canaries: score (-loss)")
+    axes[0].set_title("input canaries: calibrated score")
     axes[0].set_xlabel("score")
     axes[0].set_ylabel("count")
     axes[0].legend()
-    names = ["claimed", "canary\nlower bound", "canary MIA\nlower bound", "largest\nrefutable"]
-    values = [result.claimed_epsilon, result.canary_epsilon_lower_bound, result.mia_epsilon_lower_bound, result.canary_ceiling]
+    names = ["claimed", "white-box\nlower bound", "black-box\nlower bound", "most\nrefutable"]
+    values = [result.claimed_epsilon, result.white_box_epsilon_lower_bound, result.canary_epsilon_lower_bound, result.ceiling]
     axes[1].bar(names, values, color=["tab:blue", "tab:red", "tab:orange", "tab:gray"])
     axes[1].axhline(result.claimed_epsilon, color="tab:blue", linestyle="--")
     axes[1].set_title(f"epsilon: verdict {result.verdict}")

@@ -280,6 +280,8 @@ class AuditSettings(_Strict):
         "whose epsilon is at or above that is refused at plan unless the policy sets `accept_inconclusive`.",
     )
 
+    gradient_canaries: int = Field(default=0, ge=0, le=100_000, description="(temporary; merged from the trainer branch)")
+
     @model_validator(mode="before")
     @classmethod
     def _removed_fields(cls, data: Any) -> Any:

@@ -20,15 +20,39 @@ def _rows(summary: dict[str, Any], ui_command: str = "") -> list[tuple[str, str]
                                               for b in summary["blocks"])))
     rows += [
         _utility_row(summary),
-        ("audit", f"{summary['audit_verdict']} (canaries only: epsilon lower bound {summary['canary_epsilon_lower_bound']:.3f} "
-                  f"of at most {summary['canary_ceiling']:.2f}; membership-inference AUC {_auc(summary['mia_auc'])}, "
-                  f"lower bound {summary['mia_epsilon_lower_bound']:.3f})"),
+        ("audit", f"{summary['audit_verdict']} (decided by the {summary.get('audit_decided_by', 'black-box canaries')}; "
+                  f"could refute at most {summary.get('audit_ceiling', summary['canary_ceiling']):.2f} at this q and steps)"),
+        ("audit bounds (95%)", _bounds(summary)),
+    ]
+    if summary.get("audit_pooled"):
+        rows.append(("audit across runs", _pooled(summary["audit_pooled"])))
+    rows += [
         ("gate", summary["decision"] + (f" -> alias '{summary['alias']}'" if summary["decision"] == "PROMOTED" else f": {'; '.join(summary['reasons'])}")),
         ("model", f"{summary['model']} (MLflow run {summary['mlflow_run_id']})"),
     ]
     if ui_command:
         rows.append(("open the MLflow UI", ui_command))
     return rows
+
+
+def _bounds(summary: dict[str, Any]) -> str:
+    """The one-run epsilon lower bounds of the run's audits and the noise check (canaries only)."""
+    parts = []
+    if summary.get("white_box_ceiling"):
+        parts.append(f"white-box {summary['white_box_epsilon_lower_bound']:.3f} of at most {summary['white_box_ceiling']:.2f}")
+        if summary.get("noise_multiplier_upper") is not None:
+            parts.append(f"noise seen <= {summary['noise_multiplier_upper']:.3f} C (claimed sigma {summary['noise_multiplier']:.3f})")
+    parts.append(f"black-box {summary['canary_epsilon_lower_bound']:.3f} of at most {summary['canary_ceiling']:.2f}")
+    parts.append(f"canary MIA AUC {_auc(summary['mia_auc'])} (heuristic, not gating)")
+    return "; ".join(parts)
+
+
+def _pooled(pooled: dict[str, Any]) -> str:
+    """The dataset's pooled evidence (reported, never gating)."""
+    lo, hi = pooled.get("bayes_low"), pooled.get("bayes_high")
+    interval = f"; Bayesian interval [{lo:.2f}, {hi:.2f}]" if lo is not None and hi is not None else ""
+    return (f"{pooled.get('runs', 0)} runs of this mechanism, {pooled.get('canaries', 0)} gradient canaries: "
+            f"epsilon lower bound {pooled.get('epsilon_lower_bound', 0.0):.3f}{interval} (reported, not gating)")
 
 
 def _auc(value: Optional[float]) -> str:

@@ -12,6 +12,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
 import pandas as pd
 
 from dpops import audit as auditing
@@ -160,10 +161,10 @@ def plan(job_path: str, ref: dict[str, Any], *, policy_path: Optional[str] = Non
     named, ds = ds, _charged_as(ds)  # the ledger's figures are those of the budget charged
     try:
         if mode is None:
-            planned = privacy.plan(dataset=ds, dp=job.dp, n_records=data_ref.n_units + job.audit.canaries, ledger=ledger)
+            planned = privacy.plan(dataset=ds, dp=job.dp, n_records=data_ref.n_units + audit_units(job), ledger=ledger)
         else:  # a partitioned dataset: n is the units of the blocks read (+ canaries), and the charge names them.
             blocks = privacy.blocks_in(ledger, ds, data_ref.blocks, source=data_ref.path)
-            planned = privacy.plan_blocks(dataset=ds, dp=job.dp, blocks=blocks, extra_units=job.audit.canaries,
+            planned = privacy.plan_blocks(dataset=ds, dp=job.dp, blocks=blocks, extra_units=audit_units(job),
                                           ledger=ledger, mode=mode)
             if ds.unit == "user":  # read-only here; reserve checks again under the lock
                 ledger.check_user_blocks(ds.name, datamod.keyed_user_blocks(data_ref, ds, list(planned.blocks)))
@@ -176,26 +177,35 @@ def plan(job_path: str, ref: dict[str, Any], *, policy_path: Optional[str] = Non
     return planned.to_dict()
 
 
+def audit_units(job: cfgmod.JobConfig) -> int:
+    """Units the audit adds to n: every input canary and every gradient canary (each its own unit)."""
+    return job.audit.canaries + job.audit.gradient_canaries
+
+
 def _check_auditable(
     job_path: str, job: cfgmod.JobConfig, planned: privacy.Plan, policy: cfgmod.PolicyConfig, policy_path: Optional[str]
 ) -> None:
     """Refuse a plan the audit could only call INCONCLUSIVE when the policy never promotes that verdict.
 
-    The audit's claim is the epsilon of the steps run, at most the plan's, against the same
-    ceiling (same canaries, same delta): a plan below the ceiling can never be INCONCLUSIVE.
+    The ceiling is what the audit could reach given the plan (:func:`dpops.audit.planned_ceiling`:
+    its q, steps, canaries and delta); the audit's claim is the epsilon of the steps run, at most
+    the plan's, and fewer steps lower its ceiling too, so the audit stage judges again.
     """
     if not policy.require_audit_pass or policy.accept_inconclusive:
         return
-    ceiling = auditing.one_run_ceiling(job.audit.canaries, delta=planned.delta)
+    ceiling, strongest = auditing.planned_ceiling(job.audit.canaries, job.audit.gradient_canaries, sample_rate=planned.sample_rate,
+                                                  steps=planned.steps, delta=planned.delta)
     if planned.epsilon < ceiling:
         return
     source = policy_path or "the policy defaults (no policy file given)"
     raise cfgmod.ConfigError(
         f"{job_path}: the run would claim epsilon {planned.epsilon:.3f} (field 'dp.target_epsilon' is "
-        f"{job.dp.target_epsilon:g}), but field 'audit.canaries' ({job.audit.canaries}) can refute at most epsilon "
-        f"{ceiling:.3f} at delta {planned.delta:g}: the audit would be INCONCLUSIVE, which {source} never promotes "
-        "(accept_inconclusive: false). Raise audit.canaries, lower dp.target_epsilon, or set accept_inconclusive: true "
-        "in the policy. Nothing was charged or trained."
+        f"{job.dp.target_epsilon:g}), but its canaries (field 'audit.canaries' ({job.audit.canaries}), field "
+        f"'audit.gradient_canaries' ({job.audit.gradient_canaries})) can refute at most epsilon {ceiling:.3f} at delta "
+        f"{planned.delta:g}, q = {planned.sample_rate:.3g} and {planned.steps} steps (the {strongest}, if the run "
+        f"memorised every canary it sampled): the audit would be INCONCLUSIVE, which {source} never promotes "
+        "(accept_inconclusive: false). Raise audit.gradient_canaries (white-box canaries cost no records), "
+        "lower dp.target_epsilon, or set accept_inconclusive: true in the policy. Nothing was charged or trained."
     )
 
 
@@ -269,14 +279,17 @@ def train(job_path: str, ref: dict[str, Any], p: dict[str, Any], charge_id: str)
         try:
             drawn = canaries.draw(job.audit.canaries, n_labels=len(ds.labels), seed=job.seed)
             canaries_path = drawn.save(run_dir / canaries.FILE)
+            gradient = canaries.draw_gradient(job.audit.gradient_canaries, seed=job.seed) if job.audit.gradient_canaries else None
+            gradient_path = gradient.save(run_dir / canaries.GRADIENT_FILE) if gradient else None
             subset_key = users.new_subset_key()
             if job.training.nproc_per_node > 1:
                 result = launch.train_processes(job_path=job_path, ref=ref, plan=p, charge_id=charge_id, canaries_path=canaries_path,
-                                                run_dir=run_dir, nproc=job.training.nproc_per_node, subset_key=subset_key)
+                                                run_dir=run_dir, nproc=job.training.nproc_per_node, subset_key=subset_key,
+                                                gradient_canaries_path=str(gradient_path) if gradient_path else None)
             else:
                 df = training_records(job, ds, ref, p, drawn, subset_key=subset_key)
                 result = asdict(training.train(job, _plan_obj(p), df, dataset=ds, charge=charge, labels=list(ds.labels),
-                                               output_dir=run_dir / "model",
+                                               output_dir=run_dir / "model", gradient_canaries=gradient,
                                                on_step=progress_recorder(ledger, charge_id, total_steps=p["steps"])))
             # The trainer returned (torchrun: every rank, checked): its completed result, the only
             # steps below the reserved ones that settle may commit.
@@ -284,7 +297,8 @@ def train(job_path: str, ref: dict[str, Any], p: dict[str, Any], charge_id: str)
         except BaseException as exc:
             ledger.fail(charge_id, reason=f"{type(exc).__name__} during training")
             raise
-        return {**result, "canaries_path": str(canaries_path)}
+        return {**result, "canaries_path": str(canaries_path),
+                "gradient_canaries_path": str(gradient_path) if gradient_path else None}
     finally:
         ledger.dispose()
 
@@ -394,21 +408,49 @@ def evaluate(job_path: str, ref: dict[str, Any], model_dir: str) -> dict[str, fl
     return evaluation.evaluate(model_dir, df, batch_size=job.eval_batch_size)
 
 
-def audit(job_path: str, p: dict[str, Any], model_dir: str, steps_run: int, canaries_path: str) -> dict[str, Any]:
-    """Stage 8: one-run canary audit + membership inference on the canaries + accounting cross-check.
+def audit(
+    job_path: str, p: dict[str, Any], model_dir: str, steps_run: int, canaries_path: str, *,
+    trained: Optional[dict[str, Any]] = None, charge_id: Optional[str] = None,
+) -> dict[str, Any]:
+    """Stage 8: black-box canaries, white-box gradient canaries, accounting cross-check (:mod:`dpops.audit`).
 
     Reads no record of the dataset (it is not given the data reference): only the canaries are
-    scored, by the DP model, so every figure is post-processing of the DP output. Writes the
-    report (JSON, markdown, plot; figures only) beside the canaries and returns the audit's
-    figures with ``report_dir``.
+    scored, by the DP model against the base model it started from (the same seed), and the
+    gradient canaries from the released noisy sums the trainer kept; every figure is
+    post-processing of the DP output. The claim is the mechanism of the ledger charge
+    (``charge_id``; without one, the plan ``p``) at the steps run; the cross-check accounts the
+    mechanism the trainer's own record (``trained``: its result) says it ran. Writes the report
+    (JSON, markdown, plot; figures only) beside the canaries and returns the audit's figures with
+    ``report_dir``.
     """
     job, _ = _load(job_path)
     drawn = canaries.Canaries.load(Path(canaries_path))
-    c_loss, _ = evaluation.per_example_loss(model_dir, drawn.all_rows(), batch_size=job.eval_batch_size)
-    scores = (-c_loss).tolist()  # lower loss -> more likely trained on
+    rows = drawn.all_rows()
+    c_loss, _ = evaluation.per_example_loss(model_dir, rows, batch_size=job.eval_batch_size)
+    base_loss = evaluation.base_per_example_loss(model_dir, rows, seed=job.seed, batch_size=job.eval_batch_size)
+    scores = (base_loss - c_loss).tolist()  # calibrated: how much training lowered each canary's loss
+    claimed = dict(p)
+    if charge_id is not None:
+        ledger = _ledger()
+        try:
+            charge = ledger.charge(charge_id)
+        finally:
+            ledger.dispose()
+        claimed.update(noise_multiplier=charge.mechanism.noise_multiplier, sample_rate=charge.mechanism.sample_rate,
+                       max_grad_norm=charge.max_grad_norm)
+    trained = trained or {}
+    ran = SubsampledGaussian(trained.get("noise_multiplier", claimed["noise_multiplier"]),
+                             trained.get("sample_rate", claimed["sample_rate"]), trained.get("steps_run", steps_run))
+    white: dict[str, Any] = {}
+    gradient_path, observations_path = trained.get("gradient_canaries_path"), trained.get("gradient_observations")
+    if gradient_path and observations_path:
+        grad = canaries.GradientCanaries.load(Path(gradient_path))
+        white = {"white_box_observations": np.load(observations_path), "white_box_included": grad.included,
+                 "white_box_coordinates": canaries.gradient_coordinates(int(trained["trainable_parameters"]), grad.count, grad.seed)}
     result = auditing.run_audit(
-        canary_scores=scores, canary_included=drawn.included,
-        mechanism=SubsampledGaussian(p["noise_multiplier"], p["sample_rate"], steps_run), delta=p["delta"],
+        canary_scores=scores, canary_included=drawn.included, canary_scoring="loss under the base model - loss under the DP model",
+        mechanism=SubsampledGaussian(claimed["noise_multiplier"], claimed["sample_rate"], steps_run), delta=p["delta"],
+        trained=ran, max_grad_norm=claimed["max_grad_norm"], trained_max_grad_norm=trained.get("max_grad_norm"), **white,
     )
     report_dir = Path(canaries_path).parent / "audit"
     audit_report.write(result, report_dir, canary_scores=scores, canary_included=drawn.included)
@@ -416,8 +458,10 @@ def audit(job_path: str, p: dict[str, Any], model_dir: str, steps_run: int, cana
 
 
 #: Audit figures appended to the charge's chain for the gate (figures only, never records).
-AUDIT_EVIDENCE = ("verdict", "reasons", "claimed_epsilon", "canary_epsilon_lower_bound", "canary_ceiling",
-                  "mia_epsilon_lower_bound", "cross_check_ok")
+#: Each bound is valid for one run of one model; the membership-inference heuristics are not recorded.
+AUDIT_EVIDENCE = ("verdict", "reasons", "decided_by", "claimed_epsilon", "ceiling", "canary_epsilon_lower_bound", "canary_ceiling",
+                  "white_box_epsilon_lower_bound", "white_box_ceiling", "noise_multiplier_upper", "cross_check_ok",
+                  "outcomes", "mechanism")
 
 
 def record(

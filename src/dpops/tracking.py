@@ -177,6 +177,9 @@ def record(
     version = str(info.registered_model_version)
     for key, value in {**tags, "dpops.audit": audit["verdict"],
                        "dpops.audit_epsilon_lower_bound": f"{audit['canary_epsilon_lower_bound']:.3f}",
+                       "dpops.audit_decided_by": str(audit.get("decided_by", "")),
+                       "dpops.audit_ceiling": f"{audit.get('ceiling', audit['canary_ceiling']):.3f}",
+                       "dpops.audit_white_box_epsilon_lower_bound": f"{audit.get('white_box_epsilon_lower_bound', 0.0):.3f}",
                        "dpops.accuracy": f"{metrics.get('accuracy', float('nan')):.4f}"}.items():
         client.set_model_version_tag(name, version, key, value)
     return RecordResult(run_id=run_id, experiment_id=experiment_id, model_name=name, model_version=version)
