@@ -137,7 +137,7 @@ def test_white_box_scores_rank_sampled_canaries_first():
     """With a third of the claimed noise a sampled canary stands out; one never sampled does not."""
     obs, included, sampled = _game(2000, noise=SIGMA / 3, seed=3)
     scores = audit.white_box_scores(obs, noise_multiplier=SIGMA, sample_rate=Q)
-    assert audit.auc(scores[sampled], scores[~included]) > 0.9
+    assert audit.auc(scores[sampled], scores[~included]) > 0.75
     assert audit.auc(scores[included & ~sampled], scores[~included]) == pytest.approx(0.5, abs=0.05)
     with pytest.raises(ValueError, match="sigma > 0"):
         audit.white_box_scores(obs, noise_multiplier=0.0, sample_rate=Q)
