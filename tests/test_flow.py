@@ -43,7 +43,7 @@ def _run(configs, project_root):
     )
 
 
-def _one_run_filter_epsilon(configs, n=2000 + 100):  # records + canaries
+def _one_run_filter_epsilon(configs, n=2000 + 100 + 2000):  # records + canaries + gradient canaries
     job = config.load_job_config(configs / "jobs/sst2_smoke.yaml")
     ds = config.dataset_config_for(job, configs / "jobs/sst2_smoke.yaml")
     p = privacy.plan(dataset=ds, dp=job.dp, n_records=n)
@@ -58,7 +58,7 @@ def test_flow_end_to_end_records_ledger_mlflow_and_promotes(prefect_harness, wor
     ledger = Ledger(f"sqlite:///{workspace_env / 'ledger.db'}")
     charge = ledger.charge(summary["charge_id"])
     assert charge.state == COMMITTED and charge.steps_run == plan.steps == 5
-    assert charge.mechanism.sample_rate == plan.sample_rate and charge.n_records == 2000 + 100
+    assert charge.mechanism.sample_rate == plan.sample_rate and charge.n_records == 2000 + 100 + 2000
     assert charge.data_version.startswith("hmac-sha256:") and charge.flow_run_id
     assert ledger.budget("sst2").spent == pytest.approx(accounting.filter_epsilon([plan.mechanism], delta=ds.privacy.delta))
     assert ledger.verify() == []
@@ -176,8 +176,8 @@ def test_a_claim_the_canaries_cannot_test_is_refused_at_plan_unless_the_policy_a
     INCONCLUSIVE runs it, and the gate then promotes on that verdict."""
     from dpops.errors import ConfigError
 
-    edit_yaml(configs / "jobs/sst2_smoke.yaml", lambda d: d["audit"].update(canaries=10))
-    with pytest.raises(ConfigError, match=r"field 'audit\.canaries' \(10\) can refute at most.*Nothing was charged"):
+    edit_yaml(configs / "jobs/sst2_smoke.yaml", lambda d: d["audit"].update(canaries=10, gradient_canaries=0))
+    with pytest.raises(ConfigError, match=r"field 'audit\.gradient_canaries' \(0\)\) can refute at most.*Nothing was charged"):
         _run(configs, project_root)
     assert not (workspace_env / "ledger.db").exists() and not (workspace_env / "runs").exists()
 

@@ -399,13 +399,14 @@ def test_a_language_model_run_is_recorded_and_gated_on_its_eval_loss(workspace_e
 
 
 def test_a_claim_the_canaries_cannot_test_is_refused_at_plan_before_any_charge(workspace_env, smoke_job, project_root, tmp_path):
-    """10 canaries refute at most epsilon 0.38 at the smoke job's delta; its epsilon 1 would be
-    INCONCLUSIVE, which the project policy never promotes: refused at plan, the ledger untouched."""
+    """10 canaries and no gradient canaries refute at most epsilon 0 at the smoke job's q and 5 steps;
+    its epsilon 1 would be INCONCLUSIVE, which the project policy never promotes: refused at plan,
+    the ledger untouched."""
     from dpops import audit, stages
     from dpops.errors import ConfigError
     from tests.helpers import edit_yaml
 
-    edit_yaml(smoke_job, lambda d: d["audit"].update(canaries=10))
+    edit_yaml(smoke_job, lambda d: d["audit"].update(canaries=10, gradient_canaries=0))
     policy = smoke_job.parent.parent / "policy.yaml"
     ref = stages.resolve(str(smoke_job), str(project_root))
     for path in (str(policy), None):  # the project's policy, and the defaults when none is given
@@ -413,9 +414,9 @@ def test_a_claim_the_canaries_cannot_test_is_refused_at_plan_before_any_charge(w
             stages.plan(str(smoke_job), ref, policy_path=path)
         assert not (workspace_env / "ledger.db").exists(), "plan must not touch the ledger"
     accepted = stages.plan(str(smoke_job), ref, policy_path=policy_accepting_inconclusive(tmp_path))
-    ceiling = audit.one_run_ceiling(10, delta=accepted["delta"])
+    ceiling, _ = audit.planned_ceiling(10, 0, sample_rate=accepted["sample_rate"], steps=accepted["steps"], delta=accepted["delta"])
     message = str(err.value)
-    for part in (str(smoke_job), "field 'audit.canaries' (10)", "field 'dp.target_epsilon' is 1", f"claim epsilon {accepted['epsilon']:.3f}",
+    for part in (str(smoke_job), "field 'audit.canaries' (10)", "field 'audit.gradient_canaries' (0)", "field 'dp.target_epsilon' is 1", f"claim epsilon {accepted['epsilon']:.3f}",
                  f"refute at most epsilon {ceiling:.3f}", "INCONCLUSIVE", "accept_inconclusive", "Nothing was charged"):
         assert part in message, (part, message)
     assert accepted["epsilon"] >= ceiling
@@ -425,5 +426,7 @@ def test_a_claim_the_canaries_cannot_test_is_refused_at_plan_before_any_charge(w
     charge_id = stages.reserve(str(smoke_job), ref, accepted)  # accepted: the charge is admitted
     assert Ledger(f"sqlite:///{workspace_env / 'ledger.db'}").charge(charge_id).state == "reserved"
     # enough canaries for the claim: planned under the strict policy
-    edit_yaml(smoke_job, lambda d: d["audit"].update(canaries=100))
-    assert stages.plan(str(smoke_job), ref, policy_path=str(policy))["epsilon"] < audit.one_run_ceiling(100, delta=accepted["delta"])
+    edit_yaml(smoke_job, lambda d: d["audit"].update(canaries=100, gradient_canaries=2000))
+    strict = stages.plan(str(smoke_job), ref, policy_path=str(policy))
+    assert strict["epsilon"] < audit.planned_ceiling(100, 2000, sample_rate=strict["sample_rate"], steps=strict["steps"],
+                                                     delta=strict["delta"])[0]

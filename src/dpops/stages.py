@@ -450,7 +450,7 @@ def audit(
     result = auditing.run_audit(
         canary_scores=scores, canary_included=drawn.included, canary_scoring="loss under the base model - loss under the DP model",
         mechanism=SubsampledGaussian(claimed["noise_multiplier"], claimed["sample_rate"], steps_run), delta=p["delta"],
-        trained=ran, max_grad_norm=claimed["max_grad_norm"], trained_max_grad_norm=trained.get("max_grad_norm"), **white,
+        trained=ran, max_grad_norm=claimed.get("max_grad_norm"), trained_max_grad_norm=trained.get("max_grad_norm"), **white,
     )
     report_dir = Path(canaries_path).parent / "audit"
     audit_report.write(result, report_dir, canary_scores=scores, canary_included=drawn.included)
