@@ -93,6 +93,7 @@ def private_finetune(
         "noise_multiplier_upper": audit["noise_multiplier_upper"], "audit_pooled": rec.get("pooled"),
         "mia_auc": audit["mia_auc"], "mia_epsilon_lower_bound": audit["mia_epsilon_lower_bound"],
         "decision": decision["decision"], "reasons": decision["reasons"], "alias": decision["alias"],
+        "gate_evidence": decision.get("evidence", []),
         "model": f"{rec['model_name']} v{rec['model_version']}", "mlflow_run_id": rec["run_id"],
         "train_seconds": trained["seconds"],
     }

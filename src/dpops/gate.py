@@ -54,6 +54,8 @@ LEGACY_EVIDENCE = ("its model and gate evidence are only in 'annotated' notes, w
 class Decision:
     promote: bool
     reasons: list[str] = field(default_factory=list)
+    #: What the gate read of the audit, whatever it decided: verdict, bounds, ceiling, pooled evidence.
+    evidence: list[str] = field(default_factory=list)
 
     @property
     def label(self) -> str:
@@ -135,6 +137,27 @@ def _audit_reasons(notes: dict[str, Any], policy: PolicyConfig) -> list[str]:
     return [f"audit verdict {audit.get('verdict')}" + (f": {why}" if why else "")]
 
 
+def audit_evidence(audit: Any) -> list[str]:
+    """The audit figures recorded on a charge, as the gate states them (figures only). Each bound is
+    valid for one run of one model; the membership-inference heuristics are not recorded."""
+    if not isinstance(audit, dict) or "verdict" not in audit:
+        return []
+    line = f"audit {audit['verdict']}"
+    if audit.get("decided_by"):
+        line += f" (decided by the {audit['decided_by']})"
+    parts = []
+    if isinstance(audit.get("claimed_epsilon"), (int, float)):
+        parts.append(f"claimed epsilon {audit['claimed_epsilon']:.3f}")
+    if audit.get("white_box_ceiling"):
+        parts.append(f"white-box lower bound {audit.get('white_box_epsilon_lower_bound', 0.0):.3f} of at most "
+                     f"{audit['white_box_ceiling']:.3f}")
+        if isinstance(audit.get("noise_multiplier_upper"), (int, float)):
+            parts.append(f"noise seen at most {audit['noise_multiplier_upper']:.3f} C")
+    if isinstance(audit.get("canary_epsilon_lower_bound"), (int, float)) and isinstance(audit.get("canary_ceiling"), (int, float)):
+        parts.append(f"black-box lower bound {audit['canary_epsilon_lower_bound']:.3f} of at most {audit['canary_ceiling']:.3f}")
+    return [line + (": " + "; ".join(parts) if parts else "")]
+
+
 def decide(ledger: Ledger, *, charge_id: str, policy: PolicyConfig, model: Optional[str] = None) -> Decision:
     """Check the policy against the ledger; return the decision with every failed condition.
 
@@ -164,7 +187,8 @@ def decide(ledger: Ledger, *, charge_id: str, policy: PolicyConfig, model: Optio
         reasons.extend(_utility_reasons(ev.record, policy, charge.dataset))
     elif not ev.legacy:  # an old charge's reason is named above: none of its notes is read
         reasons.append(f"charge {charge_id} has no evidence in the ledger (no task, utility figures or audit verdict recorded)")
-    return Decision(promote=not reasons, reasons=reasons)
+    stated = audit_evidence(ev.record.get("audit")) if ev.record is not None else []
+    return Decision(promote=not reasons, reasons=reasons, evidence=stated)
 
 
 def serving_reasons(ledger: Ledger, model_name: str, version: str, alias: str, artifact_sha256: str, *,

@@ -28,6 +28,7 @@ def _rows(summary: dict[str, Any], ui_command: str = "") -> list[tuple[str, str]
         rows.append(("audit across runs", _pooled(summary["audit_pooled"])))
     rows += [
         ("gate", summary["decision"] + (f" -> alias '{summary['alias']}'" if summary["decision"] == "PROMOTED" else f": {'; '.join(summary['reasons'])}")),
+        *([("gate read", "; ".join(summary["gate_evidence"]))] if summary.get("gate_evidence") else []),
         ("model", f"{summary['model']} (MLflow run {summary['mlflow_run_id']})"),
     ]
     if ui_command:

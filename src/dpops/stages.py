@@ -528,11 +528,11 @@ def promote(policy_path: str, model_name: str, version: str, *, alias: Optional[
         if dataset:
             head = ledger.record_decision(dataset, decision={
                 "charge_id": charge_id, "model": model, "decision": decision.label, "reasons": decision.reasons,
-                "alias": alias if decision.promote else None,
+                "alias": alias if decision.promote else None, "evidence": decision.evidence,
             })
             tracking.tag_gate_chain_head(ws, model_name=model_name, version=version, head=head.label)
         return {"promote": decision.promote, "decision": decision.label, "reasons": decision.reasons, "alias": alias,
-                "model": model, "charge_id": charge_id}
+                "model": model, "charge_id": charge_id, "evidence": decision.evidence}
     finally:
         ledger.dispose()
 
