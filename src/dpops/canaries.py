@@ -80,3 +80,87 @@ def draw(m: int, *, n_labels: int, seed: int, words: int = 6) -> Canaries:
     secret = np.random.default_rng(secrets.randbits(128))
     included = (secret.random(m) < 0.5).tolist()
     return Canaries(texts=texts, labels=labels, included=included)
+
+
+# --------------------------------------------------------------------------- white-box canaries of the DP step
+
+#: File name of the gradient canaries and their inclusion flags in a run directory.
+GRADIENT_FILE = "gradient_canaries.json"
+
+
+@dataclass(frozen=True)
+class GradientCanaries:
+    """White-box Dirac canaries of the DP step (Andrew et al. 2024; Steinke, Nasr & Jagielski 2023).
+
+    Canary j is the gradient C * e_{k_j}: exactly the clipping bound C at one coordinate k_j of the
+    trainable weights (:func:`gradient_coordinates`), zero elsewhere. Each is included with
+    probability 1/2 (``included``, fresh randomness: the auditor's secret); at every step each
+    included canary is Poisson-sampled at the plan's q, like a record, and when sampled it is
+    added to the clipped sum before noise (:class:`dpops.training.GradientCanaryProbe`). The audit
+    observes coordinate k_j of every released noisy sum.
+
+    Why it is valid: each canary is one unit of privacy whose gradient has norm exactly C, sampled
+    at q like any record and counted in n, so it is a record the mechanism's guarantee covers, and
+    the guarantee of the real records is unchanged (Poisson sampling at q gives the same epsilon
+    for any dataset of at most n units). The observations are coordinates of the noisy sums that
+    DP-SGD releases (the accountant covers every iterate), i.e. post-processing of the DP output.
+    Dirac canaries are the worst case for the Gaussian mechanism in a direction of the auditor's
+    choosing, and they cost nothing to add.
+
+    ``seed`` is public (the job's seed): it only chooses the coordinates, which the adversary of
+    the audit game may know; what it must not know is ``included``.
+    """
+
+    count: int
+    seed: int
+    included: list[bool]
+
+    def __post_init__(self) -> None:
+        if self.count < 0 or len(self.included) != self.count:
+            raise ValueError(f"gradient canaries: count {self.count} but {len(self.included)} inclusion flags")
+
+    def save(self, path: Path) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(asdict(self)))
+        return path
+
+    @classmethod
+    def load(cls, path: Path) -> "GradientCanaries":
+        data = json.loads(Path(path).read_text())
+        return cls(count=int(data["count"]), seed=int(data["seed"]), included=[bool(x) for x in data["included"]])
+
+
+def draw_gradient(m: int, *, seed: int) -> GradientCanaries:
+    """``m`` Dirac gradient canaries; their coordinates follow from ``seed``, their inclusion
+    (probability 1/2 each) from fresh randomness (``secrets``), never from the seed.
+
+    Raises:
+        ValueError: ``m`` is negative.
+    """
+    if m < 0:
+        raise ValueError(f"the number of gradient canaries must be at least 0. Found {m}.")
+    secret = np.random.default_rng(secrets.randbits(128))
+    return GradientCanaries(count=m, seed=seed, included=(secret.random(m) < 0.5).tolist())
+
+
+#: Mixed into the seed of :func:`gradient_coordinates`, so its stream is not that of :func:`draw`.
+_COORDINATE_STREAM = 0x6772_6164  # "grad"
+
+
+def gradient_coordinates(d: int, m: int, seed: int) -> np.ndarray:
+    """The flat indices (int64, length ``m``) of the ``m`` Dirac canaries among ``d`` trainable weights.
+
+    An index counts into the trainable parameters concatenated in the order
+    ``[p for p in net.parameters() if p.requires_grad]``, each flattened. Drawn from ``seed``
+    (public) without replacement when ``m <= d``, so that canaries do not share a coordinate; with
+    replacement otherwise (canaries sharing a coordinate then each add C there).
+
+    Raises:
+        ValueError: ``d`` below 1 or ``m`` negative.
+    """
+    if d < 1 or m < 0:
+        raise ValueError(f"need at least 1 trainable weight and 0 or more canaries. Found d={d}, m={m}.")
+    rng = np.random.default_rng([seed, _COORDINATE_STREAM])
+    if m <= d:
+        return rng.choice(d, size=m, replace=False).astype(np.int64)
+    return rng.integers(0, d, size=m, dtype=np.int64)

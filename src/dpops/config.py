@@ -279,6 +279,13 @@ class AuditSettings(_Strict):
         "More canaries refute larger claims: at most about 2.8, 4.4, 5.0 for 100, 500, 1000 at delta 1e-5. A job "
         "whose epsilon is at or above that is refused at plan unless the policy sets `accept_inconclusive`.",
     )
+    gradient_canaries: int = Field(
+        default=0, ge=0, le=100_000,
+        description="White-box Dirac canaries of the DP step (0: none); counted in n like `canaries`. Each is "
+        "included with probability 1/2, then Poisson-sampled at q on every step like a record; when sampled it "
+        "adds exactly C (the clipping bound) at one coordinate of the clipped sum, before noise, and the audit "
+        "reads that coordinate of every released noisy sum.",
+    )
 
     gradient_canaries: int = Field(default=0, ge=0, le=100_000, description="(temporary; merged from the trainer branch)")
 

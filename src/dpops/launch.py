@@ -2,7 +2,7 @@
 
 With ``training.nproc_per_node`` N > 1, :func:`dpops.stages.train` marks the charge ``running``,
 draws the canaries, and calls :func:`train_processes`, which writes a request of references only
-(the job file, the data reference, the plan, the charge id, the canaries file, the output
+(the job file, the data reference, the plan, the charge id, the canaries files, the output
 directory, the key choosing each user's kept records; never a record) beside the run and runs::
 
     python -m torch.distributed.run --standalone --nproc_per_node N --max-restarts 0 -m dpops.launch --request FILE
@@ -82,11 +82,13 @@ def command(request: Path, nproc: int) -> list[str]:
 
 def train_processes(
     *, job_path: str, ref: dict[str, Any], plan: dict[str, Any], charge_id: str, canaries_path: Path, run_dir: Path,
-    nproc: int, subset_key: bytes,
+    nproc: int, subset_key: bytes, gradient_canaries_path: Optional[str] = None,
 ) -> dict[str, Any]:
     """Train in ``nproc`` processes (torchrun) and return rank 0's result, once checked.
 
-    Call only once the charge is ``running``. Returns the fields of
+    Call only once the charge is ``running``. ``gradient_canaries_path``: the run's
+    :class:`~dpops.canaries.GradientCanaries` file, if any; every process loads it (rank 0 adds the
+    canaries, every rank observes them, rank 0 saves the observations beside ``run_dir / "model"``). Returns the fields of
     :class:`~dpops.training.TrainResult` plus ``ranks`` (per rank: steps run, weight fingerprint,
     whether it saved).
 
@@ -103,6 +105,7 @@ def train_processes(
         "job_path": str(Path(job_path).resolve()), "ref": ref, "plan": plan, "charge_id": charge_id,
         "canaries_path": str(canaries_path), "output_dir": str(run_dir / "model"), "result_path": str(result_path),
         "subset_key": subset_key.hex(),  # every process keeps the same records of each user
+        "gradient_canaries_path": None if gradient_canaries_path is None else str(gradient_canaries_path),
     }
     request_path = work / REQUEST
     request_path.write_text(json.dumps(request))
@@ -178,13 +181,15 @@ def run_worker(request: dict[str, Any]) -> None:
     try:
         rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
         drawn = canaries.Canaries.load(Path(request["canaries_path"]))
+        gradient_path = request.get("gradient_canaries_path")
+        gradient = canaries.GradientCanaries.load(Path(gradient_path)) if gradient_path else None
         df = stages.training_records(job, ds, request["ref"], request["plan"], drawn,
                                      subset_key=bytes.fromhex(request["subset_key"]))
         ledger = stages._ledger() if rank == 0 else None  # rank 0 alone steps the optimizer's noise and reports
         try:
             on_step = stages.progress_recorder(ledger, request["charge_id"], total_steps=request["plan"]["steps"]) if ledger else None
             result = training.train(job, plan, df, dataset=ds, charge=charge, labels=list(ds.labels),
-                                    output_dir=Path(request["output_dir"]), on_step=on_step)
+                                    output_dir=Path(request["output_dir"]), on_step=on_step, gradient_canaries=gradient)
         finally:
             if ledger is not None:
                 ledger.dispose()

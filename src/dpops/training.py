@@ -31,6 +31,10 @@ user's per-record gradients are summed into one contribution before clipping (:m
 That needs the per-example gradients of the whole batch at once: mode ``hooks``, one process, no
 physical pieces.
 
+White-box audit (``audit.gradient_canaries``, :class:`GradientCanaryProbe`): Dirac canary
+gradients of norm exactly C, each Poisson-sampled at q like a record, are added to the clipped sum
+before noise, and each step's released noisy sum is read at their coordinates.
+
 The optimizer is AdamW, with an optional learning-rate schedule over the planned steps and an
 optional moving average of the weights (``optim``); both only post-process the noisy gradients.
 
@@ -41,10 +45,12 @@ non-private baseline, a hyperparameter sweep), only a dataset whose config says 
 
 What leaves the trainer (:class:`TrainResult`, the log lines): the DP weights and functions of them
 (the saved model, its fingerprint), the plan's epsilon after each step, the learning rate, the
-seconds taken and the machine it ran on. Never a statistic of a private batch: not its loss (the
-training-loss curve is not released; a DP estimate of it, e.g. clipped per-example losses plus
-Gaussian noise, would be a mechanism of its own that the ledger would have to charge, which dpops
-does not do) and not its size (a Poisson batch's size is a noisy count of the private records).
+seconds taken and the machine it ran on, the mechanism that ran (sigma, q and C, read back from
+the optimizer and the sampler), and the gradient canaries' observations (coordinates of the
+released noisy sums: post-processing of the DP output). Never a statistic of a private batch: not
+its loss (the training-loss curve is not released; a DP estimate of it, e.g. clipped per-example
+losses plus Gaussian noise, would be a mechanism of its own that the ledger would have to charge,
+which dpops does not do) and not its size (a Poisson batch's size is a noisy count of the private records).
 """
 
 from __future__ import annotations
@@ -59,6 +65,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import nn
@@ -67,8 +74,9 @@ from torch.utils.data import Subset, TensorDataset
 from dpops import accounting, bookkeeping, privacy, users
 from dpops import model as modeling
 from dpops.accounting import SubsampledGaussian
+from dpops.canaries import GradientCanaries, gradient_coordinates
 from dpops.config import DatasetConfig, JobConfig, OptimSettings, TrainingSettings
-from dpops.errors import ConfigError, PrivacyError
+from dpops.errors import ConfigError, PrivacyError, TrainingError
 from dpops.ledger import RUNNING, Charge
 from dpops.privacy import Plan
 
@@ -76,6 +84,8 @@ log = logging.getLogger("dpops.training")
 
 # Modes whose backward pass leaves the clipped per-example sum in p.grad (Opacus's fast-gradient-clipping optimizers)
 CLIPPED_IN_BACKWARD = ("ghost", bookkeeping.MODE)
+#: File name, beside the model directory, of the gradient canaries' observations (float32 [steps, m]).
+GRADIENT_OBSERVATIONS = "gradient_observations.npy"
 
 
 @dataclass
@@ -91,6 +101,14 @@ class TrainResult:
     world_size: int = 1
     weights_sha256: Optional[str] = None
     model_dir: Optional[str] = None
+    #: The mechanism that actually ran, read back from the DP optimizer (sigma, C) and the data
+    #: loader's sampler (q) at the end of the run, not copied from the plan: the accountant's
+    #: cross-check recomputes epsilon from these. None only in a result not made by :func:`train`.
+    noise_multiplier: Optional[float] = None
+    sample_rate: Optional[float] = None
+    max_grad_norm: Optional[float] = None
+    #: Path of the gradient canaries' observations (:data:`GRADIENT_OBSERVATIONS`, rank 0), None without them.
+    gradient_observations: Optional[str] = None
 
 
 # --------------------------------------------------------------------------- the private model
@@ -205,6 +223,139 @@ def make_private(
         generator=generator,
     )
     return PrivateModel(module=module, optimizer=optimizer, params=params, task=task, mode=mode, autocast_dtype=autocast_dtype)
+
+
+# --------------------------------------------------------------------------- the mechanism that ran
+
+
+@dataclass(frozen=True)
+class Mechanism:
+    """The subsampled Gaussian mechanism a private model and its loader run, read from them.
+
+    ``max_grad_norm`` is the bound each unit's gradient is clipped to (in modes ``ghost`` and
+    ``bk`` the module clips; in ``hooks`` the optimizer); ``noise_multiplier`` is the noise's
+    standard deviation over that bound; ``sample_rate`` is the Poisson rate of the loader's sampler.
+    """
+
+    noise_multiplier: float
+    sample_rate: float
+    max_grad_norm: float
+
+
+def mechanism_ran(private: PrivateModel, loader) -> Mechanism:
+    """What ``private`` and ``loader`` actually do, not what they were asked to do.
+
+    The noise's standard deviation is the optimizer's (Opacus's fast-clipping optimizers use an
+    ``_adjusted_noise_multiplier`` where one is set); the clipping bound is the module's where it
+    clips (ghost, bk). When the two bounds agree, as :func:`make_private` builds them, the
+    optimizer's noise multiplier is reported as it is (no rounding through std / C).
+    """
+    optimizer = private.optimizer
+    sigma = float(getattr(optimizer, "_adjusted_noise_multiplier", optimizer.noise_multiplier))
+    noise_bound = float(optimizer.max_grad_norm)
+    clip = float(getattr(private.module, "max_grad_norm", noise_bound)) if private.mode in CLIPPED_IN_BACKWARD else noise_bound
+    if clip != noise_bound:
+        sigma = sigma * noise_bound / clip
+    return Mechanism(noise_multiplier=sigma, sample_rate=_sample_rate(loader), max_grad_norm=clip)
+
+
+def _sample_rate(loader) -> float:
+    """The Poisson rate of a record loader's sampler, or of :class:`dpops.users.UserBatches`'s."""
+    if isinstance(loader, users.UserBatches):
+        return loader.sample_rate
+    return float(loader.batch_sampler.sample_rate)
+
+
+# --------------------------------------------------------------------------- white-box gradient canaries
+
+
+class GradientCanaryProbe:
+    """Adds the included Dirac gradient canaries to each DP step and observes the released noisy sums.
+
+    Injection (:meth:`attach` wraps the DP optimizer's ``add_noise``): Opacus calls ``add_noise``
+    exactly once per logical step, once the clipped gradients of every physical piece are summed
+    in ``p.summed_grad``; on a piece that ``signal_skip_step`` skips, ``pre_step`` returns before
+    it. This holds for the four DP optimizers :func:`make_private` builds (``DPOptimizer``,
+    ``DPOptimizerFastGradientClipping`` and their ``Distributed`` versions, which add noise on
+    rank 0 and pass the sum on unchanged elsewhere). Just before the noise, each included canary is
+    Poisson-sampled with the loader's rate q (fresh randomness, never the job's seed) and, when
+    sampled, adds exactly the clipping bound C at its coordinate of ``summed_grad``: on rank 0
+    only, so the all-reduced sum holds it once. A canary is thus one more unit of privacy of norm
+    exactly C, sampled like a record (:class:`dpops.canaries.GradientCanaries` says why that
+    leaves the real records' guarantee unchanged).
+
+    Observation (a step pre-hook on the inner torch optimizer): after the noise, Opacus's division
+    by the expected batch size and, distributed, the all-reduce, every rank sees the final
+    ``p.grad`` just before the weights move. Row t of :meth:`observations` holds, for each canary,
+    its coordinate of step t's released noisy sum in units of the plan's C:
+    ``p.grad[k] * expected_batch_size / C``. Without noise, an included canary sampled at step t
+    shifts it by exactly 1; an excluded canary never shifts it.
+    """
+
+    def __init__(self, canaries: GradientCanaries, *, rank: int = 0):
+        self.canaries = canaries
+        self.rank = rank
+        self.injections = 0  # calls of add_noise seen: one per logical step
+        self._rng = np.random.default_rng(secrets.randbits(128))  # fresh: never the job's seed
+        self._included = np.asarray(canaries.included, dtype=bool)
+        self._rows: list[np.ndarray] = []
+        self._slots: list[tuple[nn.Parameter, torch.Tensor, np.ndarray]] = []
+
+    def attach(self, private: PrivateModel, params: list[nn.Parameter], plan: Plan, ran: Mechanism) -> None:
+        """Hook into ``private`` (built over ``params``, the trainable weights in order).
+
+        Canaries are sampled at ``ran.sample_rate`` and add ``ran.max_grad_norm``: the rate and
+        bound the records actually get (equal to the plan's when the run is what was charged;
+        where they are not, a canary still meets the mechanism as a record does, so the audit sees
+        the difference). Observations are in units of the plan's C and expected batch size.
+        """
+        self._q, self._bound = ran.sample_rate, ran.max_grad_norm
+        self._scale = plan.expected_batch_size / plan.max_grad_norm
+        self._slots = self._coordinates(params)
+        optimizer = private.optimizer
+        add_noise = optimizer.add_noise
+
+        def add_noise_with_canaries() -> None:
+            self.injections += 1
+            if self.rank == 0:
+                self._inject()
+            add_noise()
+
+        optimizer.add_noise = add_noise_with_canaries
+        optimizer.original_optimizer.register_step_pre_hook(lambda _optimizer, _args, _kwargs: self._observe())
+
+    def observations(self) -> np.ndarray:
+        """float32 [steps, m]: each step's released noisy sum at each canary's coordinate, in units of C."""
+        if not self._rows:
+            return np.zeros((0, self.canaries.count), dtype=np.float32)
+        return np.stack(self._rows)
+
+    def _coordinates(self, params: list[nn.Parameter]) -> list[tuple[nn.Parameter, torch.Tensor, np.ndarray]]:
+        """Per parameter holding canaries: (parameter, flat indices into it, the canaries' columns)."""
+        offsets = np.cumsum([0, *(p.numel() for p in params)])
+        flat = gradient_coordinates(int(offsets[-1]), self.canaries.count, self.canaries.seed)
+        owner = np.searchsorted(offsets, flat, side="right") - 1
+        slots = []
+        for i in np.unique(owner):
+            columns = np.flatnonzero(owner == i)
+            local = torch.as_tensor(flat[columns] - offsets[i], dtype=torch.long, device=params[i].device)
+            slots.append((params[i], local, columns))
+        return slots
+
+    @torch.no_grad()
+    def _inject(self) -> None:
+        """Add C at the coordinate of every included canary sampled at this step (0 at the others)."""
+        sampled = self._included & (self._rng.random(self.canaries.count) < self._q)
+        for p, local, columns in self._slots:
+            added = torch.as_tensor(sampled[columns] * self._bound, dtype=p.summed_grad.dtype, device=p.summed_grad.device)
+            p.summed_grad.view(-1).index_add_(0, local, added)  # canaries sharing a coordinate each add C
+
+    @torch.no_grad()
+    def _observe(self) -> None:
+        row = np.empty(self.canaries.count, dtype=np.float64)
+        for p, local, columns in self._slots:
+            row[columns] = p.grad.reshape(-1)[local].double().cpu().numpy()
+        self._rows.append((row * self._scale).astype(np.float32))
 
 
 # --------------------------------------------------------------------------- data and devices
@@ -350,6 +501,7 @@ def train(
     charge: Optional[Charge] = None,
     on_step: Optional[Callable[[int], None]] = None,
     log_every: int = 10,
+    gradient_canaries: Optional[GradientCanaries] = None,
 ) -> TrainResult:
     """Run exactly ``plan.steps`` noisy steps of the job's method and save the trainable weights.
 
@@ -368,6 +520,10 @@ def train(
         on_step: called (rank 0) with each step's number, 1 for the first, before the step's
             batch is drawn: for durable progress recorded ahead of the steps taken
             (:func:`dpops.stages.progress_recorder`). If it raises, that step is not taken.
+        gradient_canaries: white-box Dirac canaries of the DP step (counted in ``plan.n_records``
+            like the records' canaries): with any, each included one is sampled at every step and
+            added to the clipped sum before noise, and rank 0 saves the observations
+            (:class:`GradientCanaryProbe`) at ``output_dir.parent /`` :data:`GRADIENT_OBSERVATIONS`.
 
     Raises:
         PrivacyError: the run is not authorized (:func:`authorize`), the data or the sampler
@@ -417,6 +573,10 @@ def train(
         max_grad_norm=plan.max_grad_norm, expected_batch_size=plan.expected_batch_size, generator=noise,
         distributed=distributed, autocast_dtype=autocast_dtype,
     )
+    probe = None
+    if gradient_canaries is not None and gradient_canaries.count > 0:
+        probe = GradientCanaryProbe(gradient_canaries, rank=rank)
+        probe.attach(private, params, plan, mechanism_ran(private, loader))
     result = TrainResult(
         steps_run=0, seconds=0.0, trainable_parameters=sum(p.numel() for p in params),
         total_parameters=sum(p.numel() for p in net.parameters()), grad_sample_mode=private.mode,
@@ -449,6 +609,8 @@ def train(
             result.epsilon_by_step.append((step, eps))
             log.info("step %d/%d  epsilon %.3f  lr %.2e  %.1fs", step, plan.steps, eps, lr, time.perf_counter() - start)
     result.seconds = time.perf_counter() - start
+    ran = mechanism_ran(private, loader)
+    result.noise_multiplier, result.sample_rate, result.max_grad_norm = ran.noise_multiplier, ran.sample_rate, ran.max_grad_norm
     if average is not None:
         average.copy_to(params)  # what is saved, scored and fingerprinted is the average
     result.weights_sha256 = _fingerprint(params)
@@ -457,7 +619,20 @@ def train(
         net.eval()
         modeling.save(net, output_dir, model_cfg=job.model, lora=job.lora, labels=labels, task=job.task, method=job.method)
         result.model_dir = str(output_dir)
+        if probe is not None:
+            result.gradient_observations = str(_save_observations(probe, output_dir.parent / GRADIENT_OBSERVATIONS, result.steps_run))
     return result
+
+
+def _save_observations(probe: GradientCanaryProbe, path: Path, steps: int) -> Path:
+    """Save the probe's observations (one row per step taken, checked) as float32 .npy."""
+    observed = probe.observations()
+    if observed.shape[0] != steps or probe.injections != steps:
+        raise TrainingError(f"gradient canaries: {probe.injections} injections and {observed.shape[0]} observations "
+                           f"for {steps} steps")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(path, observed)
+    return path
 
 
 def _private_step(

@@ -112,6 +112,11 @@ class UserBatches:
         self.row_user = torch.zeros(0, dtype=torch.long)
         self.batch_users = 0
 
+    @property
+    def sample_rate(self) -> float:
+        """The rate users are Poisson-sampled at, read from the sampler that draws them."""
+        return float(self.loader.batch_sampler.sample_rate)
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         for (sampled,) in self.loader:
             rows = [self.groups[int(u)] for u in sampled]
