@@ -23,6 +23,7 @@ Writes benchmarks/results/audit_power.json.
 from __future__ import annotations
 
 import argparse
+import math
 import json
 import os
 import platform
@@ -36,8 +37,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
-#: The demo job's sample rate and steps (configs/jobs/sst2_lora.yaml, n = 65,947 records + 6,000 canaries).
-DEMO_Q = 128 / (65_947 + 1_000 + 5_000)
+#: The demo job's sample rate and steps (configs/jobs/sst2_lora.yaml: q = 1 / ceil(n / B), n = 65,947
+#: records + 6,000 canaries, B = 128).
+DEMO_Q = 1 / math.ceil((65_947 + 1_000 + 5_000) / 128)
 DEMO_STEPS = 150
 CONTROLS = {"no_noise": 0.0, "half_sigma": 0.5, "correct": 1.0}
 
@@ -61,10 +63,13 @@ def write_job(configs: Path, model_dir: Path, records: int, canaries: int, gradi
     job = configs / "jobs" / "audit_power.yaml"
     data = yaml.safe_load((configs / "jobs" / "sst2_smoke.yaml").read_text())
     n = records + canaries + gradient_canaries
+    batch = max(1, round(DEMO_Q * n))
+    if 1 / math.ceil(n / batch) != DEMO_Q:
+        raise SystemExit(f"no whole batch size gives the demo's q = {DEMO_Q:.4g} with n = {n}: change --records")
     data.update(
         name="audit-power", registered_model="audit-power", train_max_records=records,
         model={"path": str(model_dir), "max_length": 16},
-        dp={"target_epsilon": 3.0, "expected_batch_size": DEMO_Q * n, "steps": DEMO_STEPS, "max_grad_norm": 1.0},
+        dp={"target_epsilon": 3.0, "expected_batch_size": batch, "steps": DEMO_STEPS, "max_grad_norm": 1.0},
         optim={"learning_rate": 0.005}, audit={"canaries": canaries, "gradient_canaries": gradient_canaries},
         lora={"r": 8, "target_modules": ["query", "value"]},
     )
@@ -141,9 +146,13 @@ def main() -> None:
         "records": args.records, "claimed_epsilon": first["claimed_epsilon"], "noise_multiplier": first["noise_multiplier"],
         "model": "1-layer BERT (hidden 256, random weights), LoRA r=8 on query/value, max_length 16",
         "controls": {
-            "no_noise": {"runs": len(runs["no_noise"]), "fail": sum(r["verdict"] == "FAIL" for r in runs["no_noise"])},
-            "half_sigma": {"runs": len(runs["half_sigma"]), "fail": sum(r["verdict"] == "FAIL" for r in runs["half_sigma"])},
-            "correct": {"runs": len(runs["correct"]), "pass": sum(r["verdict"] == "PASS" for r in runs["correct"])},
+            name: {"runs": len(runs[name]), "fail": sum(r["verdict"] == "FAIL" for r in runs[name]),
+                   **({"pass": sum(r["verdict"] == "PASS" for r in runs[name])} if name == "correct" else {}),
+                   # how many an epsilon lower bound alone refutes (without the noise check)
+                   "refuted_by_a_lower_bound": sum(max(r["white_box_epsilon_lower_bound"], r["canary_epsilon_lower_bound"])
+                                                   > r["claimed_epsilon"] for r in runs[name]),
+                   "decided_by": sorted({r["decided_by"] for r in runs[name]})}
+            for name in CONTROLS
         },
         "targets": {"no_noise": "fail 10 of 10", "half_sigma": "fail at least 9 of 10", "correct": "pass 10 of 10"},
         "runs": runs,

@@ -370,6 +370,10 @@ def canary_audit(
 # --------------------------------------------------------------------------- white-box scoring
 
 
+#: Fewest steps for which :func:`white_box_scores` standardises each coordinate by its median and spread.
+ROBUST_STEPS = 20
+
+
 def white_box_scores(observations: np.ndarray, *, noise_multiplier: float, sample_rate: float) -> np.ndarray:
     """Each gradient canary's log-likelihood ratio, from the released noisy sums at its coordinate.
 
@@ -379,6 +383,16 @@ def white_box_scores(observations: np.ndarray, *, noise_multiplier: float, sampl
     mixture: 1 - q of the plain noise, q shifted by 1) to "excluded" is
     1 - q + q exp((x - 1/2) / sigma^2); the score sums its log over the steps. It is computed under
     the *claimed* sigma and q: the test is of the claim, not of what the run did.
+
+    The real gradients' share differs between coordinates (a classifier head's weights get a large
+    one, which moves from step to step), while a canary shows on one step or two. With at least
+    :data:`ROBUST_STEPS` steps each coordinate is therefore first centred on its median over the
+    steps and rescaled so that its robust spread (1.4826 x the median absolute deviation) reads as
+    the claimed sigma: under the claim that changes little (the noise dominates the spread), and in
+    a run with less noise than claimed a quiet coordinate's canary stands out instead of drowning
+    among busy coordinates. (Measured on a noise-free run of the power benchmark: 409 of the top
+    431 guesses right on the raw sums.) Any function of the released sums is a valid score for the
+    one-run bound; this one only makes it stronger.
     """
     x = np.asarray(observations, dtype=float)
     if x.ndim != 2:
@@ -387,6 +401,10 @@ def white_box_scores(observations: np.ndarray, *, noise_multiplier: float, sampl
         raise ValueError(f"need sigma > 0 and 0 < q <= 1. Found sigma={noise_multiplier}, q={sample_rate}.")
     if not np.all(np.isfinite(x)):
         raise ValueError("every observation must be finite")
+    if len(x) >= ROBUST_STEPS:
+        center = np.median(x, axis=0, keepdims=True)
+        spread = 1.4826 * np.median(np.abs(x - center), axis=0, keepdims=True)
+        x = (x - center) * (noise_multiplier / np.maximum(spread, 1e-3 * noise_multiplier))
     log_stay = math.log1p(-sample_rate) if sample_rate < 1 else -math.inf
     per_step = np.logaddexp(log_stay, math.log(sample_rate) + (x - 0.5) / noise_multiplier**2)
     return per_step.sum(axis=0)

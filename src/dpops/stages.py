@@ -438,7 +438,7 @@ def audit(
             ledger.dispose()
         claimed.update(noise_multiplier=charge.mechanism.noise_multiplier, sample_rate=charge.mechanism.sample_rate,
                        max_grad_norm=charge.max_grad_norm)
-    trained = trained or {}
+    trained = {k: v for k, v in (trained or {}).items() if v is not None}
     ran = SubsampledGaussian(trained.get("noise_multiplier", claimed["noise_multiplier"]),
                              trained.get("sample_rate", claimed["sample_rate"]), trained.get("steps_run", steps_run))
     white: dict[str, Any] = {}
