@@ -23,8 +23,8 @@ Writes benchmarks/results/audit_power.json.
 from __future__ import annotations
 
 import argparse
-import math
 import json
+import math
 import os
 import platform
 import shutil
