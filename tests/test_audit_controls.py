@@ -94,3 +94,56 @@ def test_correct_dp_run_passes(workspace_env, control_job, project_root):
     _, out = _audited_run(control_job, project_root)
     assert out["verdict"] == audit.PASS and out["passed"], out["reasons"]
     assert out["canary_epsilon_lower_bound"] <= out["claimed_epsilon"] < out["canary_ceiling"]
+
+
+# --------------------------------------------------------------------------- white-box canaries at small q
+
+SMALL_Q_CLAIM = 1.0
+
+
+@pytest.fixture
+def small_q_job(tmp_path, project_root, tiny_model_dir):
+    """q = 1 / ceil(2400 / 24) = 0.01 over 60 steps: an included canary is ever sampled with
+    probability 0.45, far from q = 1, where every included canary is seen."""
+    shutil.copytree(project_root / "configs", tmp_path / "configs")
+    job = tmp_path / "configs" / "jobs" / "sst2_smoke.yaml"
+    data = yaml.safe_load(job.read_text())
+    data.update(
+        train_max_records=300, model={"path": str(tiny_model_dir), "max_length": 16},
+        dp={"target_epsilon": SMALL_Q_CLAIM, "expected_batch_size": 24, "steps": 60, "max_grad_norm": 1.0},
+        optim={"learning_rate": 0.005}, audit={"canaries": 100, "gradient_canaries": 2000},
+        lora={"r": 8, "target_modules": ["query", "value"]},
+    )
+    job.write_text(yaml.safe_dump(data))
+    return job
+
+
+def _white_box_run(job, project_root):
+    ref = stages.resolve(str(job), str(project_root))
+    plan = stages.plan(str(job), ref)  # the default policy: refuses a claim the canaries cannot test
+    charge_id = stages.reserve(str(job), ref, plan)
+    trained = stages.train(str(job), ref, plan, charge_id)
+    out = stages.audit(str(job), plan, trained["model_dir"], trained["steps_run"], trained["canaries_path"],
+                       trained=trained, charge_id=charge_id)
+    return plan, out
+
+
+def test_a_noise_free_run_at_small_q_fails_on_the_white_box_canaries(workspace_env, small_q_job, project_root, monkeypatch):
+    """The bug is planted inside Opacus's noise generator: the optimizer still reports the planned
+    sigma, so the trainer's record and the cross-check cannot see it; the gradient canaries do."""
+    import opacus.optimizers.optimizer as opt
+
+    monkeypatch.setattr(opt, "_generate_noise", lambda std, reference, *a, **k: reference.new_zeros(reference.shape))
+    plan, out = _white_box_run(small_q_job, project_root)
+    assert plan["sample_rate"] == 0.01 and plan["n_records"] == 300 + 100 + 2000
+    assert out["trained_noise_multiplier"] == plan["noise_multiplier"] and out["cross_check_ok"]
+    assert out["verdict"] == audit.FAIL and out["decided_by"] == "white-box noise check"
+    assert out["white_box_epsilon_lower_bound"] > out["claimed_epsilon"]  # the one-run bound alone refutes it too
+    assert out["noise_multiplier_upper"] < 0.2 * plan["noise_multiplier"]
+
+
+def test_a_correct_run_at_small_q_passes(workspace_env, small_q_job, project_root):
+    plan, out = _white_box_run(small_q_job, project_root)
+    assert out["verdict"] == audit.PASS, out["reasons"]
+    assert out["decided_by"] == "white-box canaries" and out["white_box_ceiling"] > out["claimed_epsilon"]
+    assert out["noise_multiplier_upper"] >= plan["noise_multiplier"]
