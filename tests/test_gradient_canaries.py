@@ -265,3 +265,35 @@ def test_torchrun_workers_get_the_gradient_canaries_file(tmp_path, monkeypatch):
                                run_dir=tmp_path, nproc=2, subset_key=b"k", gradient_canaries_path=str(tmp_path / "g.json"))
     request = json.loads((tmp_path / "launch" / launch.REQUEST).read_text())
     assert request["gradient_canaries_path"] == str(tmp_path / "g.json")
+
+
+@pytest.mark.slow
+def test_torchrun_workers_add_observe_and_report_the_mechanism(workspace_env, smoke_job, project_root, tmp_path):
+    """The real torchrun path: the workers load the gradient canaries file; rank 0 saves the
+    observations beside the model, and the result carries the mechanism the ranks ran."""
+    from dpops import stages, users
+    from tests.helpers import edit_yaml, policy_accepting_inconclusive
+
+    edit_yaml(smoke_job, lambda d: d.update(
+        model={"path": str(tiny_bert(tmp_path / "bert")), "max_length": 16}, training={"nproc_per_node": 2},
+        train_max_records=64, dp={**d["dp"], "steps": 3, "expected_batch_size": 16}, audit={"canaries": 10},
+    ))
+    ref = stages.resolve(str(smoke_job), str(project_root))
+    plan = stages.plan(str(smoke_job), ref, policy_path=policy_accepting_inconclusive(smoke_job.parent))
+    charge_id = stages.reserve(str(smoke_job), ref, plan)
+    ledger = stages._ledger()
+    try:
+        ledger.start(charge_id)
+    finally:
+        ledger.dispose()
+    job, ds = stages._load(str(smoke_job))
+    run_dir = workspace_env / "runs" / charge_id
+    drawn = canaries.draw(10, n_labels=len(ds.labels), seed=job.seed).save(run_dir / canaries.FILE)
+    gradient = canaries.draw_gradient(8, seed=job.seed).save(run_dir / canaries.GRADIENT_FILE)
+    out = launch.train_processes(job_path=str(smoke_job), ref=ref, plan=plan, charge_id=charge_id, canaries_path=drawn,
+                                 run_dir=run_dir, nproc=2, subset_key=users.new_subset_key(), gradient_canaries_path=str(gradient))
+    assert out["gradient_observations"] == str(run_dir / training.GRADIENT_OBSERVATIONS)
+    obs = np.load(out["gradient_observations"])
+    assert obs.dtype == np.float32 and obs.shape == (3, 8) and np.isfinite(obs).all()
+    assert (out["noise_multiplier"], out["sample_rate"], out["max_grad_norm"]) == (
+        plan["noise_multiplier"], plan["sample_rate"], plan["max_grad_norm"])
