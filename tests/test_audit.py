@@ -249,3 +249,42 @@ def test_the_removed_real_record_fields_are_refused_naming_them(smoke_job):
     edit_yaml(smoke_job, lambda d: d["audit"].update(members=100))
     with pytest.raises(ConfigError, match=r"field 'audit.members' was removed: the audit scores only canaries"):
         config.load_job_config(smoke_job)
+
+
+def test_input_canaries_are_scored_against_the_model_the_run_started_from(tmp_path, smoke_job):
+    """Calibrated scores: loss under the base model (the trainer's initial model, same seed) minus
+    loss under the DP model. A model saved untrained is its own base, so every score is exactly 0
+    (raw -loss scores, the old ones, are not); a trained head moves them."""
+    import json
+
+    import torch
+
+    from dpops import audit_report, canaries, config, evaluation, stages
+    from dpops import model as modeling
+    from dpops.config import LoraSettings, ModelConfig
+    from tests.tiny_models import tiny_bert
+
+    job = config.load_job_config(smoke_job)
+    base = tiny_bert(tmp_path / "base")
+    torch.manual_seed(job.seed)  # as the trainer builds its initial model
+    net = modeling.build("classification", "lora", base, n_labels=2, lora=LoraSettings())
+    untrained = modeling.save(net, tmp_path / "model", model_cfg=ModelConfig(path=str(base), max_length=16), lora=LoraSettings(),
+                              labels=["0", "1"])
+    drawn = canaries.draw(100, n_labels=2, seed=0)
+    canaries_path = drawn.save(tmp_path / "run" / canaries.FILE)
+    plan = {"noise_multiplier": 1.0, "sample_rate": 0.05, "delta": 1e-5}
+    out = stages.audit(str(smoke_job), plan, str(untrained), 5, str(canaries_path))
+    scores = json.loads((tmp_path / "run/audit" / audit_report.JSON_FILE).read_text())["canary_scores"]
+    assert out["canary_scoring"].startswith("loss under the base model") and scores == [0.0] * 100
+    raw, _ = evaluation.per_example_loss(untrained, drawn.all_rows())
+    assert not torch.allclose(raw, torch.zeros_like(raw))
+    with torch.no_grad():  # the DP model's head moved: the scores are base minus fine-tuned, canary by canary
+        for p in net.parameters():
+            if p.requires_grad:
+                p.add_(0.5)
+    moved = modeling.save(net, tmp_path / "moved", model_cfg=ModelConfig(path=str(base), max_length=16), lora=LoraSettings(),
+                          labels=["0", "1"])
+    stages.audit(str(smoke_job), plan, str(moved), 5, str(canaries_path))
+    scores = json.loads((tmp_path / "run/audit" / audit_report.JSON_FILE).read_text())["canary_scores"]
+    fine, _ = evaluation.per_example_loss(moved, drawn.all_rows())
+    assert scores == pytest.approx((raw - fine).tolist(), abs=1e-5) and any(abs(s) > 1e-3 for s in scores)
