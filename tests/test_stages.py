@@ -6,7 +6,7 @@ import pytest
 from dpops import stages
 from dpops.errors import ConfigError, DataValidationError
 from dpops.ledger import FAILED_CHARGED, Ledger
-from tests.helpers import edit_yaml
+from tests.helpers import edit_yaml, policy_accepting_inconclusive
 
 
 def test_run_that_dies_after_reading_data_stays_charged(workspace_env, smoke_job, project_root):
@@ -71,7 +71,7 @@ def test_validation_failure_stops_before_any_charge(workspace_env, smoke_job, pr
     assert not (workspace_env / "ledger.db").exists()
 
 
-def test_same_job_seed_still_draws_fresh_noise_each_run(workspace_env, smoke_job, project_root):
+def test_same_job_seed_still_draws_fresh_noise_each_run(workspace_env, smoke_job, project_root, tmp_path):
     """Two runs of one job must not share sampling or noise: shared noise cancels in differences."""
     from safetensors.torch import load_file
 
@@ -79,7 +79,7 @@ def test_same_job_seed_still_draws_fresh_noise_each_run(workspace_env, smoke_job
     weights = []
     for _ in range(2):
         ref = stages.resolve(str(smoke_job), str(project_root))
-        plan = stages.plan(str(smoke_job), ref)
+        plan = stages.plan(str(smoke_job), ref, policy_path=policy_accepting_inconclusive(tmp_path))  # 1 step tests nothing
         charge_id = stages.reserve(str(smoke_job), ref, plan)
         out = stages.train(str(smoke_job), ref, plan, charge_id)
         weights.append(load_file(f"{out['model_dir']}/trainable.safetensors"))
