@@ -235,3 +235,14 @@ def test_pooling_loads_neither_torch_nor_prefect():
             "print('torch' in sys.modules, 'prefect' in sys.modules, 'privacy_estimates' in sys.modules)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "False", "True"]
+
+
+def test_sequential_looks_spend_at_most_the_total_alpha():
+    """Re-pooling after every run is a test per run: the per-look alphas must add up to at most 5%."""
+    from dpops.pooling import sequential_confidence
+
+    alphas = [1 - sequential_confidence(k, 0.95) for k in range(1, 100_001)]
+    assert sum(alphas) <= 0.05 and sum(alphas) > 0.0499
+    assert all(a > b for a, b in zip(alphas[:1000], alphas[1:1000], strict=False))  # beyond, 1 - (1 - a) rounds
+    with pytest.raises(ValueError, match="field 'look'"):
+        sequential_confidence(0)

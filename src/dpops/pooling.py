@@ -189,8 +189,32 @@ def bayes_interval(confusion: Mapping[str, int], *, delta: float, confidence: fl
         from privacy_estimates import AttackResults, compute_eps_lo_hi
     except ImportError:
         return None, None, "no Bayesian interval: privacy-estimates is not installed (pip install 'dpops[audit]')"
-    lo, hi = compute_eps_lo_hi(count=AttackResults(FN=fn, FP=fp, TN=tn, TP=tp), delta=delta, alpha=1.0 - confidence, method=method)
+    try:
+        lo, hi = compute_eps_lo_hi(count=AttackResults(FN=fn, FP=fp, TN=tn, TP=tp), delta=delta, alpha=1.0 - confidence, method=method)
+    except (AssertionError, ArithmeticError, ValueError) as exc:  # the library checks itself with assert
+        return None, None, f"no Bayesian interval: privacy_estimates failed ({type(exc).__name__})"
     return max(0.0, float(lo)), float(hi), None
+
+
+def sequential_confidence(look: int, confidence: float = 0.95) -> float:
+    """The confidence to test the ``look``-th pooled check (1, 2, ...) at, so that all looks together
+    wrongly refute a true claim with probability at most ``1 - confidence``.
+
+    A gate that pools a dataset's runs again after every new run tests the claim once per run, on
+    overlapping data: at a fixed 95% per look, a correct mechanism is wrongly failed more and more
+    often as runs accumulate. Spending ``alpha_k = (1 - confidence) 6 / (pi^2 k^2)`` on look ``k``
+    (the alphas sum to ``1 - confidence``; a union bound, valid whatever the looks' dependence) keeps
+    the total at ``1 - confidence``. Use the number of pooled runs as ``look``.
+
+    Example:
+        >>> round(sequential_confidence(1), 5), round(sequential_confidence(10), 6)
+        (0.9696, 0.999696)
+    """
+    if not (_is_int(look) and look >= 1):
+        raise ValueError("field 'look' must be a positive integer")
+    if not (_is_number(confidence) and 0 < confidence < 1):
+        raise ValueError("field 'confidence' must be in (0, 1)")
+    return 1.0 - (1.0 - confidence) * 6.0 / (math.pi ** 2 * look ** 2)
 
 
 def pool(outcomes: list[dict], *, claimed_epsilon: float, delta: float, confidence: float = 0.95,
