@@ -1598,6 +1598,16 @@ class Ledger:
             self._charge_row(conn, charge_id)
             return self._charge_payloads(conn, charge_id, kind)
 
+    def evidence_of(self, dataset: str) -> list[tuple[str, dict[str, Any]]]:
+        """Every ``evidence`` event of ``dataset``, as (charge id, payload), in chain order: the
+        past runs' audits, for pooling them (:func:`dpops.pooling.dataset_pool`). Read from the
+        hash-chained events (the record), not the annotations; LedgerError if ``dataset`` is unknown."""
+        e = _EVENTS.c
+        with self.engine.connect() as conn:
+            ds = self._dataset(conn, dataset)
+            rows = conn.execute(select(e.charge_id, e.payload).where(e.dataset_id == ds.id, e.kind == EVIDENCE).order_by(e.seq))
+            return [(cid, json.loads(payload)) for cid, payload in rows]
+
     def bindings_of(self, model_name: str, model_version: str | int) -> list[tuple[str, str, dict[str, Any]]]:
         """The (charge id, dataset, binding) of every charge bound to this model version, across
         the ledger: one for a version a dpops run recorded, none for any other."""
