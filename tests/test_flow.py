@@ -184,3 +184,29 @@ def test_a_claim_the_canaries_cannot_test_is_refused_at_plan_unless_the_policy_a
     edit_yaml(configs / "policy.yaml", lambda d: d.update(min_accuracy=0.0, accept_inconclusive=True))
     summary = _run(configs, project_root)
     assert summary["audit_verdict"] == "INCONCLUSIVE" and summary["decision"] == "PROMOTED", summary["reasons"]
+
+
+def test_recurring_runs_pool_their_audit_evidence_in_the_ledger(prefect_harness, workspace_env, configs, project_root):
+    """Each run keeps its canary outcomes in its evidence event; the second run of the same
+    mechanism reports the pooled evidence of both (in the summary, MLflow and the gate's
+    statement), and the gate still decides on the run's own one-run bounds."""
+    import mlflow
+
+    from dpops import pooling
+
+    edit_yaml(configs / "policy.yaml", lambda d: d.update(min_accuracy=0.0))
+    first = _run(configs, project_root)
+    second = _run(configs, project_root)
+    assert first["audit_pooled"]["runs"] == 1 and second["audit_pooled"]["runs"] == 2
+    assert second["audit_pooled"]["canaries"] == 2 * 2000 and second["audit_pooled"]["kind"] == "white_box"
+    ledger = Ledger(f"sqlite:///{workspace_env / 'ledger.db'}")
+    payloads = [p for _, p in ledger.evidence_of("sst2")]
+    assert [set(p["audit"]["outcomes"]) for p in payloads] == [{"white_box", "black_box"}] * 2
+    again = pooling.dataset_pool(payloads, mechanism=payloads[-1]["audit"]["mechanism"],
+                                 confidence=pooling.sequential_confidence(2))
+    assert again.epsilon_lower_bound == pytest.approx(second["audit_pooled"]["epsilon_lower_bound"])
+    assert any(line.startswith("pooled over 2 run(s)") for line in second["gate_evidence"])
+    assert second["decision"] == "PROMOTED" and second["audit_verdict"] == "PASS"
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{workspace_env / 'mlflow.db'}")
+    metrics = client.get_run(second["mlflow_run_id"]).data.metrics
+    assert metrics["audit_pooled_runs"] == 2 and "audit_white_box_epsilon_lower_bound" in metrics

@@ -315,10 +315,9 @@ class CanaryAudit:
     outcomes: dict[str, Any] = field(default_factory=dict)
 
 
-def _outcomes(order: np.ndarray, inc: np.ndarray, counts: Sequence[int]) -> dict[str, Any]:
-    """The "in" guess cells and the confusion matrix of the top ``max(counts)`` scores."""
+def _outcomes(order: np.ndarray, inc: np.ndarray, counts: Sequence[int], k: int) -> dict[str, Any]:
+    """The "in" guess cells and the confusion matrix of the top ``k`` scores (pre-registered)."""
     cells = [[int(r), int(inc[order[:r]].sum())] for r in counts]
-    k = max(counts)
     flagged = np.zeros(len(inc), dtype=bool)
     flagged[order[:k]] = True
     return {"canaries": int(len(inc)), "cells": cells, "confusion": {
@@ -363,7 +362,9 @@ def canary_audit(
     in_counts = counts if white_box else sorted({r for r, _ in cells})
     return CanaryAudit(
         canaries=m, included=int(inc.sum()), guesses=best[1], guesses_in=best[2], correct=best[3],
-        epsilon_lower_bound=best[0], ceiling=ceiling, outcomes=_outcomes(order, inc, in_counts),
+        epsilon_lower_bound=best[0], ceiling=ceiling,
+        # the confusion matrix flags the top 3/4 of the expected sampled canaries (white-box), the top half (black-box)
+        outcomes=_outcomes(order, inc, in_counts, max(counts) if white_box else m // 2),
     )
 
 

@@ -158,6 +158,43 @@ def audit_evidence(audit: Any) -> list[str]:
     return [line + (": " + "; ".join(parts) if parts else "")]
 
 
+def pooled_evidence(ledger: Ledger, dataset: str, audit: Any, *, pending: bool = False) -> Optional[dict[str, Any]]:
+    """The dataset's pooled audit evidence for the mechanism of ``audit`` (:mod:`dpops.pooling`):
+    every run recorded in the ledger with the same mechanism, plus ``audit`` itself when its
+    evidence is not recorded yet (``pending``). White-box outcomes when the run has them, else
+    black-box. The confidence is spent over the looks (:func:`dpops.pooling.sequential_confidence`:
+    the k-th run's pooled bound is one more test on overlapping data), so the sequence of pooled
+    bounds a dataset shows holds at 95 % together. Reported, never deciding. None without outcomes.
+    """
+    from dpops import pooling
+
+    if not (isinstance(audit, dict) and isinstance(audit.get("outcomes"), dict) and isinstance(audit.get("mechanism"), dict)):
+        return None
+    mechanism = audit["mechanism"]
+    if not all(isinstance(mechanism.get(k), (int, float)) for k in pooling.MECHANISM_KEYS):
+        return None
+    kind = "white_box" if audit["outcomes"].get("white_box") else "black_box"
+    evidence = [payload for _, payload in ledger.evidence_of(dataset)] + ([audit] if pending else [])
+    looks = pooling.dataset_pool(evidence, mechanism=mechanism, kind=kind).runs
+    if looks == 0:
+        return None
+    pooled = pooling.dataset_pool(evidence, mechanism=mechanism, kind=kind,
+                                  confidence=pooling.sequential_confidence(looks)).to_dict()
+    return {**pooled, "kind": kind}
+
+
+def pooled_line(pooled: Optional[dict[str, Any]]) -> list[str]:
+    """The pooled evidence as the gate and the summary state it."""
+    if not pooled:
+        return []
+    lo, hi = pooled.get("bayes_epsilon_lo"), pooled.get("bayes_epsilon_hi")
+    interval = (f"; Bayesian interval for the mechanism's epsilon [{lo:.2f}, {'inf' if hi is None else f'{hi:.2f}'}]"
+                if lo is not None else "")
+    return [f"pooled over {pooled['runs']} run(s) of this mechanism ({pooled['canaries']} {pooled['kind'].replace('_', '-')} "
+            f"canaries): epsilon lower bound {pooled['epsilon_lower_bound']:.3f} at {pooled['confidence']:.4g} confidence, "
+            f"claimed {pooled['claimed_epsilon']:.3f}{interval} (reported, not deciding)"]
+
+
 def decide(ledger: Ledger, *, charge_id: str, policy: PolicyConfig, model: Optional[str] = None) -> Decision:
     """Check the policy against the ledger; return the decision with every failed condition.
 
@@ -187,7 +224,9 @@ def decide(ledger: Ledger, *, charge_id: str, policy: PolicyConfig, model: Optio
         reasons.extend(_utility_reasons(ev.record, policy, charge.dataset))
     elif not ev.legacy:  # an old charge's reason is named above: none of its notes is read
         reasons.append(f"charge {charge_id} has no evidence in the ledger (no task, utility figures or audit verdict recorded)")
-    stated = audit_evidence(ev.record.get("audit")) if ev.record is not None else []
+    stated = []
+    if ev.record is not None:
+        stated = audit_evidence(ev.record.get("audit")) + pooled_line(pooled_evidence(ledger, charge.dataset, ev.record.get("audit")))
     return Decision(promote=not reasons, reasons=reasons, evidence=stated)
 
 

@@ -49,11 +49,10 @@ def _bounds(summary: dict[str, Any]) -> str:
 
 
 def _pooled(pooled: dict[str, Any]) -> str:
-    """The dataset's pooled evidence (reported, never gating)."""
-    lo, hi = pooled.get("bayes_low"), pooled.get("bayes_high")
-    interval = f"; Bayesian interval [{lo:.2f}, {hi:.2f}]" if lo is not None and hi is not None else ""
-    return (f"{pooled.get('runs', 0)} runs of this mechanism, {pooled.get('canaries', 0)} gradient canaries: "
-            f"epsilon lower bound {pooled.get('epsilon_lower_bound', 0.0):.3f}{interval} (reported, not gating)")
+    """The dataset's pooled evidence (reported, never deciding), as the gate states it."""
+    from dpops.gate import pooled_line
+
+    return "; ".join(pooled_line(pooled))
 
 
 def _auc(value: Optional[float]) -> str:

@@ -476,6 +476,11 @@ def record(
         charge = ledger.charge(charge_id)
         b = ledger.budget(charge.dataset, estimate=True)
         budget = {**_budget_view(b, read=list(charge.blocks)), "pld_estimate": b.pld_estimate}
+        pooled = gate.pooled_evidence(ledger, charge.dataset, audit_out, pending=True)
+        if pooled:  # this run's evidence with the dataset's earlier runs of the same mechanism (reported only)
+            audit_out = {**audit_out, "pooled_runs": pooled["runs"], "pooled_canaries": pooled["canaries"],
+                         "pooled_epsilon_lower_bound": pooled["epsilon_lower_bound"],
+                         **{f"pooled_{k}": pooled[k] for k in ("bayes_epsilon_lo", "bayes_epsilon_hi") if pooled[k] is not None}}
         plan_out = {**p, "epsilon_spent": audit_out["accountant_epsilon"], "steps_run": train_out["steps_run"]}
         train_view = {k: train_out[k] for k in ("epsilon_by_step", "steps_run", "seconds", "grad_sample_mode", "trainable_parameters")}
         data_view = {k: ref[k] for k in ("dataset", "rev", "path", "fingerprint", "n_records", "version")}
@@ -497,7 +502,7 @@ def record(
         # A second copy of the chain head, outside the ledger's database (besides the anchor log):
         # it covers the charge's commit, its binding and its evidence.
         tracking.tag_chain_head(ws, run_id=res.run_id, head=head.label)
-        return {**asdict(res), "budget": budget}
+        return {**asdict(res), "budget": budget, "pooled": pooled}
     finally:
         ledger.dispose()
 
