@@ -290,8 +290,10 @@ def test_the_stages_tag_mlflow_with_the_chain_heads(workspace_env, smoke_job, tm
     ref = {"dataset": "notes", "rev": "r", "path": "p", "fingerprint": "f", "n_records": 10_000, "version": "v", "repo": "."}
     train_out = {"epsilon_by_step": [], "steps_run": RUN.steps, "seconds": 1.0, "grad_sample_mode": "hooks",
                  "trainable_parameters": 1, "model_dir": str(tmp_path)}
-    audit_out = {"verdict": "PASS", "reasons": [], "claimed_epsilon": 1.0, "canary_epsilon_lower_bound": 0.1,
-                 "canary_ceiling": 3.0, "mia_epsilon_lower_bound": 0.0, "cross_check_ok": True, "accountant_epsilon": 1.0}
+    audit_out = {"verdict": "PASS", "reasons": [], "decided_by": "black-box canaries", "claimed_epsilon": 1.0,
+                 "ceiling": 3.0, "canary_epsilon_lower_bound": 0.1, "canary_ceiling": 3.0, "white_box_epsilon_lower_bound": 0.0,
+                 "white_box_ceiling": 0.0, "noise_multiplier_upper": None, "mia_epsilon_lower_bound": 0.0,
+                 "cross_check_ok": True, "accountant_epsilon": 1.0, "outcomes": {}, "mechanism": {}}
     stages.record(str(smoke_job), ref, {"delta": 1e-5}, c.id, train_out, {"accuracy": 0.9}, audit_out)
     stages.promote(str(project_root / "configs/policy.yaml"), "m", str(version))
 
