@@ -188,7 +188,8 @@ def pooled_line(pooled: Optional[dict[str, Any]]) -> list[str]:
     if not pooled:
         return []
     lo, hi = pooled.get("bayes_epsilon_lo"), pooled.get("bayes_epsilon_hi")
-    interval = (f"; Bayesian interval for the mechanism's epsilon [{lo:.2f}, {'inf' if hi is None else f'{hi:.2f}'}]"
+    # The interval is for the epsilon this attack demonstrates (its TPR/FPR trade-off), not an upper bound on the mechanism's.
+    interval = (f"; Bayesian interval of the epsilon the attack demonstrates [{lo:.2f}, {'inf' if hi is None else f'{hi:.2f}'}]"
                 if lo is not None else "")
     return [f"pooled over {pooled['runs']} run(s) of this mechanism ({pooled['canaries']} {pooled['kind'].replace('_', '-')} "
             f"canaries): epsilon lower bound {pooled['epsilon_lower_bound']:.3f} at {pooled['confidence']:.4g} confidence, "

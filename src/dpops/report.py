@@ -22,7 +22,7 @@ def _rows(summary: dict[str, Any], ui_command: str = "") -> list[tuple[str, str]
         _utility_row(summary),
         ("audit", f"{summary['audit_verdict']} (decided by the {summary.get('audit_decided_by', 'black-box canaries')}; "
                   f"could refute at most {summary.get('audit_ceiling', summary['canary_ceiling']):.2f} at this q and steps)"),
-        ("audit bounds (95%)", _bounds(summary)),
+        ("audit bounds (95% together)", _bounds(summary)),
     ]
     if summary.get("audit_pooled"):
         rows.append(("audit across runs", _pooled(summary["audit_pooled"])))
