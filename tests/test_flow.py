@@ -210,3 +210,8 @@ def test_recurring_runs_pool_their_audit_evidence_in_the_ledger(prefect_harness,
     client = mlflow.tracking.MlflowClient(f"sqlite:///{workspace_env / 'mlflow.db'}")
     metrics = client.get_run(second["mlflow_run_id"]).data.metrics
     assert metrics["audit_pooled_runs"] == 2 and "audit_white_box_epsilon_lower_bound" in metrics
+    name, version = second["model"].split(" v")
+    tag = json.loads(client.get_model_version(name, version).tags["dpops.gate_evidence"])
+    assert tag == second["gate_evidence"] and tag[0].startswith("audit PASS (decided by the white-box canaries)")
+    [decision] = [e for e in ledger.history("sst2") if e["event"] == "gate_decision" and e["charge"] == second["charge_id"]]
+    assert decision["payload"]["evidence"] == tag

@@ -529,7 +529,7 @@ def promote(policy_path: str, model_name: str, version: str, *, alias: Optional[
         dataset, missing = _charge_dataset(ledger, charge_id, model)
         decision = gate.Decision(False, [missing]) if missing else gate.decide(ledger, charge_id=charge_id, policy=policy, model=model)
         tracking.apply_decision(ws, model_name=model_name, version=version, promote=decision.promote,
-                                reasons=decision.reasons, alias=alias)
+                                reasons=decision.reasons, alias=alias, evidence=decision.evidence)
         if dataset:
             head = ledger.record_decision(dataset, decision={
                 "charge_id": charge_id, "model": model, "decision": decision.label, "reasons": decision.reasons,

@@ -244,12 +244,16 @@ def tag_gate_chain_head(ws: Workspace, *, model_name: str, version: str, head: s
         _log.warning("model %s/%s: tag dpops.gate_chain_head not written: %s", model_name, version, type(exc).__name__)
 
 
-def apply_decision(ws: Workspace, *, model_name: str, version: str, promote: bool, reasons: list[str], alias: str) -> None:
-    """Mirror a gate decision into MLflow: version tags, run tag, and the alias when promoted."""
+def apply_decision(ws: Workspace, *, model_name: str, version: str, promote: bool, reasons: list[str], alias: str,
+                   evidence: Optional[list[str]] = None) -> None:
+    """Mirror a gate decision into MLflow: version tags (the decision, its reasons and the audit
+    evidence the gate read), run tag, and the alias when promoted."""
     _, client = _client(ws)
     label = "PROMOTED" if promote else "REFUSED"
     client.set_model_version_tag(model_name, version, "dpops.gate", label)
     client.set_model_version_tag(model_name, version, "dpops.gate_reasons", json.dumps(reasons))
+    if evidence:
+        client.set_model_version_tag(model_name, version, "dpops.gate_evidence", json.dumps(evidence))
     run_id = client.get_model_version(model_name, str(version)).run_id
     if run_id:
         client.set_tag(run_id, "dpops.gate", label)
