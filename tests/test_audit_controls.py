@@ -143,7 +143,16 @@ def test_a_noise_free_run_at_small_q_fails_on_the_white_box_canaries(workspace_e
 
 
 def test_a_correct_run_at_small_q_passes(workspace_env, small_q_job, project_root):
+    import json
+    from pathlib import Path
+
     plan, out = _white_box_run(small_q_job, project_root)
     assert out["verdict"] == audit.PASS, out["reasons"]
     assert out["decided_by"] == "white-box canaries" and out["white_box_ceiling"] > out["claimed_epsilon"]
     assert out["noise_multiplier_upper"] >= plan["noise_multiplier"]
+    # audit.json lets anyone recompute the white-box bound from the gradient canaries' scores
+    report = json.loads((Path(out["report_dir"]) / "audit.json").read_text())
+    again = audit.canary_audit(report["white_box_scores"], report["white_box_included"], delta=plan["delta"],
+                               confidence=1 - audit.FALSE_ALARM / 3, sample_rate=plan["sample_rate"], steps=plan["steps"],
+                               white_box=True)
+    assert again.epsilon_lower_bound == out["white_box_epsilon_lower_bound"] and again.correct == out["white_box_correct"]

@@ -103,13 +103,20 @@ def _plot(result: AuditResult, canary_hist: dict[str, list[float]], path: Path) 
     plt.close(fig)
 
 
-def write(result: AuditResult, out_dir: Path, *, canary_scores: Sequence[float], canary_included: Sequence[bool]) -> dict[str, Path]:
-    """Write ``audit.json``, ``audit.md`` and ``audit.png`` into ``out_dir``; return their paths."""
+def write(result: AuditResult, out_dir: Path, *, canary_scores: Sequence[float], canary_included: Sequence[bool],
+          white_box_scores: Optional[Sequence[float]] = None, white_box_included: Optional[Sequence[bool]] = None) -> dict[str, Path]:
+    """Write ``audit.json``, ``audit.md`` and ``audit.png`` into ``out_dir``; return their paths.
+
+    ``audit.json`` holds every canary's score and inclusion flag (input canaries, and gradient
+    canaries when the run had them), so that anyone can recompute the bounds from it."""
     out_dir.mkdir(parents=True, exist_ok=True)
     inc = np.asarray(canary_included, dtype=bool)
     scores = np.asarray(canary_scores, dtype=float)
     canary_hist = _histogram(scores[inc], scores[~inc])
     data = {**result.to_dict(), "canary_scores": scores.tolist(), "canary_included": inc.tolist(), "canary_histogram": canary_hist}
+    if white_box_scores is not None and white_box_included is not None:
+        data.update(white_box_scores=np.asarray(white_box_scores, dtype=float).tolist(),
+                    white_box_included=np.asarray(white_box_included, dtype=bool).tolist())
     paths = {"json": out_dir / JSON_FILE, "markdown": out_dir / MARKDOWN_FILE, "plot": out_dir / PLOT_FILE}
     paths["json"].write_text(json.dumps(data, indent=2))
     paths["markdown"].write_text(markdown(result.to_dict()))

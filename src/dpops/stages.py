@@ -453,7 +453,10 @@ def audit(
         trained=ran, max_grad_norm=claimed.get("max_grad_norm"), trained_max_grad_norm=trained.get("max_grad_norm"), **white,
     )
     report_dir = Path(canaries_path).parent / "audit"
-    audit_report.write(result, report_dir, canary_scores=scores, canary_included=drawn.included)
+    wb_scores = (auditing.white_box_scores(white["white_box_observations"], noise_multiplier=claimed["noise_multiplier"],
+                                           sample_rate=claimed["sample_rate"]) if white else None)
+    audit_report.write(result, report_dir, canary_scores=scores, canary_included=drawn.included,
+                       white_box_scores=wb_scores, white_box_included=white.get("white_box_included"))
     return {**result.to_dict(), "report_dir": str(report_dir)}
 
 
