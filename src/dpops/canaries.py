@@ -50,14 +50,19 @@ class Canaries:
         return pd.DataFrame({"text": self.texts, "label": self.labels})
 
     def save(self, path: Path) -> Path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(asdict(self)))
-        return path
+        return _write(path, asdict(self))
 
     @classmethod
     def load(cls, path: Path) -> "Canaries":
         data = json.loads(Path(path).read_text())
         return cls(texts=list(data["texts"]), labels=[int(x) for x in data["labels"]], included=[bool(x) for x in data["included"]])
+
+
+def _write(path: Path, data: dict) -> Path:
+    """Write a run directory's canary file (JSON), making the directory."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))
+    return path
 
 
 def draw(m: int, *, n_labels: int, seed: int, words: int = 6) -> Canaries:
@@ -120,9 +125,7 @@ class GradientCanaries:
             raise ValueError(f"gradient canaries: count {self.count} but {len(self.included)} inclusion flags")
 
     def save(self, path: Path) -> Path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(asdict(self)))
-        return path
+        return _write(path, asdict(self))
 
     @classmethod
     def load(cls, path: Path) -> "GradientCanaries":

@@ -175,12 +175,8 @@ def pooled_evidence(ledger: Ledger, dataset: str, audit: Any, *, pending: bool =
         return None
     kind = "white_box" if audit["outcomes"].get("white_box") else "black_box"
     evidence = [payload for _, payload in ledger.evidence_of(dataset)] + ([audit] if pending else [])
-    looks = pooling.dataset_pool(evidence, mechanism=mechanism, kind=kind).runs
-    if looks == 0:
-        return None
-    pooled = pooling.dataset_pool(evidence, mechanism=mechanism, kind=kind,
-                                  confidence=pooling.sequential_confidence(looks)).to_dict()
-    return {**pooled, "kind": kind}
+    pooled = pooling.dataset_pool(evidence, mechanism=mechanism, kind=kind, sequential=True)
+    return {**pooled.to_dict(), "kind": kind} if pooled.runs else None
 
 
 def pooled_line(pooled: Optional[dict[str, Any]]) -> list[str]:

@@ -278,7 +278,7 @@ def pool(outcomes: list[dict], *, claimed_epsilon: float, delta: float, confiden
 
 
 def dataset_pool(evidence: list[dict], *, mechanism: dict, kind: str = "white_box", confidence: float = 0.95,
-                 method: str = BAYES_METHOD, max_runs: Optional[int] = None) -> PooledEvidence:
+                 method: str = BAYES_METHOD, max_runs: Optional[int] = None, sequential: bool = False) -> PooledEvidence:
     """Pool a dataset's past evidence of ``mechanism`` for the audit ``kind`` ("white_box"/"black_box").
 
     ``evidence``: the evidence audit dicts, oldest first (an item holding an ``"audit"`` dict and no
@@ -293,7 +293,9 @@ def dataset_pool(evidence: list[dict], *, mechanism: dict, kind: str = "white_bo
 
     The claim tested is the largest claim among the pooled runs: if every run is eps_k-DP, the joint
     output is max_k eps_k-DP with respect to each canary (same mechanism: the claims agree anyway).
-    ``delta`` is the mechanism's.
+    ``delta`` is the mechanism's. With ``sequential``, this pool is taken as the k-th look at the
+    dataset's evidence, k the number of poolable runs, and ``confidence`` is spent over the looks
+    (:func:`sequential_confidence`).
     """
     if not (isinstance(mechanism, Mapping) and all(k in mechanism for k in MECHANISM_KEYS)):
         raise ValueError(f"field 'mechanism' must hold {list(MECHANISM_KEYS)}")
@@ -320,6 +322,8 @@ def dataset_pool(evidence: list[dict], *, mechanism: dict, kind: str = "white_bo
             continue
         records.append(record)
         claims.append(float(audit["claimed_epsilon"]))
+    if sequential:
+        confidence = sequential_confidence(max(1, len(records)), confidence)
     if max_runs is not None and len(records) > max_runs:
         skipped["older"] += len(records) - max_runs
         records, claims = records[-max_runs:], claims[-max_runs:]
