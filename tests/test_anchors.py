@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import text
 from typer.testing import CliRunner
 
-from dpops import gate
+from dpops import accounting, gate
 from dpops.accounting import SubsampledGaussian
 from dpops.anchors import AnchorLog, anchor_key, key_id, verify_anchors
 from dpops.cli import app
@@ -204,7 +204,7 @@ def test_T19_a_chain_rewritten_at_another_sigma_is_caught_by_the_anchors(ledger_
     tamper(ledger, "UPDATE charges SET noise_multiplier = 2.0")
     tamper(ledger, "UPDATE events SET payload = REPLACE(payload, :a, :b) WHERE kind = 'reserved'",
            {"a": '"noise_multiplier":1.0', "b": '"noise_multiplier":2.0'})
-    tamper(ledger, "UPDATE spend_totals SET noise_multiplier = 2.0, rdp_per_step = :c", {"c": _rdp_json(2.0, 0.01)})
+    tamper(ledger, "UPDATE spend_totals SET noise_multiplier = 2.0, rdp_per_step = :c", {"c": _rdp_json(accounting.GRID_FILTER, 2.0, 0.01)})
     rehash_chain(ledger, "notes")
     assert ledger.budget("notes").spent < spent / 2  # re-stated at twice the noise
     assert ledger.verify() == []

@@ -2,7 +2,7 @@
 
 The data is ``tests/fixtures/monthly`` (synthetic tickets, 40 per month), committed into a real
 DVC repository month by month as a recurring pipeline would see it arrive; models are the tiny
-BERT of ``tests/tiny_models.py``. Its dataset cap (3.25) funds exactly one run of its job per block.
+BERT of ``tests/tiny_models.py``. Its dataset cap (2.25) funds exactly one run of its job per block.
 """
 
 import shutil
@@ -104,12 +104,15 @@ def test_recurring_fresh_runs_exhaust_a_month_then_train_on_the_new_one_only(mon
     assert plan1["blocks"] == [JAN] and plan1["n_records"] == 50 and plan1["sample_rate"] == 1 / 7
     assert ledger.charge(first).blocks == (JAN,) and ledger.charge(first).state == COMMITTED
     [jan] = ledger.budget("monthly").blocks
-    assert (jan.name, jan.n_records, jan.epsilon_cap) == (JAN, 40, 3.25)
-    assert jan.spent == pytest.approx(accounting.filter_epsilon([privacy.Plan(**plan1).mechanism], delta=1e-3))
+    assert (jan.name, jan.n_records, jan.epsilon_cap) == (JAN, 40, 2.25)
+    # the dataset's filter is the one the first plan chose, now fixed in the ledger
+    chosen = privacy.Plan(**plan1).filter
+    assert ledger.filter_of("monthly") == chosen and chosen.orders == (4.0,)
+    assert jan.spent == pytest.approx(chosen.epsilon([privacy.Plan(**plan1).mechanism], delta=1e-3))
 
     # Run 2, same data: January cannot take another run, and there is no other block.
     ref = stages.resolve(str(job), str(repo))
-    with pytest.raises(BudgetExceededError, match=rf"'monthly': refused. no block can still admit.*'{JAN}' spent 3\.0"):
+    with pytest.raises(BudgetExceededError, match=rf"'monthly': refused. no block can still admit.*'{JAN}' spent 2\.0"):
         stages.plan(str(job), ref, policy_path=_policy(job))
     assert len(ledger.charges("monthly")) == 1 and len(list((workspace_env / "runs").iterdir())) == 1
 

@@ -60,7 +60,8 @@ def test_flow_end_to_end_records_ledger_mlflow_and_promotes(prefect_harness, wor
     assert charge.state == COMMITTED and charge.steps_run == plan.steps == 5
     assert charge.mechanism.sample_rate == plan.sample_rate and charge.n_records == 2000 + 100 + 2000
     assert charge.data_version.startswith("hmac-sha256:") and charge.flow_run_id
-    assert ledger.budget("sst2").spent == pytest.approx(accounting.filter_epsilon([plan.mechanism], delta=ds.privacy.delta))
+    assert ledger.filter_of("sst2") == plan.filter  # fixed at registration, from the job's mechanism
+    assert ledger.budget("sst2").spent == pytest.approx(plan.filter.epsilon([plan.mechanism], delta=ds.privacy.delta))
     assert ledger.verify() == []
     kinds = [e["event"] for e in ledger.history("sst2")]
     assert kinds == ["registered", "reserved", "running", "progress", "finished", "committed", "model_bound", "evidence", "gate_decision"]
@@ -117,9 +118,10 @@ def _assert_no_plain_hash_of_the_training_file(project_root, ledger, client, run
 
 def test_next_run_over_cap_is_refused_before_training(prefect_harness, workspace_env, configs, project_root):
     plan, ds = _one_run_filter_epsilon(configs)
-    one = accounting.filter_epsilon([plan.mechanism], delta=ds.privacy.delta)
-    two = accounting.filter_epsilon([plan.mechanism] * 2, delta=ds.privacy.delta)
-    edit_yaml(configs / "datasets/sst2.yaml", lambda d: d["privacy"].update(epsilon_cap=(one + two) / 2))
+    f = plan.filter  # named in the config: the filter then does not move with the cap set below
+    one, two = (f.epsilon([plan.mechanism] * k, delta=ds.privacy.delta) for k in (1, 2))
+    edit_yaml(configs / "datasets/sst2.yaml",
+              lambda d: d["privacy"].update(epsilon_cap=(one + two) / 2, filter_orders=list(f.orders)))
 
     first = _run(configs, project_root)
     assert first["decision"] == "REFUSED"  # the policy's 0.70 accuracy is out of reach in 5 steps

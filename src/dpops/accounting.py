@@ -9,46 +9,100 @@ Two figures exist, and the code and the UI keep them apart:
 * **run epsilon** (:func:`epsilon`): the usual RDP accountant for one fixed sequence of
   mechanisms, converted to (epsilon, delta) at the best order of :data:`RDP_ORDERS`. This is what
   Opacus's and Google's ``dp_accounting`` RDP accountants report, and the tests pin it to both.
-* **guaranteed cumulative epsilon** (:func:`filter_epsilon`): the figure the ledger admits
-  against. Later runs may be configured after seeing earlier results (adaptive composition), so
-  the admission rule is an RDP privacy filter (Feldman & Zrnic 2021; Lecuyer 2021): RDP curves are
-  summed over the fixed grid :data:`FILTER_ORDERS`, delta is split evenly across the orders of the
-  grid, and a new charge is admitted only while some order keeps the implied epsilon within the
-  cap. It is a little larger than the run epsilon of the same charges: that is the price of
-  staying valid under adaptive choice.
+* **guaranteed cumulative epsilon** (:class:`PrivacyFilter`): the figure the ledger admits
+  against, under **fully adaptive composition**.
+
+Why the filter is valid when later runs are chosen after seeing earlier ones
+-----------------------------------------------------------------------------
+
+Recurring fine-tunes are adaptive: a run's noise, steps and even whether it happens at all may
+depend on what earlier runs released. Summing RDP and converting at the best order *after the
+fact* is not valid then, because the best order is chosen from the history. A privacy filter is:
+
+* **One order** (Feldman & Zrnic 2021, "Individual privacy accounting via a Renyi filter",
+  Theorem 3.1). Fix an order ``alpha`` and a budget ``B`` before anything runs. Admit a run with
+  RDP ``rho_t(alpha)`` (itself chosen adaptively) only while ``sum_t rho_t(alpha) <= B``. The whole
+  interaction is then ``(alpha, B)``-RDP, and so ``(B + log((alpha-1)/alpha) - (log(delta) +
+  log(alpha))/(alpha-1), delta)``-DP by the conversion of :func:`rdp_to_epsilon` (Canonne, Kamath
+  & Steinke 2020): delta is not split.
+* **Several orders** (Lecuyer 2021, "Practical privacy filters and odometers with Renyi
+  differential privacy"; the union over orders). Fix orders ``alpha_1..alpha_k``, shares
+  ``s_1..s_k`` of delta (``sum s_i <= 1``) and the epsilon cap in advance; order ``i``'s budget
+  ``B_i`` is the RDP that converts to the cap at ``delta * s_i``. Admit a run while *some* order
+  stays within its budget. For each order, the privacy-loss process stopped when that order's
+  budget would be exceeded is a supermartingale, so the loss exceeds the cap with probability at
+  most ``delta * s_i`` on the event that order ``i`` stayed within budget; every admitted history
+  ends with at least one order within budget, and a union bound over the ``k`` orders gives
+  ``(cap, delta)``-DP.
+
+So what must be fixed in advance is the set of orders and the split of delta; the mechanisms need
+not be. dpops fixes them **per dataset, once, when it is registered** (:func:`choose_filter`:
+the single order that admits the most runs of the mechanism the registering job plans, or the
+orders a dataset config names), stores them in the dataset's hash-chained ``registered`` event,
+and never changes them. A single order keeps all of delta; a grid pays ``log k / (alpha - 1)`` for
+its flexibility. Ledgers written before per-dataset filters keep ``rdp-filter-v1``: the fixed grid
+:data:`FILTER_ORDERS` with delta split evenly, and the same meaning.
+
+The RDP of one step (Mironov, Talwar & Zhang 2019) is ``dp_accounting``'s, through its public
+``RdpAccountant``; at fractional orders where its series does not converge (it then reports
+infinity), :func:`_integral_rdp` computes the same quantity by quadrature, an upper bound (its
+error estimate added), and the tests pin it to Opacus's series.
 
 Example:
     >>> run = SubsampledGaussian(noise_multiplier=1.0, sample_rate=0.01, steps=1000)
     >>> round(epsilon([run], delta=1e-5), 3)
     2.101
+    >>> f = choose_filter(run, cap=8.0, delta=1e-5)
+    >>> f.orders, f.runs_left([], run, delta=1e-5, cap=8.0)
+    ((4.0,), 13)
 """
 
 from __future__ import annotations
 
 import functools
-import importlib.util
+import json
+import logging
 import math
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
 #: Orders of the run accountant: the default grid of Opacus's RDP accountant.
 RDP_ORDERS: tuple[float, ...] = tuple([1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)))
 
-#: Orders of the ledger's privacy filter. Fixed for the life of a ledger: changing it would
-#: change the meaning of budgets already spent. Delta is split evenly across these orders.
+#: The fixed grid of ``rdp-filter-v1`` (delta split evenly across it), and of :data:`GRID_FILTER`,
+#: the filter a dataset gets when nothing tells what its jobs will run.
 FILTER_ORDERS: tuple[float, ...] = (
     1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 7.0, 8.0,
     10.0, 12.0, 14.0, 16.0, 20.0, 24.0, 28.0, 32.0, 40.0, 48.0, 56.0, 64.0,
 )
 
-#: Name stored with every dataset in the ledger, so a future grid change is detectable.
-FILTER_NAME = "rdp-filter-v1"
+#: The filter of ledgers written before per-dataset filters: :data:`FILTER_ORDERS`, delta split evenly.
+FILTER_V1 = "rdp-filter-v1"
+#: A per-dataset filter: its orders and delta shares are stored in the dataset's ``registered`` event.
+FILTER_V2 = "rdp-filter-v2"
+#: The filter new datasets are registered with.
+FILTER_NAME = FILTER_V2
+#: The filters this code implements.
+FILTERS = (FILTER_V1, FILTER_V2)
+
+#: Orders :func:`choose_filter` picks a dataset's order from: steps of 0.05 up to 20, where the
+#: best order of a typical DP-SGD run lies (its RDP can rise several-fold within one unit of order
+#: at small sigma, so a coarse grid costs runs), then coarser up to 4096 so that small epsilons
+#: (large orders) are not floored.
+CANDIDATE_ORDERS: tuple[float, ...] = (
+    *(round(1 + k * 0.05, 2) for k in range(1, 381)), *map(float, range(21, 129)), *map(float, range(136, 513, 8)),
+    *map(float, range(576, 4097, 64)),
+)
+#: Bounds on the orders a filter may name (a config's ``privacy.filter_orders`` included).
+MAX_FILTER_ORDER = 10_000.0
+MAX_FILTER_ORDERS = 64
 
 SAMPLER_POISSON = "poisson"
 KIND_SUBSAMPLED_GAUSSIAN = "subsampled_gaussian"
+
+_absl = logging.getLogger("absl")
 
 
 @dataclass(frozen=True)
@@ -77,44 +131,66 @@ class SubsampledGaussian:
             raise ValueError(f"steps must be a non-negative integer. Found {self.steps}.")
 
     def rdp(self, orders: Sequence[float]) -> np.ndarray:
-        """RDP curve of this event at ``orders`` (Mironov, Talwar & Zhang 2019).
-
-        Two independent implementations are evaluated and the larger value is kept at every
-        order: Google's ``dp_accounting`` and Opacus's. They agree to rounding at integer orders;
-        at fractional orders Opacus's is lower (measured: 13 % lower at order 1.1 for sigma 0.6,
-        q 0.0019), so in practice the figure is ``dp_accounting``'s, and a bug in either one
-        can only make dpops more conservative.
-        """
+        """RDP curve of this event at ``orders`` (Mironov, Talwar & Zhang 2019): ``steps`` times
+        :func:`rdp_one_step` (RDP is linear in steps)."""
         if self.steps == 0:
             return np.zeros(len(orders))
         return np.asarray(_rdp_one_step(float(self.noise_multiplier), float(self.sample_rate), tuple(orders))) * int(self.steps)
 
 
+def rdp_one_step(sigma: float, q: float, orders: Sequence[float]) -> np.ndarray:
+    """RDP of one step of the Poisson-subsampled Gaussian at ``orders``.
+
+    ``dp_accounting``'s public ``RdpAccountant`` (``PoissonSampledDpEvent(q, GaussianDpEvent(sigma))``,
+    read ``.rdp``); where its fractional-order series does not converge it reports infinity, and
+    :func:`_integral_rdp` gives the value there instead (an upper bound, never a smaller one), so
+    no order is lost to a numerical failure.
+    """
+    return np.asarray(_rdp_one_step(float(sigma), float(q), tuple(float(a) for a in orders)))
+
+
 @functools.lru_cache(maxsize=4096)
 def _rdp_one_step(sigma: float, q: float, orders: tuple[float, ...]) -> tuple[float, ...]:
-    """RDP of one step, the larger of ``dp_accounting``'s and Opacus's (RDP is linear in steps)."""
-    from dp_accounting.rdp.rdp_privacy_accountant import _compute_rdp_poisson_subsampled_gaussian
+    import dp_accounting
 
-    google = np.asarray(_compute_rdp_poisson_subsampled_gaussian(q, sigma, list(orders)), dtype=float)
-    opacus = np.asarray(_opacus_compute_rdp()(q=q, noise_multiplier=sigma, steps=1, orders=list(orders)), dtype=float)
-    return tuple(np.maximum(google, opacus))
+    accountant = dp_accounting.rdp.RdpAccountant(list(orders))
+    quiet = _absl.level
+    _absl.setLevel(logging.ERROR)  # its "failed to converge" warnings: handled below
+    try:
+        accountant.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), 1)
+    finally:
+        _absl.setLevel(quiet)
+    out = [float(x) for x in np.asarray(accountant.rdp, dtype=float)]
+    for i, alpha in enumerate(orders):
+        if not math.isfinite(out[i]) and q < 1:
+            out[i] = _integral_rdp(sigma, q, alpha)
+    return tuple(out)
 
 
-@functools.lru_cache(maxsize=1)
-def _opacus_compute_rdp() -> Callable[..., Any]:
-    """Opacus's ``compute_rdp``, loaded from its pure numpy/scipy module file.
+def _integral_rdp(sigma: float, q: float, alpha: float) -> float:
+    """RDP of one Poisson-subsampled Gaussian step at ``alpha``, by quadrature: an upper bound.
 
-    Importing ``opacus.accountants.analysis.rdp`` the usual way runs ``opacus/__init__`` and
-    loads torch (seconds per process); the ledger's many short-lived clients need only this math.
+    ``log(A_alpha) / (alpha - 1)`` with ``A_alpha = E_{z ~ N(0, sigma^2)}[((1-q) + q exp((2z-1) /
+    (2 sigma^2)))^alpha]``, the quantity whose series ``dp_accounting`` and Opacus sum (Mironov,
+    Talwar & Zhang 2019, Sec. 3.3: it bounds both directions of the divergence). The integrand is
+    scaled by its peak, integrated over the real line by adaptive quadrature, and the quadrature's
+    own error estimate is added, then a relative 1e-9 more: the result is never below the value.
+    Infinity when the quadrature cannot vouch for its result.
     """
-    spec = importlib.util.find_spec("opacus")
-    if spec is None or spec.origin is None:
-        raise ImportError("opacus is not installed")
-    path = Path(spec.origin).parent / "accountants" / "analysis" / "rdp.py"
-    mod_spec = importlib.util.spec_from_file_location("dpops._opacus_rdp", path)
-    module = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(module)
-    return module.compute_rdp
+    from scipy import integrate, optimize
+
+    s2 = sigma * sigma
+    log_norm = -0.5 * math.log(2 * math.pi * s2)
+
+    def log_f(z: float) -> float:
+        return log_norm - z * z / (2 * s2) + alpha * float(np.logaddexp(math.log1p(-q), math.log(q) + (2 * z - 1) / (2 * s2)))
+
+    peak = optimize.minimize_scalar(lambda z: -log_f(z), bounds=(-60 * sigma, 60 * sigma + 60), method="bounded")
+    top = max(log_f(peak.x), log_f(0.0), log_f(1.0))
+    value, error = integrate.quad(lambda z: math.exp(log_f(z) - top), -np.inf, np.inf, epsabs=0.0, epsrel=1e-12, limit=500)
+    if not (value > 0 and math.isfinite(value) and math.isfinite(error) and error < 1e-6 * value):
+        return math.inf
+    return max(0.0, (top + math.log(value + error)) / (alpha - 1)) * (1 + 1e-9)
 
 
 def _check_delta(delta: float) -> None:
@@ -144,16 +220,20 @@ def rdp_to_epsilon(rdp: np.ndarray, orders: Sequence[float], delta: float) -> tu
     return max(0.0, float(eps[i])), float(a[i])
 
 
-def epsilon(events: Iterable[SubsampledGaussian], *, delta: float) -> float:
-    """Run epsilon: RDP composition of a fixed sequence of events at ``delta``.
+def epsilon(events: Iterable[SubsampledGaussian], *, delta: float, orders: Sequence[float] = RDP_ORDERS) -> float:
+    """Run epsilon: RDP composition of a fixed sequence of events at ``delta``, at the best of ``orders``.
 
     This equals ``dp_accounting``'s ``RdpAccountant`` over :data:`RDP_ORDERS` (to 1e-6 relative)
-    and is never below Opacus's ``RDPAccountant.get_epsilon`` for the same history.
+    wherever its series converges, and is never below Opacus's ``RDPAccountant.get_epsilon`` for
+    the same history. Where it does not (fractional orders at large q), ``dp_accounting`` drops
+    the order and dpops keeps the quadrature bound, so for such mechanisms dpops's figure can be
+    the lower (tighter) of the two.
     """
-    total = np.zeros(len(RDP_ORDERS))
+    orders = tuple(float(a) for a in orders)
+    total = np.zeros(len(orders))
     for event in merge(events):
-        total += event.rdp(RDP_ORDERS)
-    return rdp_to_epsilon(total, RDP_ORDERS, delta)[0]
+        total += event.rdp(orders)
+    return rdp_to_epsilon(total, orders, delta)[0]
 
 
 def pld_epsilon(events: Iterable[SubsampledGaussian], *, delta: float, discretization: float = 1e-3) -> float:
@@ -189,35 +269,196 @@ def merge(events: Iterable[SubsampledGaussian]) -> list[SubsampledGaussian]:
     return [SubsampledGaussian(sigma, q, n) for (sigma, q), n in steps.items()]
 
 
-def filter_rdp(events: Iterable[SubsampledGaussian]) -> np.ndarray:
-    """Sum of the events' RDP curves over :data:`FILTER_ORDERS`."""
-    total = np.zeros(len(FILTER_ORDERS))
-    for event in merge(events):
-        total += event.rdp(FILTER_ORDERS)
-    return total
+@dataclass(frozen=True)
+class PrivacyFilter:
+    """An RDP privacy filter: fixed orders and the share of delta each one gets (module docstring).
+
+    ``epsilon(state)`` is the smallest cap the filter would still honour with RDP ``state`` spent:
+    the minimum over its orders of the conversion at ``delta * share``; ``0.0`` for a state
+    with nothing spent (no conversion constant of an empty filter). A dataset's filter is fixed when
+    it is registered and stored in its ``registered`` event (:meth:`spec`).
+
+    Raises:
+        ValueError: an unknown name, no orders, an order not in (1, MAX_FILTER_ORDER], repeated
+            orders, a share not in (0, 1], shares that add up to more than 1, or a v1 filter that
+            is not the v1 grid.
+    """
+
+    name: str
+    orders: tuple[float, ...]
+    delta_shares: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if self.name not in FILTERS:
+            raise ValueError(f"privacy filter must be one of {list(FILTERS)}. Found {self.name!r}.")
+        orders, shares = tuple(float(a) for a in self.orders), tuple(float(s) for s in self.delta_shares)
+        object.__setattr__(self, "orders", orders)
+        object.__setattr__(self, "delta_shares", shares)
+        if not 1 <= len(orders) <= MAX_FILTER_ORDERS or len(shares) != len(orders):
+            raise ValueError(f"a privacy filter needs 1 to {MAX_FILTER_ORDERS} orders and one delta share per order. "
+                             f"Found {len(orders)} orders and {len(shares)} shares.")
+        bad = [a for a in orders if not 1 < a <= MAX_FILTER_ORDER]  # nan fails too
+        if bad:
+            raise ValueError(f"filter orders must be in (1, {MAX_FILTER_ORDER:g}]. Found {bad[0]}.")
+        if len(set(orders)) != len(orders):
+            raise ValueError("filter orders must be distinct.")
+        if not all(0 < s <= 1 for s in shares) or not math.fsum(shares) <= 1 + 1e-12:
+            raise ValueError(f"delta shares must be in (0, 1] and add up to at most 1. Found a sum of {math.fsum(shares)}.")
+        if self.name == FILTER_V1 and (orders != FILTER_ORDERS or shares != _even(len(FILTER_ORDERS))):
+            raise ValueError(f"{FILTER_V1} is the fixed grid FILTER_ORDERS with delta split evenly.")
+
+    @classmethod
+    def from_spec(cls, name: str, spec: Optional[dict[str, Any]]) -> "PrivacyFilter":
+        """The filter a ``registered`` event names: v1 has no spec; v2 needs ``orders`` and
+        ``delta_shares``. Raises ValueError on anything else."""
+        if name == FILTER_V1:
+            if spec is not None:
+                raise ValueError(f"{FILTER_V1} has no stored orders")
+            return V1_FILTER
+        if name != FILTER_V2:
+            raise ValueError(f"privacy filter must be one of {list(FILTERS)}. Found {name!r}.")
+        if not isinstance(spec, dict) or set(spec) != {"orders", "delta_shares"}:
+            raise ValueError(f"{FILTER_V2} needs its orders and delta shares")
+        return cls(FILTER_V2, tuple(spec["orders"]), tuple(spec["delta_shares"]))
+
+    def spec(self) -> Optional[dict[str, list[float]]]:
+        """What the ``registered`` event stores (None for v1, whose grid is fixed in code)."""
+        if self.name == FILTER_V1:
+            return None
+        return {"orders": list(self.orders), "delta_shares": list(self.delta_shares)}
+
+    def spec_json(self) -> Optional[str]:
+        """:meth:`spec` as canonical JSON (the ``datasets.filter_spec`` column)."""
+        spec = self.spec()
+        return None if spec is None else json.dumps(spec, sort_keys=True, separators=(",", ":"))
+
+    def describe(self) -> str:
+        """One line for people, e.g. ``"rdp-filter-v2: order 14 (all of delta)"``."""
+        if len(self.orders) == 1:
+            return f"{self.name}: order {self.orders[0]:g} (all of delta)"
+        even = self.delta_shares == _even(len(self.orders))
+        return (f"{self.name}: {len(self.orders)} orders {self.orders[0]:g} to {self.orders[-1]:g}"
+                + (", delta split evenly" if even else ", delta split by stored shares"))
+
+    def one_step(self, sigma: float, q: float) -> list[float]:
+        """RDP of one step of (sigma, q) at the filter's orders, as plain floats (the ledger
+        stores it beside each spend total)."""
+        return [float(x) for x in _rdp_one_step(float(sigma), float(q), self.orders)]
+
+    def rdp(self, events: Iterable[SubsampledGaussian]) -> np.ndarray:
+        """The filter state of ``events``: their RDP curves summed at the filter's orders."""
+        total = np.zeros(len(self.orders))
+        for event in merge(events):
+            total += event.rdp(self.orders)
+        return total
+
+    def epsilon_from_rdp(self, state: np.ndarray, *, delta: float) -> float:
+        """Guaranteed epsilon of a filter state (see the class docstring)."""
+        _check_delta(delta)
+        state = np.asarray(state, dtype=float)
+        if state.shape != (len(self.orders),):
+            raise ValueError(f"a state of {self.name} has {len(self.orders)} orders. Found shape {state.shape}.")
+        if not np.any(state):
+            return 0.0
+        return float(np.min(state + self._conversion(delta)))
+
+    def epsilon(self, events: Iterable[SubsampledGaussian], *, delta: float) -> float:
+        """Guaranteed cumulative epsilon of ``events`` under adaptive composition."""
+        return self.epsilon_from_rdp(self.rdp(events), delta=delta)
+
+    def admits(self, spent: Iterable[SubsampledGaussian], new: SubsampledGaussian, *, delta: float, cap: float) -> bool:
+        """True when adding ``new`` to ``spent`` keeps the filter within ``cap``."""
+        return self.epsilon(list(spent) + [new], delta=delta) <= cap
+
+    def runs_left(self, spent: Iterable[SubsampledGaussian] | np.ndarray, mechanism: SubsampledGaussian, *, delta: float,
+                  cap: float, limit: int = 100_000, one_step: Optional[Sequence[float]] = None) -> int:
+        """How many more runs of ``mechanism`` the filter admits after ``spent`` (events or a state),
+        at most ``limit``. ``one_step``: the mechanism's one-step curve at the filter's orders, if
+        already known (the ledger stores it)."""
+        state = np.asarray(spent, dtype=float) if isinstance(spent, np.ndarray) else self.rdp(spent)
+        step = (np.asarray(one_step, dtype=float) * mechanism.steps if one_step is not None
+                else mechanism.rdp(self.orders))
+        room = cap - self._conversion(delta) - state
+        with np.errstate(divide="ignore", invalid="ignore"):
+            per_order = np.where(step > 0, np.floor(room / step), np.where(room >= 0, limit, -1))
+        k = int(min(limit, max(0.0, float(np.nanmax(per_order)))))
+        ok = lambda k: self.epsilon_from_rdp(state + k * step, delta=delta) <= cap  # noqa: E731 (rounding at the edge)
+        while k > 0 and not ok(k):
+            k -= 1
+        while k < limit and ok(k + 1):
+            k += 1
+        return k
+
+    def _conversion(self, delta: float) -> np.ndarray:
+        """Per order, the epsilon an RDP of 0 converts to at ``delta * share`` (the state is added)."""
+        a = np.asarray(self.orders)
+        d = delta * np.asarray(self.delta_shares)
+        return np.log((a - 1) / a) - (np.log(d) + np.log(a)) / (a - 1)
 
 
-def filter_rdp_one_step(sigma: float, q: float) -> list[float]:
-    """RDP of one step of (sigma, q) over :data:`FILTER_ORDERS`, as plain floats (the ledger stores
-    it beside each spend total; RDP is linear in steps)."""
-    return [float(x) for x in _rdp_one_step(float(sigma), float(q), FILTER_ORDERS)]
+def _even(k: int) -> tuple[float, ...]:
+    return tuple([1.0 / k] * k)
 
 
-def filter_epsilon_from_rdp(total_rdp: np.ndarray, *, delta: float) -> float:
-    """Guaranteed epsilon of a filter state, with ``delta`` split across the filter's orders."""
-    return rdp_to_epsilon(total_rdp, FILTER_ORDERS, delta / len(FILTER_ORDERS))[0]
+#: The filter of ledgers written before per-dataset filters (``rdp-filter-v1``).
+V1_FILTER = PrivacyFilter(FILTER_V1, FILTER_ORDERS, _even(len(FILTER_ORDERS)))
+#: The filter a dataset gets when nothing says what its jobs run: v1's grid, stored as a v2 filter.
+GRID_FILTER = PrivacyFilter(FILTER_V2, FILTER_ORDERS, _even(len(FILTER_ORDERS)))
 
 
-def filter_epsilon(events: Iterable[SubsampledGaussian], *, delta: float) -> float:
-    """Guaranteed cumulative epsilon under adaptive composition (see the module docstring)."""
-    return filter_epsilon_from_rdp(filter_rdp(events), delta=delta)
+def filter_of_orders(orders: Sequence[float]) -> PrivacyFilter:
+    """A v2 filter over ``orders`` (sorted), delta split evenly: what a dataset config's
+    ``privacy.filter_orders`` asks for."""
+    orders = tuple(sorted(float(a) for a in orders))
+    return PrivacyFilter(FILTER_V2, orders, _even(len(orders)))
+
+
+def choose_filter(mechanism: SubsampledGaussian, *, cap: float, delta: float,
+                  candidates: Sequence[float] = CANDIDATE_ORDERS) -> PrivacyFilter:
+    """The single-order filter that admits the most runs of ``mechanism`` within ``cap``.
+
+    Among ``candidates``, the order maximising ``(cap - conversion(alpha, delta)) / RDP_run(alpha)``
+    (the floor of which is the number of runs admitted, so the maximiser admits the most). It uses
+    only what the job's config and the public record count give (sigma, q, steps), never the data,
+    so choosing it before any run keeps the filter valid under adaptivity (module docstring).
+    """
+    _check_delta(delta)
+    a = np.asarray(sorted(float(x) for x in candidates))
+    step = np.asarray(mechanism.rdp(tuple(a)), dtype=float)
+    conversion = np.log((a - 1) / a) - (math.log(delta) + np.log(a)) / (a - 1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        value = np.where(np.isfinite(step) & (step > 0), (cap - conversion) / step, -np.inf)
+    if not np.any(np.isfinite(value)):
+        return GRID_FILTER
+    return PrivacyFilter(FILTER_V2, (float(a[int(np.argmax(value))]),), (1.0,))
+
+
+def filter_rdp(events: Iterable[SubsampledGaussian], privacy_filter: Optional[PrivacyFilter] = None) -> np.ndarray:
+    """Sum of the events' RDP curves at the filter's orders (default :data:`GRID_FILTER`)."""
+    return (privacy_filter or GRID_FILTER).rdp(events)
+
+
+def filter_rdp_one_step(sigma: float, q: float, privacy_filter: Optional[PrivacyFilter] = None) -> list[float]:
+    """RDP of one step of (sigma, q) at the filter's orders (default :data:`GRID_FILTER`)."""
+    return (privacy_filter or GRID_FILTER).one_step(sigma, q)
+
+
+def filter_epsilon_from_rdp(total_rdp: np.ndarray, *, delta: float, privacy_filter: Optional[PrivacyFilter] = None) -> float:
+    """Guaranteed epsilon of a filter state (default :data:`GRID_FILTER`)."""
+    return (privacy_filter or GRID_FILTER).epsilon_from_rdp(total_rdp, delta=delta)
+
+
+def filter_epsilon(events: Iterable[SubsampledGaussian], *, delta: float, privacy_filter: Optional[PrivacyFilter] = None) -> float:
+    """Guaranteed cumulative epsilon under adaptive composition (default :data:`GRID_FILTER`)."""
+    return (privacy_filter or GRID_FILTER).epsilon(events, delta=delta)
 
 
 def filter_admits(
-    spent: Iterable[SubsampledGaussian], new: SubsampledGaussian, *, delta: float, cap: float
+    spent: Iterable[SubsampledGaussian], new: SubsampledGaussian, *, delta: float, cap: float,
+    privacy_filter: Optional[PrivacyFilter] = None,
 ) -> bool:
     """True when adding ``new`` to ``spent`` keeps the filter within ``cap``."""
-    return filter_epsilon(list(spent) + [new], delta=delta) <= cap
+    return (privacy_filter or GRID_FILTER).admits(spent, new, delta=delta, cap=cap)
 
 
 def calibrate_noise(
@@ -262,8 +503,10 @@ def calibrate_noise_to_filter(
     delta: float,
     tolerance: float = 0.01,
     sigma_max: float = 1000.0,
+    privacy_filter: Optional[PrivacyFilter] = None,
 ) -> float:
-    """Smallest noise multiplier that lets ``runs`` runs like this one still pass the filter.
+    """Smallest noise multiplier that lets ``runs`` runs like this one still pass the filter
+    (the dataset's ``privacy_filter``; default :data:`GRID_FILTER`).
 
     "Fit to the remaining budget": with the dataset's counted history ``spent``, the returned
     sigma keeps ``filter_epsilon(spent + runs x (sigma, q, steps)) <= cap``, so this run and
@@ -276,10 +519,11 @@ def calibrate_noise_to_filter(
     if runs < 1:
         raise ValueError(f"runs must be >= 1. Found {runs}.")
     _check_delta(delta)
-    base = filter_rdp(spent)
+    f = privacy_filter or GRID_FILTER
+    base = f.rdp(spent)
     return _smallest_sigma(
-        lambda sigma: filter_epsilon_from_rdp(base + SubsampledGaussian(sigma, sample_rate, steps * runs).rdp(FILTER_ORDERS),
-                                              delta=delta) <= cap,
+        lambda sigma: f.epsilon_from_rdp(base + SubsampledGaussian(sigma, sample_rate, steps * runs).rdp(f.orders),
+                                         delta=delta) <= cap,
         tolerance=tolerance, sigma_max=sigma_max,
         failure=f"{runs} run(s) of {steps} steps at sample_rate={sample_rate} within cap {cap} at delta={delta}",
     )

@@ -125,7 +125,10 @@ def _require_ledger():
 def dataset_register(
     config: Path = typer.Argument(..., help="Dataset config, e.g. configs/datasets/sst2.yaml"),
 ) -> None:
-    """Register a dataset's unit, delta and cap in the ledger (no-op if registered with the same terms)."""
+    """Register a dataset's unit, delta, cap and privacy filter in the ledger (no-op if registered with
+    the same terms). The filter is the config's ``privacy.filter_orders``, else the grid
+    (:data:`dpops.accounting.GRID_FILTER`): a job's first run chooses a sharper one from its mechanism."""
+    from dpops import accounting
     from dpops.config import load_dataset_config
 
     try:
@@ -133,7 +136,9 @@ def dataset_register(
         ledger = _open_ledger(must_exist=False)
         ledger.register_dataset(name=cfg.ledger_name, unit=cfg.unit, delta=cfg.privacy.delta, epsilon_cap=cfg.privacy.epsilon_cap,
                                 contribution_bound=cfg.contribution_bound, source=cfg.source,
-                                linked_from=cfg.name if cfg.budget_of else None)
+                                linked_from=cfg.name if cfg.budget_of else None,
+                                privacy_filter=cfg.privacy.privacy_filter or accounting.GRID_FILTER,
+                                filter_from_config=cfg.privacy.filter_orders is not None)
     except DpopsError as exc:
         _fail(exc)
         return

@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator, model_validator
 
+from dpops import accounting
 from dpops.errors import ConfigError
 
 #: The largest epsilon a config may name (a dataset's cap, a block's cap, a run's target): the
@@ -49,6 +50,29 @@ class _Strict(BaseModel):
 class PrivacyBudget(_Strict):
     epsilon_cap: float = Field(gt=0, le=MAX_EPSILON, description="Total epsilon this dataset may ever spend, across all runs and versions.")
     delta: float = Field(gt=0, lt=1, description="Delta of every guarantee on this dataset; must be below 1/n.")
+    filter_orders: Optional[list[float]] = Field(
+        default=None, min_length=1, max_length=64,
+        description="RDP orders of the dataset's privacy filter, delta split evenly across them; fixed when the dataset "
+        "is registered (the ledger refuses a different list later). None: the first job chooses the single order "
+        "that admits the most runs of its mechanism (dpops.accounting.choose_filter).",
+    )
+
+    @field_validator("filter_orders")
+    @classmethod
+    def _orders(cls, v: Optional[list[float]]) -> Optional[list[float]]:
+        if v is None:
+            return v
+        bad = [a for a in v if not 1 < a <= 10_000]
+        if bad:
+            raise ValueError(f"every order must be in (1, 10000]. Found {bad[0]}")
+        if len(set(v)) != len(v):
+            raise ValueError("orders must be distinct")
+        return v
+
+    @property
+    def privacy_filter(self) -> Optional[accounting.PrivacyFilter]:
+        """The filter the config names (``filter_orders``), or None when the first job chooses it."""
+        return None if self.filter_orders is None else accounting.filter_of_orders(self.filter_orders)
 
 
 class SplitFiles(_Strict):

@@ -223,8 +223,11 @@ def pipeline_role_sql(engine: Engine, role: str) -> list[str]:
         database = conn.scalar(text("SELECT current_database()"))
         tables = [t for t in (*Base.metadata.tables, "alembic_version")
                   if conn.scalar(text("SELECT to_regclass(:t)"), {"t": t}) is not None]
+        present = {(t, c) for t, c in conn.execute(text(  # a ledger behind head lacks the newer columns
+            "SELECT table_name, column_name FROM information_schema.columns WHERE table_schema = current_schema()"))}
         sequences = sorted({s for t in tables for c in ([] if t == "alembic_version" else Base.metadata.tables[t].columns)
-                            if (s := conn.scalar(text("SELECT pg_get_serial_sequence(:t, :c)"), {"t": t, "c": c.name}))})
+                            if (t, c.name) in present
+                            and (s := conn.scalar(text("SELECT pg_get_serial_sequence(:t, :c)"), {"t": t, "c": c.name}))})
         schema = conn.scalar(text("SELECT relnamespace::regnamespace::text FROM pg_class WHERE oid = to_regclass('alembic_version')"))
     if not tables or schema is None:
         raise LedgerError("the ledger has no schema yet: run `dpops ledger migrate` first")
@@ -291,6 +294,8 @@ class DatasetRow(Base):
     delta: Mapped[float] = mapped_column(Double)
     epsilon_cap: Mapped[float] = mapped_column(Double)
     accountant: Mapped[str] = mapped_column(String(50))
+    #: Canonical JSON of the filter's orders and delta shares (``rdp-filter-v2``); NULL for v1 (migration 0007).
+    filter_spec: Mapped[Optional[str]] = mapped_column(Text, nullable=True)
     created_at: Mapped[str] = mapped_column(String(40))
     # Head of the event chain: lets verify() notice a truncated tail.
     head_seq: Mapped[int] = mapped_column(Integer, default=0)
@@ -415,7 +420,7 @@ class SpendTotalRow(Base):
     noise_multiplier: Mapped[float] = mapped_column(Double)
     sample_rate: Mapped[float] = mapped_column(Double)
     steps: Mapped[int] = mapped_column(Integer)
-    #: JSON: RDP of one step of (sigma, q) over accounting.FILTER_ORDERS (migration 0004).
+    #: JSON: RDP of one step of (sigma, q) at the dataset's filter orders (migrations 0004, 0007).
     rdp_per_step: Mapped[Optional[str]] = mapped_column(Text, nullable=True)
 
 
@@ -471,6 +476,12 @@ class DatasetBudget:
     pld_estimate: Optional[float] = None
     #: Per-block budgets when the dataset is partitioned; ``spent`` is then their maximum.
     blocks: list["BlockBudget"] = field(default_factory=list)
+    #: The dataset's privacy filter, fixed at registration (its orders and delta shares).
+    privacy_filter: accounting.PrivacyFilter = accounting.GRID_FILTER
+    #: The mechanism of the dataset's last charge (sigma, q, steps planned), if any.
+    last_mechanism: Optional[SubsampledGaussian] = None
+    #: How many more runs of ``last_mechanism`` the filter admits (partitioned: the most any block admits).
+    runs_left: Optional[int] = None
 
     @property
     def remaining(self) -> float:
@@ -483,6 +494,8 @@ class BlockBudget:
     epsilon_cap: float
     n_records: int
     spent: float
+    #: How many more runs of the dataset's last mechanism this block admits.
+    runs_left: Optional[int] = None
 
     @property
     def remaining(self) -> float:
@@ -494,15 +507,31 @@ def _mechanism(sigma: float, q: float, steps: int) -> SubsampledGaussian:
     return SubsampledGaussian(sigma, q, steps)  # validated once per distinct value
 
 
-def _rdp_json(sigma: float, q: float) -> str:
-    """The stored one-step RDP curve of (sigma, q) (see migration 0004)."""
-    return json.dumps(accounting.filter_rdp_one_step(sigma, q))
+def _rdp_json(f: accounting.PrivacyFilter, sigma: float, q: float) -> str:
+    """The stored one-step RDP curve of (sigma, q) at the filter's orders (see migration 0004)."""
+    return json.dumps(f.one_step(sigma, q))
 
 
-def _epsilon(base_rdp: np.ndarray, new: Optional[SubsampledGaussian], delta: float) -> float:
+def _epsilon(f: accounting.PrivacyFilter, base_rdp: np.ndarray, new: Optional[SubsampledGaussian], delta: float) -> float:
     """The filter's guaranteed epsilon with state ``base_rdp``, plus ``new`` if given."""
-    total = base_rdp if new is None else base_rdp + new.rdp(accounting.FILTER_ORDERS)
-    return accounting.filter_epsilon_from_rdp(total, delta=delta)
+    total = base_rdp if new is None else base_rdp + new.rdp(f.orders)
+    return f.epsilon_from_rdp(total, delta=delta)
+
+
+@functools.lru_cache(maxsize=256)
+def _filter(accountant: Optional[str], spec: Optional[str]) -> accounting.PrivacyFilter:
+    """The privacy filter a dataset was registered with (``datasets.accountant``, ``.filter_spec``).
+
+    Raises:
+        LedgerError: a filter this code does not implement, or a v2 spec that is not a valid one.
+    """
+    if accountant not in accounting.FILTERS:
+        raise LedgerError(f"privacy filter {accountant!r}, which this code does not implement (it implements "
+                          f"{', '.join(repr(n) for n in accounting.FILTERS)})")
+    try:
+        return accounting.PrivacyFilter.from_spec(accountant, None if spec is None else json.loads(spec))
+    except (ValueError, TypeError) as exc:
+        raise LedgerError(f"privacy filter {accountant!r} with a stored spec that is not valid ({exc})") from None
 
 
 def _now(offset_seconds: float = 0.0) -> str:
@@ -559,6 +588,13 @@ class _Locked:
     head_seq: int
     head_hash: str
     partitioned: bool
+    accountant: Optional[str] = None
+    filter_spec: Optional[str] = None
+
+    @property
+    def privacy_filter(self) -> accounting.PrivacyFilter:
+        """The dataset's filter, as its row names it (admission checks the row against the chain)."""
+        return _filter(self.accountant, self.filter_spec)
 
 
 @dataclass(frozen=True)
@@ -777,8 +813,8 @@ class Ledger:
         """
         d = _DATASETS.c
         partitioned = select(_BLOCKS.c.id).where(_BLOCKS.c.dataset_id == d.id).exists().label("partitioned")
-        stmt = (select(d.id, d.name, d.unit, d.delta, d.epsilon_cap, d.head_seq, d.head_hash, partitioned)
-                .where(d.name == name if dataset_id is None else d.id == dataset_id))
+        stmt = (select(d.id, d.name, d.unit, d.delta, d.epsilon_cap, d.head_seq, d.head_hash, partitioned, d.accountant,
+                       d.filter_spec).where(d.name == name if dataset_id is None else d.id == dataset_id))
         if self._pg:
             stmt = stmt.with_for_update(of=_DATASETS)
             if asynchronous_commit:
@@ -786,7 +822,7 @@ class Ledger:
         row = conn.execute(stmt).one_or_none()
         if row is None:
             raise LedgerError(f"dataset {name!r} is not registered in the ledger")
-        return _Locked(*row[:8])
+        return _Locked(*row[:10])
 
     @staticmethod
     def _next_event(ds: _Locked, kind: str, charge_id: Optional[str], payload: dict[str, Any]) -> dict[str, Any]:
@@ -870,14 +906,16 @@ class Ledger:
 
     # -- the derived spend index (charge_states, spend_totals): written under the dataset lock
 
-    def _add_steps(self, conn: Connection, dataset_id: int, scopes: list[str], sigma: float, q: float, change: int) -> None:
-        """Add ``change`` counted steps of mechanism (sigma, q) to each scope's total."""
+    def _add_steps(self, conn: Connection, ds: _Locked, scopes: list[str], sigma: float, q: float, change: int) -> None:
+        """Add ``change`` counted steps of mechanism (sigma, q) to each scope's total (a new total
+        stores the one-step curve at the dataset's filter orders)."""
+        dataset_id = ds.id
         t = _TOTALS
         for scope in scopes:
             if change > 0:  # one upsert: insert the scope's first total, or add to it
                 dialect_insert = pg_insert if self._pg else sqlite_insert
                 stmt = dialect_insert(t).values(dataset_id=dataset_id, scope=scope, noise_multiplier=sigma, sample_rate=q,
-                                                steps=change, rdp_per_step=_rdp_json(sigma, q))
+                                                steps=change, rdp_per_step=_rdp_json(ds.privacy_filter, sigma, q))
                 conn.execute(stmt.on_conflict_do_update(
                     index_elements=[t.c.dataset_id, t.c.scope, t.c.noise_multiplier, t.c.sample_rate],
                     set_={"steps": t.c.steps + stmt.excluded.steps},
@@ -902,7 +940,7 @@ class Ledger:
                 select(BlockRow.name).join(ChargeBlockRow, ChargeBlockRow.block_id == BlockRow.id)
                 .where(ChargeBlockRow.charge_id == charge_id)
             )) or [WHOLE]
-            self._add_steps(conn, ds.id, scopes, sigma, q, change)
+            self._add_steps(conn, ds, scopes, sigma, q, change)
         conn.execute(update(_STATES).where(_STATES.c.charge_id == charge_id).values(state=new_state, steps_counted=counted))
         self._append(conn, ds, new_state, charge_id, payload)
 
@@ -934,13 +972,22 @@ class Ledger:
         return [_mechanism(sigma, q, steps) for sigma, q, steps, _curve in cls._scope_rows(conn, dataset_id, block)]
 
     @classmethod
-    def _scope_rdp(cls, conn: Session | Connection, dataset_id: int, block: Optional[str] = None) -> np.ndarray:
-        """The filter state of the dataset (or ``block``): its counted RDP over the filter's orders,
+    def _scope_rdp(cls, conn: Session | Connection, dataset_id: int, f: accounting.PrivacyFilter,
+                   block: Optional[str] = None) -> np.ndarray:
+        """The filter state of the dataset (or ``block``): its counted RDP at the filter's orders,
         ``sum(steps * RDP_one_step)`` over the same rows as :meth:`_scope_totals`, from the curves
-        stored beside them (computed afresh where one is missing)."""
-        total = np.zeros(len(accounting.FILTER_ORDERS))
+        stored beside them (computed afresh where one is missing).
+
+        Raises:
+            LedgerError: a stored curve has another number of orders than the filter (edited).
+        """
+        total = np.zeros(len(f.orders))
         for sigma, q, steps, curve in cls._scope_rows(conn, dataset_id, block):
-            total += steps * np.asarray(json.loads(curve) if curve else accounting.filter_rdp_one_step(sigma, q))
+            one = np.asarray(json.loads(curve) if curve else f.one_step(sigma, q), dtype=float)
+            if one.shape != total.shape:
+                raise LedgerError(f"a stored RDP curve has {one.size} orders, the dataset's filter {total.size}; "
+                                  "run `dpops ledger verify`")
+            total += steps * one
         return total
 
     def _blocks(self, conn: Session | Connection, dataset_id: int, names: Optional[list[str]] = None,
@@ -965,8 +1012,16 @@ class Ledger:
     def register_dataset(
         self, *, name: str, unit: str, delta: float, epsilon_cap: float, contribution_bound: Optional[int] = None,
         source: Optional[str] = None, linked_from: Optional[str] = None,
+        privacy_filter: accounting.PrivacyFilter = accounting.GRID_FILTER, filter_from_config: bool = False,
     ) -> None:
         """Register a dataset, or check that the registered one has the same terms.
+
+        ``privacy_filter`` (its orders and delta shares) is fixed here, for the life of the
+        dataset, and stored in the ``registered`` event: the pipeline passes the one chosen from
+        the registering job's mechanism (:func:`dpops.accounting.choose_filter`) or the config's
+        ``privacy.filter_orders``; the default is :data:`dpops.accounting.GRID_FILTER`. For a dataset
+        already registered it is ignored, unless ``filter_from_config`` (the config names orders):
+        then a different registered filter is refused like a different cap.
 
         ``source`` (the repo-relative DVC path of the training file) is recorded in the
         ``registered`` event: a budget belongs to the data, not to a name, so a new dataset on a
@@ -975,8 +1030,9 @@ class Ledger:
         already, on the same source, and nothing new is registered.
 
         Raises:
-            ConfigError: the dataset exists with a different unit, delta or cap. The ledger is the
-                source of truth; a config file cannot silently raise a cap.
+            ConfigError: the dataset exists with a different unit, delta or cap (or, with
+                ``filter_from_config``, filter). The ledger is the source of truth; a config file
+                cannot silently raise a cap.
             LedgerError: the source is another dataset's, or a link names an unregistered dataset
                 or one on another source.
         """
@@ -999,7 +1055,8 @@ class Ledger:
         with self.engine.begin() as conn:
             if self._pg and source is not None:  # one registration at a time: two names cannot claim one source
                 conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_PG_REGISTER_LOCK})")
-            row = conn.execute(select(d.unit, d.contribution_bound, d.delta, d.epsilon_cap).where(d.name == name)).one_or_none()
+            row = conn.execute(select(d.unit, d.contribution_bound, d.delta, d.epsilon_cap, d.accountant, d.filter_spec)
+                               .where(d.name == name)).one_or_none()
             if source is not None:
                 self._check_source(conn, name, source, registered=row is not None, linked_from=linked_from)
             if row is not None:
@@ -1009,6 +1066,9 @@ class Ledger:
                                     ("delta", row.delta, delta), ("epsilon_cap", row.epsilon_cap, epsilon_cap))
                     if a != b
                 ]
+                if filter_from_config and (row.accountant, row.filter_spec) != (privacy_filter.name, privacy_filter.spec_json()):
+                    differs.append(f"privacy.filter_orders: ledger {_describe_filter(row.accountant, row.filter_spec)}, "
+                                   f"config {privacy_filter.describe()}")
                 if differs:
                     raise ConfigError(
                         f"dataset {name!r} is registered in the ledger with other terms ({'; '.join(differs)}). "
@@ -1020,19 +1080,24 @@ class Ledger:
             dialect_insert = pg_insert if self._pg else sqlite_insert
             new_id = conn.scalar(dialect_insert(_DATASETS).values(
                 name=name, unit=unit, contribution_bound=contribution_bound, delta=delta, epsilon_cap=epsilon_cap,
-                accountant=accounting.FILTER_NAME, created_at=_now(), head_seq=0, head_hash=GENESIS,
+                accountant=privacy_filter.name, filter_spec=privacy_filter.spec_json(), created_at=_now(), head_seq=0,
+                head_hash=GENESIS,
             ).on_conflict_do_nothing(index_elements=[d.name]).returning(d.id))
             raced = new_id is None
             if not raced:
-                ds = _Locked(new_id, name, unit, delta, epsilon_cap, 0, GENESIS, False)
+                ds = _Locked(new_id, name, unit, delta, epsilon_cap, 0, GENESIS, False, privacy_filter.name,
+                             privacy_filter.spec_json())
                 payload = {"unit": unit, "contribution_bound": contribution_bound, "delta": delta,
-                           "epsilon_cap": epsilon_cap, "accountant": accounting.FILTER_NAME}
+                           "epsilon_cap": epsilon_cap, "accountant": privacy_filter.name}
+                if privacy_filter.spec() is not None:
+                    payload["filter"] = privacy_filter.spec()
                 if source is not None:
                     payload["source"] = source
                 self._append(conn, ds, "registered", None, payload)
         if raced:  # the winner's row is committed now: same terms are a no-op, others refused
             self.register_dataset(name=name, unit=unit, delta=delta, epsilon_cap=epsilon_cap,
-                                  contribution_bound=contribution_bound, source=source, linked_from=linked_from)
+                                  contribution_bound=contribution_bound, source=source, linked_from=linked_from,
+                                  privacy_filter=privacy_filter, filter_from_config=filter_from_config)
 
     @staticmethod
     def _sources(conn: Connection) -> dict[str, Optional[str]]:
@@ -1117,10 +1182,18 @@ class Ledger:
         fine-tune keeps training once older blocks are exhausted."""
         with self.engine.connect() as conn:
             ds = self._dataset(conn, dataset)
+            f = _filter(ds.accountant, ds.filter_spec)
             return [
                 name for _id, name, cap, _n in self._blocks(conn, ds.id)
-                if _epsilon(self._scope_rdp(conn, ds.id, name), mechanism, ds.delta) <= cap
+                if _epsilon(f, self._scope_rdp(conn, ds.id, f, name), mechanism, ds.delta) <= cap
             ]
+
+    def filter_of(self, dataset: str) -> Optional[accounting.PrivacyFilter]:
+        """The privacy filter ``dataset`` was registered with; None when it is not registered."""
+        with self.engine.connect() as conn:
+            d = _DATASETS.c
+            row = conn.execute(select(d.accountant, d.filter_spec).where(d.name == dataset)).one_or_none()
+        return None if row is None else _filter(row.accountant, row.filter_spec)
 
     # ----------------------------------------------------------------- admission checks the record
 
@@ -1140,18 +1213,18 @@ class Ledger:
         """
         d = _DATASETS.c
         row = conn.execute(select(d.id, d.name, d.unit, d.contribution_bound, d.delta, d.epsilon_cap, d.accountant,
-                                  d.head_seq, d.head_hash).where(d.id == ds.id)).one()
+                                  d.filter_spec, d.head_seq, d.head_hash).where(d.id == ds.id)).one()
         problems: list[str] = []
         cached = self._verified.pop(ds.id, None)  # popped: a replay that fails half-way leaves nothing cached
         resume = cached if cached is not None and cached[0] <= row.head_seq else None
         chain = self._replay_chain(conn, row, problems, resume)
-        for accountant in {row.accountant, chain.terms.accountant if chain.terms else accounting.FILTER_NAME}:
-            if accountant != accounting.FILTER_NAME:
-                raise LedgerError(
-                    f"dataset {ds.name!r} is accounted by privacy filter {accountant!r}, which this code does not "
-                    f"implement (it implements {accounting.FILTER_NAME!r}); refused to admit. Use the dpops version "
-                    "that registered it."
-                )
+        terms = [(row.accountant, row.filter_spec)] + ([(chain.terms.accountant, chain.terms.filter_spec)] if chain.terms else [])
+        for accountant, spec in terms:
+            try:
+                _filter(accountant, spec)
+            except LedgerError as exc:
+                raise LedgerError(f"dataset {ds.name!r} is accounted by {exc}; refused to admit. Use the dpops version "
+                                  "that registered it.") from None
         cs = _STATES.c
         index = {r.charge_id: r for r in conn.execute(
             select(cs.charge_id, cs.dataset_id, cs.state, cs.steps_counted, cs.lease_expires_at).where(cs.dataset_id == ds.id))}
@@ -1226,14 +1299,15 @@ class Ledger:
             block_rows = self._blocks(conn, ds.id, sorted(set(blocks)), lock=True, dataset=dataset) if blocks else []
             block_rows = [(i, name, chain.blocks[name].epsilon_cap, n) for i, name, _cap, n in block_rows]
             for block, cap in [(name, cap) for _id, name, cap, _n in block_rows] or [(None, ds.epsilon_cap)]:
-                base = self._scope_rdp(conn, ds.id, block)
-                after = _epsilon(base, mechanism, ds.delta)
+                f = ds.privacy_filter  # the row's, which the replay just compared with the registered event
+                base = self._scope_rdp(conn, ds.id, f, block)
+                after = _epsilon(f, base, mechanism, ds.delta)
                 if after > cap and self._expire_stale(conn, ds):
                     # Stale reservations are expired lazily, when they stand in the way.
-                    base = self._scope_rdp(conn, ds.id, block)
-                    after = _epsilon(base, mechanism, ds.delta)
+                    base = self._scope_rdp(conn, ds.id, f, block)
+                    after = _epsilon(f, base, mechanism, ds.delta)
                 if after > cap:
-                    spent = _epsilon(base, None, ds.delta)
+                    spent = _epsilon(f, base, None, ds.delta)
                     requested = accounting.epsilon([mechanism], delta=ds.delta)
                     where = f"dataset {dataset!r}" + (f" block {block!r}" if block else "")
                     raise BudgetExceededError(
@@ -1272,7 +1346,7 @@ class Ledger:
                 conn.execute(insert(ChargeBlockRow.__table__), [{"charge_id": charge.id, "block_id": b} for b in block_ids])
             conn.execute(insert(_STATES), {"charge_id": charge.id, "dataset_id": ds.id, "state": RESERVED,
                                            "steps_counted": steps, "lease_expires_at": charge.lease_expires_at})
-            self._add_steps(conn, ds.id, scopes, fields["noise_multiplier"], fields["sample_rate"], steps)
+            self._add_steps(conn, ds, scopes, fields["noise_multiplier"], fields["sample_rate"], steps)
             self._write_event(conn, ds, event_row)
             return
         params: dict[str, Any] = {"charge_id": charge.id, "dataset_id": ds.id, "state": RESERVED, "steps": steps,
@@ -1280,7 +1354,7 @@ class Ledger:
         links = ", ".join(f"(:charge_id, :block_{i})" for i in range(len(block_ids)))
         params.update({f"block_{i}": b for i, b in enumerate(block_ids)})
         totals = ", ".join(f"(:dataset_id, :scope_{i}, :noise_multiplier, :sample_rate, :steps, :rdp_per_step)" for i in range(len(scopes)))
-        params["rdp_per_step"] = _rdp_json(fields["noise_multiplier"], fields["sample_rate"])
+        params["rdp_per_step"] = _rdp_json(ds.privacy_filter, fields["noise_multiplier"], fields["sample_rate"])
         params.update({f"scope_{i}": scope for i, scope in enumerate(scopes)})
         columns = ", ".join(CHARGE_FIELDS)
         values = ", ".join(f":{name}" for name in CHARGE_FIELDS)
@@ -1639,7 +1713,8 @@ class Ledger:
     def _dataset(conn: Session | Connection, name: str) -> Any:
         """The dataset's row (id, name, unit, delta, epsilon_cap), unlocked; LedgerError if unknown."""
         d = _DATASETS.c
-        row = conn.execute(select(d.id, d.name, d.unit, d.delta, d.epsilon_cap).where(d.name == name)).one_or_none()
+        row = conn.execute(select(d.id, d.name, d.unit, d.delta, d.epsilon_cap, d.accountant, d.filter_spec)
+                           .where(d.name == name)).one_or_none()
         if row is None:
             raise LedgerError(f"dataset {name!r} is not registered in the ledger")
         return row
@@ -1673,16 +1748,32 @@ class Ledger:
                 select(cs.state, func.count()).where(cs.dataset_id == ds.id).group_by(cs.state).order_by(cs.state))}
             blocks = self._blocks(conn, ds.id)
             names = [name for _id, name, _cap, _n in blocks] or [None]
-            spent = {name or WHOLE: _epsilon(self._scope_rdp(conn, ds.id, name), None, ds.delta) for name in names}
+            f = _filter(ds.accountant, ds.filter_spec)
+            state = {name or WHOLE: self._scope_rdp(conn, ds.id, f, name) for name in names}
+            spent = {name: _epsilon(f, rdp, None, ds.delta) for name, rdp in state.items()}
+            c = _CHARGES.c
+            last = conn.execute(select(c.noise_multiplier, c.sample_rate, c.steps_planned).where(c.dataset_id == ds.id)
+                                .order_by(c.created_at.desc(), c.id.desc()).limit(1)).one_or_none()
+            mechanism = _mechanism(*last) if last is not None else None
+            caps = {name: cap for _id, name, cap, _n in blocks} or {WHOLE: ds.epsilon_cap}
+            left = {}
+            if mechanism is not None:
+                t = _TOTALS.c
+                stored = conn.scalar(select(t.rdp_per_step).where(  # its curve, stored with its totals
+                    t.dataset_id == ds.id, t.noise_multiplier == last.noise_multiplier, t.sample_rate == last.sample_rate).limit(1))
+                one = json.loads(stored) if stored else None
+                one = one if one is not None and len(one) == len(f.orders) else None
+                left = {name: f.runs_left(rdp, mechanism, delta=ds.delta, cap=caps[name], one_step=one) for name, rdp in state.items()}
             pld = None
             if estimate:  # a block's charges compose; disjoint blocks compose in parallel
                 scopes = [self._scope_totals(conn, ds.id, name) for name in names]
                 pld = max((accounting.pld_epsilon(m, delta=ds.delta) if m else 0.0) for m in scopes)
-        block_budgets = [BlockBudget(name, cap, n, spent[name]) for _id, name, cap, n in blocks]
+        block_budgets = [BlockBudget(name, cap, n, spent[name], left.get(name)) for _id, name, cap, n in blocks]
+        extra = {"privacy_filter": f, "last_mechanism": mechanism, "runs_left": max(left.values()) if left else None}
         if block_budgets:
             return DatasetBudget(ds.name, ds.unit, ds.delta, max(b.epsilon_cap for b in block_budgets),
-                                 max(b.spent for b in block_budgets), counts, pld, block_budgets)
-        return DatasetBudget(ds.name, ds.unit, ds.delta, ds.epsilon_cap, spent[WHOLE], counts, pld, [])
+                                 max(b.spent for b in block_budgets), counts, pld, block_budgets, **extra)
+        return DatasetBudget(ds.name, ds.unit, ds.delta, ds.epsilon_cap, spent[WHOLE], counts, pld, [], **extra)
 
     def counted(self, dataset: str, block: Optional[str] = None) -> list[SubsampledGaussian]:
         """What the dataset's (or one block's) filter counts now, as admission sees it; empty
@@ -1727,7 +1818,7 @@ class Ledger:
                 conn = conn.execution_options(isolation_level="REPEATABLE READ")
             d = _DATASETS.c
             datasets = conn.execute(select(d.id, d.name, d.unit, d.contribution_bound, d.delta, d.epsilon_cap, d.accountant,
-                                           d.head_seq, d.head_hash).order_by(d.id)).all()
+                                           d.filter_spec, d.head_seq, d.head_hash).order_by(d.id)).all()
             cs = _STATES.c
             index = {r.charge_id: r for r in conn.execute(
                 select(cs.charge_id, cs.dataset_id, cs.state, cs.steps_counted, cs.lease_expires_at))}
@@ -1872,9 +1963,13 @@ class Ledger:
             if expected_totals.get(key, 0) != found_totals.get(key, 0):
                 problems.append(f"dataset {ds.name!r}: spend total for scope {key[0] or '(whole dataset)'!r}, sigma {key[1]}, "
                                 f"q {key[2]} is {found_totals.get(key, 0)} steps; the charges give {expected_totals.get(key, 0)} (edited)")
+        try:  # the filter the chain registered (a row that differs is reported by _verify_terms)
+            f = _filter(chain.terms.accountant, chain.terms.filter_spec) if chain.terms else _filter(ds.accountant, ds.filter_spec)
+        except LedgerError:
+            return problems  # reported with the terms; no curve can be judged without the filter
         for r in rows:
             where = f"dataset {ds.name!r}: stored RDP curve for scope {r.scope or '(whole dataset)'!r}, sigma {r.noise_multiplier}, q {r.sample_rate}"
-            verdict = _compare_curve(r.rdp_per_step, r.noise_multiplier, r.sample_rate)
+            verdict = _compare_curve(r.rdp_per_step, r.noise_multiplier, r.sample_rate, f)
             if verdict is None:
                 continue
             if verdict.startswith("drift"):
@@ -1902,7 +1997,7 @@ class Ledger:
 INITIAL_STATES: frozenset[str] = frozenset(TRANSITIONS) - frozenset().union(*TRANSITIONS.values())
 
 #: Fields of a dataset's terms, as its ``registered`` event and its ``datasets`` row both hold them.
-TERM_FIELDS = ("unit", "contribution_bound", "delta", "epsilon_cap", "accountant")
+TERM_FIELDS = ("unit", "contribution_bound", "delta", "epsilon_cap", "accountant", "filter_spec")
 
 #: A stored one-step RDP curve within this relative difference of the recomputed one (at every
 #: order) is numerical drift, not an edit. The curve is computed in double precision from (sigma, q)
@@ -1937,14 +2032,20 @@ class DatasetTerms:
     delta: float
     epsilon_cap: float
     accountant: str
+    #: The filter's orders and delta shares as canonical JSON (``datasets.filter_spec``); None for v1.
+    filter_spec: Optional[str] = None
 
     @classmethod
     def from_event(cls, payload: dict[str, Any]) -> "DatasetTerms":
-        """The terms of a ``registered`` event's payload. Raises LedgerError if a field is missing."""
-        missing = [k for k in TERM_FIELDS if k not in payload]
+        """The terms of a ``registered`` event's payload (field ``filter``: the v2 filter's orders
+        and delta shares, absent for v1). Raises LedgerError if a field is missing."""
+        fields = [k for k in TERM_FIELDS if k != "filter_spec"]
+        missing = [k for k in fields if k not in payload]
         if missing:
             raise LedgerError(f"registered event lacks field(s) {missing}")
-        return cls(**{k: payload[k] for k in TERM_FIELDS})
+        spec = payload.get("filter")
+        return cls(**{k: payload[k] for k in fields},
+                   filter_spec=None if spec is None else json.dumps(spec, sort_keys=True, separators=(",", ":")))
 
 
 @dataclass(frozen=True)
@@ -2088,9 +2189,10 @@ def _replay_event(chain: _Chain, seq: int, kind: str, charge_id: Optional[str], 
             chain.terms = DatasetTerms.from_event(payload)
         except LedgerError as exc:
             return f"event {seq}: {exc} (edited)"
-        if chain.terms.accountant != accounting.FILTER_NAME:
-            return (f"its registered event names privacy filter {chain.terms.accountant!r}, which this code does not "
-                    f"implement (it implements {accounting.FILTER_NAME!r})")
+        try:
+            _filter(chain.terms.accountant, chain.terms.filter_spec)
+        except LedgerError as exc:
+            return f"its registered event names {exc}"
         return None
     if kind == "block_added":
         try:
@@ -2126,22 +2228,23 @@ def _replay_event(chain: _Chain, seq: int, kind: str, charge_id: Optional[str], 
     return None
 
 
-def _compare_curve(stored: Optional[str], sigma: float, q: float) -> Optional[str]:
-    """How a stored one-step RDP curve compares with the one (sigma, q) gives now: None when equal,
-    ``"drift: ..."`` within :data:`CURVE_DRIFT_RTOL`, else what is wrong with it."""
+def _compare_curve(stored: Optional[str], sigma: float, q: float, f: accounting.PrivacyFilter) -> Optional[str]:
+    """How a stored one-step RDP curve compares with the one (sigma, q) gives now at the filter's
+    orders: None when equal, ``"drift: ..."`` within :data:`CURVE_DRIFT_RTOL`, else what is wrong."""
     try:
         curve = np.asarray(json.loads(stored), dtype=float) if stored is not None else None
     except (ValueError, TypeError):
         return "it is not a list of numbers"
     if curve is None:
         return "it is missing"
-    fresh = np.asarray(accounting.filter_rdp_one_step(sigma, q))
+    fresh = np.asarray(f.one_step(sigma, q))
     if curve.shape != fresh.shape:
         return f"it has {curve.size} orders, not {fresh.size}"
     if np.array_equal(curve, fresh):
         return None
     with np.errstate(divide="ignore", invalid="ignore"):
         rel = np.where(curve == fresh, 0.0, np.abs(curve - fresh) / np.abs(fresh))
+    rel = np.where(np.isnan(rel), np.inf, rel)  # inf against a finite value, or nan: never drift
     worst = float(np.max(rel))
     if not worst <= CURVE_DRIFT_RTOL:
         return f"relative difference up to {worst:.3g}"
@@ -2149,6 +2252,13 @@ def _compare_curve(stored: Optional[str], sigma: float, q: float) -> Optional[st
     return (f"drift: it differs from the recomputed curve by at most {worst:.1e} relative (below {CURVE_DRIFT_RTOL:g}: "
             f"numerical drift such as a library upgrade, not an edit); the stored curve is lower at {lower} of "
             f"{fresh.size} orders; admission counts the stored curve")
+
+
+def _describe_filter(accountant: Optional[str], spec: Optional[str]) -> str:
+    try:
+        return _filter(accountant, spec).describe()
+    except LedgerError:
+        return repr(accountant)
 
 
 def charge_to_dict(charge: Charge) -> dict[str, Any]:

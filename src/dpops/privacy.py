@@ -39,13 +39,32 @@ class Plan:
     #: Partitioned datasets only: the blocks this run reads, oldest first. The reservation names
     #: exactly these and the trainer reads only their records. None: the dataset has no blocks.
     blocks: Optional[list[str]] = None
+    #: The privacy filter (name, orders, delta_shares) the plan was made with: the ledger's for a
+    #: registered dataset; otherwise the one `reserve` registers the dataset with (see :func:`filter_for`).
+    #: A dataset's filter is fixed at registration: for a registered dataset this is informative only.
+    privacy_filter: Optional[dict[str, Any]] = None
 
     @property
     def mechanism(self) -> SubsampledGaussian:
         return SubsampledGaussian(self.noise_multiplier, self.sample_rate, self.steps)
 
+    @property
+    def filter(self) -> Optional[accounting.PrivacyFilter]:
+        """:attr:`privacy_filter` as a :class:`~dpops.accounting.PrivacyFilter` (None if absent)."""
+        return filter_from_dict(self.privacy_filter)
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def filter_from_dict(f: Optional[dict[str, Any]]) -> Optional[accounting.PrivacyFilter]:
+    """A plan's ``privacy_filter`` field as a filter (None if absent). Raises ConfigError if it is not a valid one."""
+    if f is None:
+        return None
+    try:
+        return accounting.PrivacyFilter(f["name"], tuple(f["orders"]), tuple(f["delta_shares"]))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"the plan's field 'privacy_filter' is not a valid privacy filter ({exc}); plan again") from None
 
 
 def charge_differences(p: Plan, charge: Charge, *, unit: str, delta: Optional[float] = None) -> list[str]:
@@ -82,6 +101,25 @@ def sample_rate_for(n_records: int, expected_batch_size: int) -> float:
     return 1.0 / math.ceil(n_records / expected_batch_size)
 
 
+def filter_for(dataset: DatasetConfig, mechanism: SubsampledGaussian, ledger: Optional[Ledger]) -> accounting.PrivacyFilter:
+    """The dataset's privacy filter: the one the ``ledger`` registered it with; for a dataset not
+    registered yet (or no ledger given), the one registration will fix: the config's
+    ``privacy.filter_orders``, else the single order that admits the most runs of ``mechanism``
+    (the job's mechanism at its target epsilon) within the cap a run counts against (a block's,
+    for a partitioned dataset). Reads only the config and the public record count behind q."""
+    registered = ledger.filter_of(dataset.name) if ledger is not None else None
+    if registered is not None:
+        return registered
+    if dataset.privacy.privacy_filter is not None:
+        return dataset.privacy.privacy_filter
+    cap = dataset.block_cap if dataset.blocks is not None else dataset.privacy.epsilon_cap
+    return accounting.choose_filter(mechanism, cap=cap, delta=dataset.privacy.delta)
+
+
+def _filter_dict(f: accounting.PrivacyFilter) -> dict[str, Any]:
+    return {"name": f.name, "orders": list(f.orders), "delta_shares": list(f.delta_shares)}
+
+
 def plan(*, dataset: DatasetConfig, dp: DPSettings, n_records: int, ledger: Optional[Ledger] = None) -> Plan:
     """Calibrate the noise multiplier to the job's target epsilon at the dataset's delta.
 
@@ -94,14 +132,15 @@ def plan(*, dataset: DatasetConfig, dp: DPSettings, n_records: int, ledger: Opti
         BudgetExceededError: with ``fit_to_budget``, no noise level fits the planned runs.
     """
     q, sigma = _calibrated(dataset, dp, n_records)
+    f = filter_for(dataset, SubsampledGaussian(sigma, q, dp.steps), ledger)
     runs = None
     if dp.fit_to_budget is not None:
         if ledger is None:
             raise ValueError("fit_to_budget needs the ledger")
         runs = dp.fit_to_budget.planned_runs
         sigma = max(sigma, _fit_sigma(ledger.counted(dataset.name), dataset.privacy.epsilon_cap, dataset=dataset, dp=dp,
-                                      sample_rate=q, where=f"dataset {dataset.name!r}"))
-    return _plan(dataset, dp, n_records=n_records, sample_rate=q, sigma=sigma, runs=runs)
+                                      sample_rate=q, where=f"dataset {dataset.name!r}", privacy_filter=f))
+    return _plan(dataset, dp, n_records=n_records, sample_rate=q, sigma=sigma, runs=runs, privacy_filter=f)
 
 
 def _calibrated(dataset: DatasetConfig, dp: DPSettings, n_records: int) -> tuple[float, float]:
@@ -121,28 +160,29 @@ def _calibrated(dataset: DatasetConfig, dp: DPSettings, n_records: int) -> tuple
 
 
 def _plan(dataset: DatasetConfig, dp: DPSettings, *, n_records: int, sample_rate: float, sigma: float, runs: Optional[int],
-          blocks: Optional[list[str]] = None) -> Plan:
+          privacy_filter: accounting.PrivacyFilter, blocks: Optional[list[str]] = None) -> Plan:
     delta = dataset.privacy.delta
     eps = accounting.epsilon([SubsampledGaussian(sigma, sample_rate, dp.steps)], delta=delta)
     return Plan(
         dataset=dataset.name, n_records=n_records, sample_rate=sample_rate, expected_batch_size=sample_rate * n_records,
         steps=dp.steps, noise_multiplier=sigma, max_grad_norm=dp.max_grad_norm, delta=delta,
         target_epsilon=dp.target_epsilon, epsilon=eps, fitted_runs=runs, blocks=blocks,
+        privacy_filter=_filter_dict(privacy_filter),
     )
 
 
 def _fit_sigma(spent: list[SubsampledGaussian], cap: float, *, dataset: DatasetConfig, dp: DPSettings, sample_rate: float,
-               where: str) -> float:
+               where: str, privacy_filter: accounting.PrivacyFilter) -> float:
     """The noise that lets ``dp.fit_to_budget.planned_runs`` runs pass a filter that counts ``spent``."""
     fit = dp.fit_to_budget
     runs, steps, sigma_max = fit.planned_runs, dp.steps, fit.max_noise_multiplier
     try:
         return accounting.calibrate_noise_to_filter(
             spent=spent, cap=cap, runs=runs, sample_rate=sample_rate, steps=steps, delta=dataset.privacy.delta,
-            sigma_max=sigma_max,
+            sigma_max=sigma_max, privacy_filter=privacy_filter,
         )
     except ValueError:
-        left = cap - accounting.filter_epsilon(spent, delta=dataset.privacy.delta)
+        left = cap - privacy_filter.epsilon(spent, delta=dataset.privacy.delta)
         raise BudgetExceededError(
             f"{where}: refused. {max(0.0, left):.3f} of cap {cap:g} is left; no noise multiplier up to "
             f"{sigma_max:g} (field 'dp.fit_to_budget.max_noise_multiplier') fits {runs} planned run(s) of {steps} steps "
@@ -222,7 +262,8 @@ def _scope(ledger: Ledger, dataset: DatasetConfig, block: Block) -> list[Subsamp
     return ledger.counted(dataset.name, block.name if block.registered else None)
 
 
-def _admitting(ledger: Ledger, dataset: DatasetConfig, blocks: list[Block], mechanism: SubsampledGaussian) -> set[str]:
+def _admitting(ledger: Ledger, dataset: DatasetConfig, blocks: list[Block], mechanism: SubsampledGaussian,
+               privacy_filter: accounting.PrivacyFilter) -> set[str]:
     """Names of ``blocks`` that can still admit ``mechanism`` (registered ones: the ledger's
     :meth:`~dpops.ledger.Ledger.fresh_blocks`)."""
     fresh = set(ledger.fresh_blocks(dataset.name, mechanism)) if any(b.registered for b in blocks) else set()
@@ -230,7 +271,7 @@ def _admitting(ledger: Ledger, dataset: DatasetConfig, blocks: list[Block], mech
     return {
         b.name for b in blocks
         if (b.name in fresh if b.registered
-            else accounting.filter_epsilon(_scope(ledger, dataset, b) + [mechanism], delta=delta) <= b.epsilon_cap)
+            else privacy_filter.epsilon(_scope(ledger, dataset, b) + [mechanism], delta=delta) <= b.epsilon_cap)
     }
 
 
@@ -265,36 +306,41 @@ def plan_blocks(
     if not blocks:
         raise ConfigError(f"dataset {dataset.name!r}: the training split holds no block to train on")
     chosen = list(blocks)
+    f = None  # the dataset's filter: fixed by the first choice (every block) if not registered yet
     while True:
         n = sum(b.units for b in chosen) + extra_units
         q, sigma = _calibrated(dataset, dp, n)
+        f = f or filter_for(dataset, SubsampledGaussian(sigma, q, dp.steps), ledger)
         keep, runs = chosen, None
         if dp.fit_to_budget is not None:
             runs, fitted = dp.fit_to_budget.planned_runs, {}
             for b in chosen:
                 try:
                     fitted[b.name] = _fit_sigma(_scope(ledger, dataset, b), b.epsilon_cap, dataset=dataset, dp=dp,
-                                                sample_rate=q, where=f"dataset {dataset.name!r} block {b.name!r}")
+                                                sample_rate=q, where=f"dataset {dataset.name!r} block {b.name!r}",
+                                                privacy_filter=f)
                 except BudgetExceededError:
                     if mode == "all":
                         raise
             keep = [b for b in chosen if b.name in fitted]
             sigma = max([sigma, *fitted.values()])
-        p = _plan(dataset, dp, n_records=n, sample_rate=q, sigma=sigma, runs=runs, blocks=[b.name for b in chosen])
+        p = _plan(dataset, dp, n_records=n, sample_rate=q, sigma=sigma, runs=runs, blocks=[b.name for b in chosen],
+                  privacy_filter=f)
         if mode == "all":
             return p
-        admitting = _admitting(ledger, dataset, keep, p.mechanism)
+        admitting = _admitting(ledger, dataset, keep, p.mechanism, f)
         keep = [b for b in keep if b.name in admitting]
         if len(keep) == len(chosen):
             return p
         if not keep:
-            raise BudgetExceededError(_no_fresh_block(ledger, dataset, blocks, p))
+            raise BudgetExceededError(_no_fresh_block(ledger, dataset, blocks, p, f))
         chosen = keep
 
 
-def _no_fresh_block(ledger: Ledger, dataset: DatasetConfig, blocks: list[Block], p: Plan, shown: int = 10) -> str:
+def _no_fresh_block(ledger: Ledger, dataset: DatasetConfig, blocks: list[Block], p: Plan, f: accounting.PrivacyFilter,
+                    shown: int = 10) -> str:
     delta = dataset.privacy.delta
-    spent = [f"block {b.name!r} spent {accounting.filter_epsilon(_scope(ledger, dataset, b), delta=delta):.3f} of cap "
+    spent = [f"block {b.name!r} spent {f.epsilon(_scope(ledger, dataset, b), delta=delta):.3f} of cap "
              f"{b.epsilon_cap:g}" for b in blocks[-shown:]]
     more = f" (and {len(blocks) - shown} older block(s))" if len(blocks) > shown else ""
     fit = (f", noise fitted to {p.fitted_runs} planned run(s) (field 'dp.fit_to_budget')" if p.fitted_runs else "")

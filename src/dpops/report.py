@@ -87,23 +87,34 @@ def budget_dict(b: DatasetBudget) -> dict[str, Any]:
     d = asdict(b)
     d["remaining"] = b.remaining
     d["blocks"] = [{**asdict(x), "remaining": x.remaining} for x in b.blocks]
+    d["filter"] = b.privacy_filter.describe()
     return d
 
 
+def _runs_left(n: Optional[int]) -> str:
+    return "-" if n is None else str(n)
+
+
 def budget_table(budgets: Iterable[DatasetBudget]) -> str:
-    header = ("dataset", "unit", "delta", "cap", "spent", "remaining", "pld estimate", "charges")
-    rows = []
+    header = ("dataset", "unit", "delta", "cap", "spent", "remaining", "runs left", "pld estimate", "charges")
+    rows, filters = [], []
     for b in budgets:
         rows.append((b.name, b.unit, f"{b.delta:g}", f"{b.epsilon_cap:g}", f"{b.spent:.3f}", f"{b.remaining:.3f}",
-                     "-" if b.pld_estimate is None else f"{b.pld_estimate:.3f}",
+                     _runs_left(b.runs_left), "-" if b.pld_estimate is None else f"{b.pld_estimate:.3f}",
                      ", ".join(f"{k} {v}" for k, v in sorted(b.charges.items())) or "none"))
         for x in b.blocks:
             unit = "users" if b.unit == "user" else "records"
-            rows.append((f"  block {x.name}", "", "", f"{x.epsilon_cap:g}", f"{x.spent:.3f}", f"{x.remaining:.3f}", "", f"{x.n_records} {unit}"))
+            rows.append((f"  block {x.name}", "", "", f"{x.epsilon_cap:g}", f"{x.spent:.3f}", f"{x.remaining:.3f}",
+                         _runs_left(x.runs_left), "", f"{x.n_records} {unit}"))
+        last = b.last_mechanism
+        filters.append(f"{b.name}: {b.privacy_filter.describe()}"
+                       + (f"; runs left: of the last charge's mechanism (sigma {last.noise_multiplier:.4g}, q {last.sample_rate:.3g}, "
+                          f"{last.steps} steps)" if last else ""))
     if not rows:
         return "no datasets registered in the ledger"
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     fmt = "  ".join("{:<%d}" % w for w in widths)
     legend = ("spent: guaranteed epsilon under adaptive composition (RDP filter), what admission uses; "
               "pld estimate: tighter figure for the same charges as a fixed sequence, reported only")
-    return "\n".join([fmt.format(*header), *(fmt.format(*r) for r in rows), "", legend])
+    return "\n".join([fmt.format(*header), *(fmt.format(*r) for r in rows), "", "filters (fixed at registration):",
+                      *(f"  {line}" for line in filters), "", legend])

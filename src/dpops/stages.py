@@ -15,6 +15,7 @@ from typing import Any, Optional
 import numpy as np
 import pandas as pd
 
+from dpops import accounting
 from dpops import audit as auditing
 from dpops import audit_report, canaries, evaluation, gate, launch, privacy, report, tracking, training, users
 from dpops import config as cfgmod
@@ -221,9 +222,12 @@ def reserve(job_path: str, ref: dict[str, Any], p: dict[str, Any], *, flow_run_i
     ds = _charged_as(named)  # a linked dataset (field budget_of) is charged to the first dataset's entry
     ledger = _ledger()
     try:
+        proposed = privacy.filter_from_dict(p.get("privacy_filter"))  # used only if the dataset is new
         ledger.register_dataset(name=ds.name, unit=ds.unit, delta=ds.privacy.delta, epsilon_cap=ds.privacy.epsilon_cap,
                                 contribution_bound=ds.contribution_bound, source=ds.source,
-                                linked_from=named.name if named.budget_of else None)
+                                linked_from=named.name if named.budget_of else None,
+                                privacy_filter=proposed or ds.privacy.privacy_filter or accounting.GRID_FILTER,
+                                filter_from_config=ds.privacy.filter_orders is not None)
         if ds.blocks is not None:
             if not p.get("blocks"):
                 raise cfgmod.ConfigError(f"{_dataset_file(job_path, named)}: dataset {ds.name!r} is partitioned into blocks "
