@@ -262,7 +262,7 @@ def test_a_v1_ledger_keeps_its_filter_and_its_dead_orders_come_back_on_upgrade(l
     with ledger.engine.begin() as conn:
         cfg.attributes["connection"] = conn
         command.downgrade(cfg, "0006")
-    old_curve = [math.inf if a < 2 else x for a, x in zip(accounting.FILTER_ORDERS, accounting.V1_FILTER.one_step(1.0, 0.5))]
+    old_curve = [math.inf if a < 2 else x for a, x in zip(accounting.FILTER_ORDERS, accounting.V1_FILTER.one_step(1.0, 0.5), strict=True)]
     tamper(ledger, "UPDATE spend_totals SET rdp_per_step = :c", {"c": json.dumps(old_curve)})
     ledger.dispose()
     upgraded = Ledger(ledger_url)  # opening migrates to 0007

@@ -34,7 +34,7 @@ from prefect.client.schemas.filters import (
     FlowRunFilterStateType,
 )
 
-from dpops import accounting, config, privacy
+from dpops import config, privacy, stages
 from dpops.ledger import COMMITTED, Ledger
 from dpops.settings import QUIET_ENV
 
@@ -160,7 +160,7 @@ def _configs_fitting_one_run(tmp: Path) -> Path:
     shutil.copytree(ROOT / "configs", dst, dirs_exist_ok=True)
     job = config.load_job_config(dst / "jobs/sst2_smoke.yaml")
     ds = config.dataset_config_for(job, dst / "jobs/sst2_smoke.yaml")
-    p = privacy.plan(dataset=ds, dp=job.dp, n_records=job.train_max_records)
+    p = privacy.plan(dataset=ds, dp=job.dp, n_records=job.train_max_records + stages.audit_units(job))  # + canaries
     one, two = (p.filter.epsilon([p.mechanism] * k, delta=ds.privacy.delta) for k in (1, 2))
     path = dst / "datasets/sst2.yaml"
     data = yaml.safe_load(path.read_text())

@@ -163,7 +163,7 @@ def _dp_accounting_orders(mechanism: SubsampledGaussian) -> tuple[float, ...]:
 
     acc = RdpAccountant(orders=list(accounting.RDP_ORDERS))
     acc.compose(dp_accounting.PoissonSampledDpEvent(mechanism.sample_rate, dp_accounting.GaussianDpEvent(mechanism.noise_multiplier)), 1)
-    return tuple(a for a, r in zip(accounting.RDP_ORDERS, acc.rdp) if np.isfinite(r))
+    return tuple(a for a, r in zip(accounting.RDP_ORDERS, acc.rdp, strict=True) if np.isfinite(r))
 
 
 def cross_check_epsilon(mechanism: SubsampledGaussian, *, delta: float) -> tuple[float, float]:

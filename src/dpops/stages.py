@@ -15,9 +15,8 @@ from typing import Any, Optional
 import numpy as np
 import pandas as pd
 
-from dpops import accounting
+from dpops import accounting, audit_report, canaries, evaluation, gate, launch, privacy, report, tracking, training, users
 from dpops import audit as auditing
-from dpops import audit_report, canaries, evaluation, gate, launch, privacy, report, tracking, training, users
 from dpops import config as cfgmod
 from dpops import data as datamod
 from dpops import model as modeling

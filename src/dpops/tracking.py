@@ -118,6 +118,8 @@ def record(
         "dpops.sampler": plan["sampler"],
         "dpops.cumulative_epsilon": f"{dataset_budget['spent']:.6f}",
         "dpops.epsilon_cap": f"{dataset_budget['epsilon_cap']:g}",
+        "dpops.privacy_filter": dataset_budget.get("filter", "unknown"),  # fixed at the dataset's registration
+        "dpops.runs_left": str(dataset_budget.get("runs_left")),  # more runs of this mechanism the filter admits
         "dpops.train_loss_curve": TRAIN_LOSS_CURVE,
     }
     blocks_read = list(plan.get("blocks") or [])
