@@ -61,9 +61,8 @@ def demo_mechanism() -> tuple[SubsampledGaussian, float, float, dict]:
 def best_single_order(m: SubsampledGaussian, cap: float, delta: float) -> tuple[float, int]:
     step = m.rdp(FINE_ORDERS)
     a = np.asarray(FINE_ORDERS)
-    conversion = np.log((a - 1) / a) - (math.log(delta) + np.log(a)) / (a - 1)
     with np.errstate(divide="ignore", invalid="ignore"):
-        runs = np.where(np.isfinite(step) & (step > 0), np.floor((cap - conversion) / step), -1)
+        runs = np.where(np.isfinite(step) & (step > 0), np.floor((cap - accounting.conversion(a, delta)) / step), -1)
     i = int(np.argmax(runs))
     alpha = float(a[i])
     # the count checked through the filter itself (rounding at the edge)

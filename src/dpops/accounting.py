@@ -198,6 +198,13 @@ def _check_delta(delta: float) -> None:
         raise ValueError(f"delta must be in (0, 1). Found {delta}.")
 
 
+def conversion(orders: Sequence[float] | np.ndarray, delta: float | np.ndarray) -> np.ndarray:
+    """Per order, the epsilon an RDP of 0 converts to at ``delta`` (a number, or one per order):
+    ``log((a-1)/a) - (log(delta) + log(a)) / (a-1)``, the conversion of :func:`rdp_to_epsilon`."""
+    a = np.asarray(orders, dtype=float)
+    return np.log((a - 1) / a) - (np.log(delta) + np.log(a)) / (a - 1)
+
+
 def rdp_to_epsilon(rdp: np.ndarray, orders: Sequence[float], delta: float) -> tuple[float, float]:
     """Convert an RDP curve to (epsilon, best order) at ``delta``.
 
@@ -213,7 +220,7 @@ def rdp_to_epsilon(rdp: np.ndarray, orders: Sequence[float], delta: float) -> tu
     if a.shape != rdp.shape:
         raise ValueError(f"orders and rdp must have the same shape. Found {a.shape} and {rdp.shape}.")
     with np.errstate(divide="ignore", invalid="ignore"):
-        eps = rdp + np.log((a - 1) / a) - (math.log(delta) + np.log(a)) / (a - 1)
+        eps = rdp + conversion(a, delta)
     # Non-finite RDP (e.g. q=1 at huge orders) means no guarantee at that order.
     eps = np.where(np.isfinite(rdp), eps, np.inf)
     i = int(np.nanargmin(eps))
@@ -391,9 +398,7 @@ class PrivacyFilter:
 
     def _conversion(self, delta: float) -> np.ndarray:
         """Per order, the epsilon an RDP of 0 converts to at ``delta * share`` (the state is added)."""
-        a = np.asarray(self.orders)
-        d = delta * np.asarray(self.delta_shares)
-        return np.log((a - 1) / a) - (np.log(d) + np.log(a)) / (a - 1)
+        return conversion(self.orders, delta * np.asarray(self.delta_shares))
 
 
 def _even(k: int) -> tuple[float, ...]:
@@ -438,9 +443,8 @@ def choose_filter(mechanism: SubsampledGaussian, *, cap: float, delta: float,
             return
         orders = a[idx]
         step = np.asarray(mechanism.rdp(tuple(orders)), dtype=float)
-        conversion = np.log((orders - 1) / orders) - (math.log(delta) + np.log(orders)) / (orders - 1)
         with np.errstate(divide="ignore", invalid="ignore"):
-            value[idx] = np.where(np.isfinite(step) & (step > 0), (cap - conversion) / step, -np.inf)
+            value[idx] = np.where(np.isfinite(step) & (step > 0), (cap - conversion(orders, delta)) / step, -np.inf)
 
     coarse = np.unique(np.r_[np.arange(0, len(a), 8), len(a) - 1])
     score(coarse)
