@@ -60,13 +60,8 @@ class PrivacyBudget(_Strict):
     @field_validator("filter_orders")
     @classmethod
     def _orders(cls, v: Optional[list[float]]) -> Optional[list[float]]:
-        if v is None:
-            return v
-        bad = [a for a in v if not 1 < a <= 10_000]
-        if bad:
-            raise ValueError(f"every order must be in (1, 10000]. Found {bad[0]}")
-        if len(set(v)) != len(v):
-            raise ValueError("orders must be distinct")
+        if v is not None:
+            accounting.filter_of_orders(v)  # the filter's own checks: orders in (1, 10000], distinct
         return v
 
     @property
