@@ -87,7 +87,7 @@ def planted_noise(factor: float):
 
 
 def one_run(job: Path, factor: float) -> dict:
-    from dpops import stages
+    from dpops.pipeline import stages
 
     with tempfile.TemporaryDirectory() as home:
         os.environ["DPOPS_HOME"] = home

@@ -14,7 +14,7 @@ Columns:
 * ``filter_v1``: ``rdp-filter-v1``, 24 fixed orders with delta split evenly (ledgers before
   per-dataset filters).
 * ``per_dataset_filter``: the filter dpops registers a new dataset with,
-  :func:`dpops.accounting.choose_filter` for this mechanism (one order from
+  :func:`dpops.privacy.accounting.choose_filter` for this mechanism (one order from
   ``CANDIDATE_ORDERS``, all of delta). Valid under adaptive composition.
 * ``best_single_order``: the best order of a finer search (0.01 steps to 20, integers to 1024),
   all of delta: the most any one-order filter fixed in advance admits.
@@ -36,10 +36,10 @@ from pathlib import Path
 
 import numpy as np
 
-from dpops import accounting
-from dpops.accounting import PrivacyFilter, SubsampledGaussian
-from dpops.config import load_dataset_config, load_job_config
-from dpops.privacy import sample_rate_for
+from dpops.config.schema import load_dataset_config, load_job_config
+from dpops.privacy import accounting
+from dpops.privacy.accounting import PrivacyFilter, SubsampledGaussian
+from dpops.privacy.plan import sample_rate_for
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGETS = {"demo": 6, "reference": 13}

@@ -31,9 +31,9 @@ import time
 import uuid
 from pathlib import Path
 
-from dpops import accounting
-from dpops.accounting import SubsampledGaussian
-from dpops.ledger import Ledger
+from dpops.ledger.store import Ledger
+from dpops.privacy import accounting
+from dpops.privacy.accounting import SubsampledGaussian
 
 ROOT = Path(__file__).resolve().parent.parent
 PG_ADMIN = "host=127.0.0.1 port=5432 user=postgres dbname=test"

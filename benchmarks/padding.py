@@ -2,7 +2,7 @@
 
 Texts are tokenised to ``--max-length`` (32, the demo's) and a batch is trimmed to its longest
 text; SST-2's training texts average 13 tokens, so a batch of hundreds, which nearly always holds
-one text of 32 tokens, is mostly padding. ``dpops.training`` orders a batch's records by length
+one text of 32 tokens, is mostly padding. ``dpops.train.trainer`` orders a batch's records by length
 before cutting it into pieces of ``training.max_physical_batch_size``, so each piece is padded only
 to its own longest text. This script runs the trainer's own step (``training._private_step``: per-
 example gradients in mode hooks, clipping, noise, AdamW) on the same Poisson batch whole and in
@@ -38,10 +38,10 @@ def main() -> None:
 
     import torch
 
-    from dpops import data as datamod
-    from dpops import model as modeling
-    from dpops import training
-    from dpops.config import LoraSettings, ModelConfig, load_dataset_config
+    from dpops.config.schema import LoraSettings, ModelConfig, load_dataset_config
+    from dpops.data import source as datamod
+    from dpops.models import hf as modeling
+    from dpops.train import trainer as training
 
     ds = load_dataset_config(ROOT / "configs/datasets/sst2.yaml")
     training.require_public(ds, "an uncharged benchmark")  # it reads the records with no ledger charge

@@ -55,9 +55,9 @@ def run_one(method: str, mode: str | None, *, batch: int, length: int, steps: in
     if threads:
         torch.set_num_threads(threads)
 
-    from dpops import model as modeling
-    from dpops import training
-    from dpops.config import LoraSettings, ModelConfig
+    from dpops.config.schema import LoraSettings, ModelConfig
+    from dpops.models import hf as modeling
+    from dpops.train import trainer as training
 
     torch.manual_seed(0)
     base = modeling.base_model_path(ModelConfig(path=model_path))

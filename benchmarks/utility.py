@@ -1,6 +1,6 @@
 """SST-2 accuracy of MiniLM-L6 with LoRA: non-private against DP at epsilon 1, 3 and 8.
 
-Every run trains with the trainer the pipeline uses (``dpops.training.train``: Poisson sampling at
+Every run trains with the trainer the pipeline uses (``dpops.train.trainer.train``: Poisson sampling at
 q = 1 / ceil(n / batch), exactly ``--steps`` steps, AdamW) on the SST-2 training split of this
 repository and is scored on its evaluation split. The DP runs take the plan the pipeline would make
 (noise calibrated to the target epsilon at the dataset's delta, which is below 1/n). The
@@ -64,10 +64,12 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/utility.json"))
     args = parser.parse_args()
 
-    from dpops import data as datamod
-    from dpops import evaluation, privacy, training
-    from dpops.config import DPSettings, JobConfig, load_dataset_config
-    from dpops.privacy import Plan
+    from dpops.assess import evaluation
+    from dpops.config.schema import DPSettings, JobConfig, load_dataset_config
+    from dpops.data import source as datamod
+    from dpops.pipeline import planning as privacy
+    from dpops.privacy.plan import Plan, sample_rate_for
+    from dpops.train import trainer as training
 
     ds = load_dataset_config(ROOT / "configs/datasets/sst2.yaml")
     training.require_public(ds, "a benchmark of uncharged and non-private runs")  # before a record is read
@@ -85,7 +87,7 @@ def main() -> None:
     for eps in (float(e) for e in args.epsilons.split(",") if e):  # --epsilons "": the non-private run only
         dp = DPSettings(target_epsilon=eps, expected_batch_size=args.batch, steps=args.steps, max_grad_norm=args.max_grad_norm)
         plans.append((f"dp_eps_{eps:g}", privacy.plan(dataset=ds, dp=dp, n_records=n)))
-    q = privacy.sample_rate_for(n, args.batch)
+    q = sample_rate_for(n, args.batch)
     non_private = Plan(dataset="sst2", n_records=n, sample_rate=q, expected_batch_size=q * n, steps=args.steps,
                        noise_multiplier=0.0, max_grad_norm=1e6, delta=ds.privacy.delta, target_epsilon=math.inf, epsilon=math.inf)
     np_rates = [float(r) for r in args.non_private_learning_rates.split(",") if r]

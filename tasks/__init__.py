@@ -1,4 +1,4 @@
-"""Prefect tasks: thin wrappers that call one :mod:`dpops.stages` function each.
+"""Prefect tasks: thin wrappers that call one :mod:`dpops.pipeline.stages` function each.
 
 Every task returns references (paths, hashes, ids, metrics), never records, and none persists its
 result or caches (Prefect would otherwise pickle results to local storage). Tasks that read

@@ -3,7 +3,8 @@ from typing import Any, Optional
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 
-from dpops import audit_report, stages
+from dpops.assess import audit_report
+from dpops.pipeline import stages
 from tasks import TASK_OPTIONS
 
 

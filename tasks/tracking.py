@@ -3,7 +3,7 @@ from typing import Any, Optional
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 
-from dpops import report, stages
+from dpops.pipeline import report, stages
 from tasks import TASK_OPTIONS
 
 

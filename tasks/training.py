@@ -2,7 +2,7 @@ from typing import Any
 
 from prefect import task
 
-from dpops import stages
+from dpops.pipeline import stages
 from tasks import TASK_OPTIONS
 
 

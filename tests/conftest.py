@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from dpops.settings import apply_quiet_env
+from dpops.config.workspace import apply_quiet_env
 
 ROOT = Path(__file__).resolve().parent.parent
 PG_URL = os.environ.get("DPOPS_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
@@ -44,7 +44,7 @@ def _dispose_ledgers(monkeypatch):
     """Dispose every Ledger a test opened, at its end. A ledger left to the garbage collector keeps
     its pool's PostgreSQL connections open; hundreds of tests' worth would exhaust the server's
     100 connections before the 40-process race tests (tests/test_ledger.py) get theirs."""
-    from dpops import ledger as ledger_mod
+    from dpops.ledger import store as ledger_mod
 
     opened: list = []
     init = ledger_mod.Ledger.__init__
@@ -110,7 +110,7 @@ def ledger_url(request, tmp_path):
     # one schema-less database per session: give each test clean tables
     from sqlalchemy import create_engine
 
-    from dpops.ledger import Base
+    from dpops.ledger.store import Base
 
     engine = create_engine(base)
     Base.metadata.drop_all(engine)

@@ -1,4 +1,4 @@
-"""A training process that dies (tests only): torchrun starts it in place of ``dpops.launch``.
+"""A training process that dies (tests only): torchrun starts it in place of ``dpops.pipeline.worker``.
 
 Rank 1 SIGKILLs itself right after its first private step, i.e. after the records were read and
 trained on: what an out-of-memory kill or a lost node does to a real run.
@@ -7,7 +7,8 @@ trained on: what an out-of-memory kill or a lost node does to a real run.
 import os
 import signal
 
-from dpops import launch, training
+from dpops.pipeline import worker as launch
+from dpops.train import trainer as training
 
 _step = training._private_step
 

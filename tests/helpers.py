@@ -24,7 +24,7 @@ def policy_accepting_inconclusive(directory: Path) -> str:
 def public_dataset(name: str = "d", **fields):
     """A dataset config declared public (``public: true``): the trainer may then run on it without a
     ledger charge or without noise, as the unit tests of the trainer do."""
-    from dpops.config import DatasetConfig
+    from dpops.config.schema import DatasetConfig
 
     return DatasetConfig(**{"name": name, "files": {"train": "t", "holdout": "h", "eval": "e"}, "text_column": "text",
                             "label_column": "label", "labels": ["0", "1"], "privacy": {"epsilon_cap": 8, "delta": 1e-3},
@@ -62,7 +62,7 @@ def rehash_chain(ledger, dataset: str) -> None:
     only checks of what the events say (not of their hashes) can catch a forged or edited event."""
     from sqlalchemy import text
 
-    from dpops.ledger import GENESIS, _event_hash
+    from dpops.ledger.store import GENESIS, _event_hash
 
     with ledger.engine.connect() as conn:
         ds_id = conn.execute(text("SELECT id FROM datasets WHERE name = :n"), {"n": dataset}).scalar_one()
@@ -82,7 +82,7 @@ def forge_event(ledger, dataset: str, kind: str, charge_id, payload: dict) -> No
 
     from sqlalchemy import text
 
-    from dpops.ledger import _now
+    from dpops.ledger.store import _now
 
     with ledger.engine.connect() as conn:
         ds_id, head = conn.execute(text("SELECT id, head_seq FROM datasets WHERE name = :n"), {"n": dataset}).one()

@@ -7,8 +7,8 @@ import pytest
 from dp_accounting.rdp import RdpAccountant
 from opacus.accountants import RDPAccountant
 
-from dpops import accounting
-from dpops.accounting import SubsampledGaussian
+from dpops.privacy import accounting
+from dpops.privacy.accounting import SubsampledGaussian
 
 CASES = [
     # sigma, q, steps, delta

@@ -9,10 +9,10 @@ import multiprocessing as mp
 
 import pytest
 
-from dpops import accounting
-from dpops.accounting import SubsampledGaussian
 from dpops.errors import LedgerError
-from dpops.ledger import Ledger
+from dpops.ledger.store import Ledger
+from dpops.privacy import accounting
+from dpops.privacy.accounting import SubsampledGaussian
 from tests.helpers import forge_event, rehash_chain, tamper
 
 RUN = SubsampledGaussian(1.0, 0.01, 500)

@@ -14,12 +14,13 @@ import pytest
 from sqlalchemy import text
 from typer.testing import CliRunner
 
-from dpops import accounting, gate
-from dpops.accounting import SubsampledGaussian
-from dpops.anchors import AnchorLog, anchor_key, key_id, verify_anchors
-from dpops.cli import app
+from dpops.cli.app import app
 from dpops.errors import ConfigError
-from dpops.ledger import Ledger, _rdp_json
+from dpops.ledger.anchors import AnchorLog, anchor_key, key_id, verify_anchors
+from dpops.ledger.store import Ledger, _rdp_json
+from dpops.privacy import accounting
+from dpops.privacy.accounting import SubsampledGaussian
+from dpops.registry import gate
 from tests.helpers import rehash_chain, tamper
 
 RUN = SubsampledGaussian(1.0, 0.01, 500)
@@ -114,7 +115,7 @@ def test_a_failed_anchor_write_keeps_the_ledgers_write_and_says_the_anchor_is_mi
 #: One writer process: appends ``n`` anchors as fast as it can (argv: path, key hex, worker, n).
 WRITER = """
 import sys
-from dpops.anchors import AnchorLog
+from dpops.ledger.anchors import AnchorLog
 path, key, worker, n = sys.argv[1], bytes.fromhex(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 log = AnchorLog(path, key=key)
 for i in range(n):
@@ -271,7 +272,8 @@ def test_the_stages_tag_mlflow_with_the_chain_heads(workspace_env, smoke_job, tm
     version with ``dpops.gate_chain_head`` (after its decision), each the head the anchor signs."""
     import mlflow
 
-    from dpops import stages, tracking
+    from dpops.pipeline import stages
+    from dpops.registry import tracking
 
     workspace_env.mkdir(parents=True)
     uri = f"sqlite:///{workspace_env / 'mlflow.db'}"

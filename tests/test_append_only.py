@@ -3,8 +3,8 @@
 import pytest
 from sqlalchemy import exc, text
 
-from dpops.accounting import SubsampledGaussian
-from dpops.ledger import Ledger
+from dpops.ledger.store import Ledger
+from dpops.privacy.accounting import SubsampledGaussian
 
 RUN = SubsampledGaussian(1.0, 0.01, 100)
 

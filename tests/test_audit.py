@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from dpops import audit
-from dpops.accounting import SubsampledGaussian
+from dpops.assess import audit
+from dpops.privacy.accounting import SubsampledGaussian
 
 
 def test_auc_known_values():
@@ -137,7 +137,7 @@ def test_cross_check_agrees_with_dp_accounting():
 
 def test_accounting_mismatch_fails_the_audit(monkeypatch):
     """A broken dpops accountant (here: off by 10 %) must fail the audit whatever the attacks say."""
-    from dpops import accounting
+    from dpops.privacy import accounting
 
     real = accounting.epsilon
     monkeypatch.setattr(accounting, "epsilon", lambda mechs, *, delta: 1.1 * real(mechs, delta=delta))
@@ -185,9 +185,11 @@ def test_the_audit_stage_reads_no_record_and_releases_only_canary_figures(tmp_pa
 
     import pandas as pd
 
-    from dpops import audit_report, canaries, data, evaluation, stages
-    from dpops import model as modeling
-    from dpops.config import LoraSettings, ModelConfig
+    from dpops.assess import audit_report, canaries, evaluation
+    from dpops.config.schema import LoraSettings, ModelConfig
+    from dpops.data import source as data
+    from dpops.models import hf as modeling
+    from dpops.pipeline import stages
     from tests.tiny_models import tiny_bert
 
     base = tiny_bert(tmp_path / "base")
@@ -228,7 +230,9 @@ def test_every_project_job_makes_a_claim_its_canaries_can_test(project_root):
     epsilon is at or above what its canaries can reach at its planned q and steps."""
     import pandas as pd
 
-    from dpops import config, privacy, stages
+    from dpops.config import schema as config
+    from dpops.pipeline import planning as privacy
+    from dpops.pipeline import stages
 
     for path in sorted((project_root / "configs/jobs").glob("*.yaml")):
         job = config.load_job_config(path)
@@ -242,7 +246,7 @@ def test_every_project_job_makes_a_claim_its_canaries_can_test(project_root):
 
 
 def test_the_removed_real_record_fields_are_refused_naming_them(smoke_job):
-    from dpops import config
+    from dpops.config import schema as config
     from dpops.errors import ConfigError
     from tests.helpers import edit_yaml
 
@@ -259,9 +263,11 @@ def test_input_canaries_are_scored_against_the_model_the_run_started_from(tmp_pa
 
     import torch
 
-    from dpops import audit_report, canaries, config, evaluation, stages
-    from dpops import model as modeling
-    from dpops.config import LoraSettings, ModelConfig
+    from dpops.assess import audit_report, canaries, evaluation
+    from dpops.config import schema as config
+    from dpops.config.schema import LoraSettings, ModelConfig
+    from dpops.models import hf as modeling
+    from dpops.pipeline import stages
     from tests.tiny_models import tiny_bert
 
     job = config.load_job_config(smoke_job)

@@ -12,7 +12,8 @@ import pytest
 import yaml
 from opacus.optimizers import DPOptimizer
 
-from dpops import audit, stages
+from dpops.assess import audit
+from dpops.pipeline import stages
 
 pytestmark = pytest.mark.slow
 

@@ -9,15 +9,15 @@ used, where the old all-detected ceiling made a perfectly memorising run PASS.
 import numpy as np
 import pytest
 
-from dpops import audit
-from dpops.accounting import SubsampledGaussian
+from dpops.assess import audit
+from dpops.privacy.accounting import SubsampledGaussian
 
 # The demo job: q = 128 / (65,947 records + 1,000 + 5,000 canaries), 150 steps, sigma for epsilon 3 at delta 1e-6.
 Q, STEPS, DELTA = 1.78e-3, 150, 1e-6
 
 
 def _demo_sigma() -> float:
-    from dpops import accounting
+    from dpops.privacy import accounting
 
     lo, hi = 0.3, 3.0
     for _ in range(40):

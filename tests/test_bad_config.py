@@ -18,12 +18,13 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from dpops import config, stages
-from dpops import ledger as ledger_mod
-from dpops.accounting import SubsampledGaussian
-from dpops.cli import app
+from dpops.cli.app import app
+from dpops.config import schema as config
 from dpops.errors import ConfigError, LedgerUnavailableError
-from dpops.ledger import Ledger
+from dpops.ledger import store as ledger_mod
+from dpops.ledger.store import Ledger
+from dpops.pipeline import stages
+from dpops.privacy.accounting import SubsampledGaussian
 from tests.conftest import ROOT
 
 runner = CliRunner()

@@ -14,9 +14,10 @@ import sys
 import pytest
 import yaml
 
-from dpops import prepare, stages
+from dpops.data import prepare
 from dpops.errors import EXIT_BAD_INPUT, MAX_MESSAGE_CHARS, DpopsError, exit_code
-from dpops.ledger import Ledger
+from dpops.ledger.store import Ledger
+from dpops.pipeline import stages
 from tests.dvc_repo import make_repo
 from tests.helpers import policy_accepting_inconclusive
 
@@ -236,7 +237,8 @@ def test_the_good_setup_of_the_preflight_cases_reaches_reserve(tmp_path, workspa
 @pytest.mark.parametrize("split", ["holdout", "eval"])
 def test_a_headerless_holdout_or_eval_file_is_not_echoed(split, tmp_path, workspace_env):
     """The other splits are read by later stages (load_split): their errors follow the same rule."""
-    from dpops import config, data
+    from dpops.config import schema as config
+    from dpops.data import source as data
 
     repo, job = _setup(tmp_path, _tsv(GOOD))
     (repo / f"data/{split}.tsv").write_text("\n".join([f"1\t{SECRET}", *GOOD]) + "\n")
@@ -302,7 +304,7 @@ def test_every_dpops_error_message_is_bounded():
 def test_a_foreign_exception_enters_a_message_as_its_class_only(tmp_path):
     """DVC's and pandas' messages may quote a line or a content hash: only the class (and a line
     number) is kept. Checked on a real DVC error: a revision that does not exist."""
-    from dpops import data
+    from dpops.data import source as data
     from dpops.errors import describe_exception
 
     assert describe_exception(ValueError(f"Expected 2 fields in line 3, saw 3: {SECRET}")) == "ValueError at line 3"

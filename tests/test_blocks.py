@@ -10,10 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from dpops import accounting, evaluation, privacy, report, stages, training
-from dpops.config import DatasetConfig, DPSettings
+from dpops.assess import evaluation
+from dpops.config.schema import DatasetConfig, DPSettings
 from dpops.errors import BudgetExceededError, DataValidationError, LedgerError
-from dpops.ledger import COMMITTED, Ledger
+from dpops.ledger.store import COMMITTED, Ledger
+from dpops.pipeline import planning as privacy
+from dpops.pipeline import report, stages
+from dpops.privacy import accounting
+from dpops.privacy.plan import Plan
+from dpops.train import trainer as training
 from tests.dvc_repo import commit, make_repo
 from tests.helpers import edit_yaml, steward_file
 from tests.tiny_models import tiny_bert
@@ -106,9 +111,9 @@ def test_recurring_fresh_runs_exhaust_a_month_then_train_on_the_new_one_only(mon
     [jan] = ledger.budget("monthly").blocks
     assert (jan.name, jan.n_records, jan.epsilon_cap) == (JAN, 40, 2.25)
     # the dataset's filter is the one the first plan chose, now fixed in the ledger
-    chosen = privacy.Plan(**plan1).filter
+    chosen = Plan(**plan1).filter
     assert ledger.filter_of("monthly") == chosen and len(chosen.orders) == 1 and chosen.delta_shares == (1.0,)
-    assert jan.spent == pytest.approx(chosen.epsilon([privacy.Plan(**plan1).mechanism], delta=1e-3))
+    assert jan.spent == pytest.approx(chosen.epsilon([Plan(**plan1).mechanism], delta=1e-3))
 
     # Run 2, same data: January cannot take another run, and there is no other block.
     ref = stages.resolve(str(job), str(repo))

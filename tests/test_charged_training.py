@@ -14,12 +14,14 @@ import json
 import pandas as pd
 import pytest
 
-from dpops import launch, privacy, stages, training
-from dpops import model as modeling
-from dpops.config import JobConfig, load_dataset_config
+from dpops.config.schema import JobConfig, load_dataset_config
 from dpops.errors import PrivacyError
-from dpops.ledger import PROGRESS, RELEASED, RESERVED, RUNNING, Ledger
-from dpops.privacy import Plan
+from dpops.ledger.store import PROGRESS, RELEASED, RESERVED, RUNNING, Ledger
+from dpops.models import hf as modeling
+from dpops.pipeline import planning as privacy
+from dpops.pipeline import stages, worker
+from dpops.privacy.plan import Plan
+from dpops.train import trainer as training
 from tests.helpers import edit_yaml, policy_accepting_inconclusive, public_dataset
 
 TEXTS = ["a fine film", "dull and slow", "yes", "the cast is superb", "no", "an odd little thing"]
@@ -151,7 +153,7 @@ def _tamper(p: dict, how: str) -> dict:
 @pytest.fixture
 def forbid_reading(monkeypatch):
     """Call it once the charge is reserved: from then on, reading any record fails the test."""
-    from dpops import data as datamod
+    from dpops.data import source as datamod
 
     def read(*args, **kwargs):
         raise AssertionError("records were read")
@@ -202,14 +204,14 @@ def test_a_worker_refuses_a_request_whose_plan_is_not_the_running_charge(workspa
     forbid_reading()
     request = json.loads(json.dumps(_request(smoke_job, ref, _tamper(plan, how), charge_id, tmp_path)))
     with pytest.raises(PrivacyError, match=f"the plan differs from what charge {charge_id} admitted"):
-        launch.run_worker(request)
+        worker.run_worker(request)
     assert joined == [], "refused before joining the group, let alone reading a record"
     # Still running, never committed: the parent marks it failed_charged, charged in full.
     assert ledger.charge(charge_id).state == RUNNING
     assert not [e for e in ledger.history("sst2") if e["event"] == PROGRESS]
     # The same request with the charged plan passes the check and goes on to join the group.
     with pytest.raises(ZeroDivisionError):
-        launch.run_worker(_request(smoke_job, ref, plan, charge_id, tmp_path))
+        worker.run_worker(_request(smoke_job, ref, plan, charge_id, tmp_path))
     assert joined == [1]
 
 
@@ -219,7 +221,7 @@ def test_a_worker_refuses_a_charge_that_is_not_running(workspace_env, smoke_job,
     charge_id = stages.reserve(str(smoke_job), ref, plan)
     forbid_reading()
     with pytest.raises(PrivacyError, match=f"charge {charge_id} is 'reserved', not 'running'"):
-        launch.run_worker(_request(smoke_job, ref, plan, charge_id, tmp_path))
+        worker.run_worker(_request(smoke_job, ref, plan, charge_id, tmp_path))
     assert Ledger(f"sqlite:///{workspace_env / 'ledger.db'}").charge(charge_id).state == RESERVED
 
 

@@ -4,9 +4,9 @@ import json
 
 from typer.testing import CliRunner
 
-from dpops.accounting import SubsampledGaussian
-from dpops.cli import app
-from dpops.ledger import Ledger
+from dpops.cli.app import app
+from dpops.ledger.store import Ledger
+from dpops.privacy.accounting import SubsampledGaussian
 from tests.helpers import tamper
 
 runner = CliRunner()

@@ -13,9 +13,11 @@ import pandas as pd
 import pytest
 import yaml
 
-from dpops import config as data_config
-from dpops import data, prepare, settings
-from dpops.config import DatasetConfig
+from dpops.config import schema as data_config
+from dpops.config import workspace as settings
+from dpops.config.schema import DatasetConfig
+from dpops.data import prepare
+from dpops.data import source as data
 from dpops.errors import ConfigError, DataValidationError
 from tests import dvc_repo
 from tests.dvc_repo import commit, dvc, make_repo, sh, tsv

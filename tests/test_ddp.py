@@ -15,9 +15,9 @@ import pandas as pd
 import pytest
 import torch
 
-from dpops import training
-from dpops.config import JobConfig
-from dpops.privacy import Plan
+from dpops.config.schema import JobConfig
+from dpops.privacy.plan import Plan
+from dpops.train import trainer as training
 from tests.helpers import public_dataset
 from tests.tiny_models import tiny_bert
 

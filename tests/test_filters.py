@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 from dp_accounting.rdp import RdpAccountant
 
-from dpops import accounting, privacy
-from dpops.accounting import PrivacyFilter, SubsampledGaussian
-from dpops.config import DatasetConfig, DPSettings
+from dpops.config.schema import DatasetConfig, DPSettings
 from dpops.errors import BudgetExceededError, ConfigError, LedgerError
-from dpops.ledger import Ledger
+from dpops.ledger.store import Ledger
+from dpops.pipeline import planning as privacy
+from dpops.privacy import accounting
+from dpops.privacy.accounting import PrivacyFilter, SubsampledGaussian
 from tests.helpers import tamper
 
 REF = SubsampledGaussian(1.0, 0.01, 1000)
@@ -251,7 +252,7 @@ def test_a_v1_ledger_keeps_its_filter_and_its_dead_orders_come_back_on_upgrade(l
     from alembic import command
     from alembic.config import Config
 
-    from dpops.ledger import MIGRATIONS
+    from dpops.ledger.store import MIGRATIONS
 
     ledger = Ledger(ledger_url)
     _register(ledger, accounting.V1_FILTER, cap=50.0)
@@ -280,8 +281,8 @@ def test_a_v1_ledger_keeps_its_filter_and_its_dead_orders_come_back_on_upgrade(l
 def test_dpops_budget_shows_the_filter_and_the_runs_left(workspace_env):
     from typer.testing import CliRunner
 
-    from dpops.cli import app
-    from dpops.settings import workspace
+    from dpops.cli.app import app
+    from dpops.config.workspace import workspace
 
     workspace_env.mkdir(parents=True)
     ledger = Ledger(workspace().ledger_url)

@@ -10,9 +10,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dpops import accounting, config, privacy
+from dpops.config import schema as config
 from dpops.errors import BudgetExceededError
-from dpops.ledger import COMMITTED, Ledger
+from dpops.ledger.store import COMMITTED, Ledger
+from dpops.pipeline import planning as privacy
+from dpops.privacy import accounting
 from tests.helpers import edit_yaml
 
 pytestmark = pytest.mark.slow
@@ -194,7 +196,7 @@ def test_recurring_runs_pool_their_audit_evidence_in_the_ledger(prefect_harness,
     statement), and the gate still decides on the run's own one-run bounds."""
     import mlflow
 
-    from dpops import pooling
+    from dpops.assess import pooling
 
     edit_yaml(configs / "policy.yaml", lambda d: d.update(min_accuracy=0.0))
     first = _run(configs, project_root)

@@ -11,12 +11,12 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from dpops import gate
-from dpops.accounting import SubsampledGaussian
-from dpops.cli import app
-from dpops.config import PolicyConfig
+from dpops.cli.app import app
+from dpops.config.schema import PolicyConfig
 from dpops.errors import LedgerError
-from dpops.ledger import Ledger
+from dpops.ledger.store import Ledger
+from dpops.privacy.accounting import SubsampledGaussian
+from dpops.registry import gate
 from tests.helpers import policy_accepting_inconclusive, tamper
 
 POLICY = PolicyConfig(min_accuracy=0.7)
@@ -99,7 +99,7 @@ def test_an_inconclusive_audit_promotes_only_when_the_policy_accepts_it(ledger):
 
 
 def test_the_default_and_the_project_policy_refuse_an_inconclusive_audit(project_root):
-    from dpops import config
+    from dpops.config import schema as config
 
     assert not PolicyConfig().accept_inconclusive
     assert not config.load_policy(project_root / "configs/policy.yaml").accept_inconclusive
@@ -334,7 +334,7 @@ def test_per_dataset_thresholds_replace_the_global_one_for_that_dataset_only(led
 
 
 def test_the_project_policy_lowers_the_bar_for_the_five_class_dataset_only(project_root, tmp_path):
-    from dpops import config
+    from dpops.config import schema as config
     from dpops.errors import ConfigError
 
     policy = config.load_policy(project_root / "configs/policy.yaml")
@@ -357,7 +357,8 @@ def test_a_language_model_run_is_recorded_and_gated_on_its_eval_loss(workspace_e
 
     import yaml
 
-    from dpops import stages, tracking
+    from dpops.pipeline import stages
+    from dpops.registry import tracking
     from tests.tiny_models import tiny_llama
 
     shutil.copytree(project_root / "configs", tmp_path / "configs")
@@ -402,8 +403,9 @@ def test_a_claim_the_canaries_cannot_test_is_refused_at_plan_before_any_charge(w
     """10 canaries and no gradient canaries refute at most epsilon 0 at the smoke job's q and 5 steps;
     its epsilon 1 would be INCONCLUSIVE, which the project policy never promotes: refused at plan,
     the ledger untouched."""
-    from dpops import audit, stages
+    from dpops.assess import audit
     from dpops.errors import ConfigError
+    from dpops.pipeline import stages
     from tests.helpers import edit_yaml
 
     edit_yaml(smoke_job, lambda d: d["audit"].update(canaries=10, gradient_canaries=0))

@@ -19,10 +19,12 @@ import pandas as pd
 import pytest
 import torch
 
-from dpops import canaries, launch, training
-from dpops.config import AuditSettings, JobConfig
+from dpops.assess import canaries
+from dpops.config.schema import AuditSettings, JobConfig
 from dpops.errors import TrainingError
-from dpops.privacy import Plan
+from dpops.privacy.plan import Plan
+from dpops.train import distributed as launch
+from dpops.train import trainer as training
 from tests.helpers import public_dataset
 from tests.tiny_models import tiny_bert
 
@@ -271,7 +273,8 @@ def test_torchrun_workers_get_the_gradient_canaries_file(tmp_path, monkeypatch):
 def test_torchrun_workers_add_observe_and_report_the_mechanism(workspace_env, smoke_job, project_root, tmp_path):
     """The real torchrun path: the workers load the gradient canaries file; rank 0 saves the
     observations beside the model, and the result carries the mechanism the ranks ran."""
-    from dpops import stages, users
+    from dpops.pipeline import stages
+    from dpops.train import user_level as users
     from tests.helpers import edit_yaml, policy_accepting_inconclusive
 
     edit_yaml(smoke_job, lambda d: d.update(

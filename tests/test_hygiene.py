@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from dpops import config
-from dpops.ledger import COMMITTED, Ledger
+from dpops.config import schema as config
+from dpops.ledger.store import COMMITTED, Ledger
 
 pytestmark = pytest.mark.slow
 

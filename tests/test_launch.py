@@ -10,9 +10,10 @@ import os
 
 import pytest
 
-from dpops import launch, stages
 from dpops.errors import ConfigError, TrainingError
-from dpops.ledger import COMMITTED, FAILED_CHARGED, RELEASED, Ledger
+from dpops.ledger.store import COMMITTED, FAILED_CHARGED, RELEASED, Ledger
+from dpops.pipeline import stages
+from dpops.train import distributed as launch
 from tests.helpers import edit_yaml, policy_accepting_inconclusive
 from tests.tiny_models import tiny_bert
 
@@ -45,11 +46,11 @@ def test_the_command_line_holds_references_only(tmp_path):
     cmd = launch.command(tmp_path / "request.json", 4)
     assert cmd[1:3] == ["-m", "torch.distributed.run"] and "--standalone" in cmd and "--nproc_per_node=4" in cmd
     assert "--max-restarts=0" in cmd, "a restarted group would train again on data the charge paid for once"
-    assert cmd[-4:] == ["-m", "dpops.launch", "--request", str(tmp_path / "request.json")]
+    assert cmd[-4:] == ["-m", "dpops.pipeline.worker", "--request", str(tmp_path / "request.json")]
 
 
 def test_nproc_per_node_is_validated_naming_file_and_field(smoke_job):
-    from dpops import config
+    from dpops.config import schema as config
 
     edit_yaml(smoke_job, lambda d: d.update(training={"nproc_per_node": 0}))
     with pytest.raises(ConfigError) as err:
@@ -82,7 +83,7 @@ def test_more_gpu_processes_than_gpus_are_refused_before_the_charge_starts(works
 def test_two_processes_train_once_and_the_charge_commits_at_the_planned_steps(workspace_env, smoke_job, project_root, tmp_path):
     from pathlib import Path
 
-    from dpops import canaries
+    from dpops.assess import canaries
 
     _two_process_job(smoke_job, tiny_bert(tmp_path / "bert"))
     ref, plan, charge_id = _reserved(smoke_job, project_root)

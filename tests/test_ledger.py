@@ -5,10 +5,10 @@ import multiprocessing as mp
 import pytest
 from sqlalchemy import text
 
-from dpops import accounting
-from dpops.accounting import SubsampledGaussian
 from dpops.errors import BudgetExceededError, ConfigError, LedgerError
-from dpops.ledger import COMMITTED, FAILED_CHARGED, RELEASED, RUNNING, Ledger
+from dpops.ledger.store import COMMITTED, FAILED_CHARGED, RELEASED, RUNNING, Ledger
+from dpops.privacy import accounting
+from dpops.privacy.accounting import SubsampledGaussian
 from tests.helpers import tamper
 
 RUN = SubsampledGaussian(1.0, 0.01, 500)
@@ -140,7 +140,7 @@ def test_commit_reads_the_progress_under_the_dataset_lock(ledger_url):
     import threading
     import time
 
-    from dpops.ledger import PROGRESS
+    from dpops.ledger.store import PROGRESS
 
     ledger = _ledger(ledger_url, k=5)
     c = _reserve(ledger)
@@ -500,7 +500,7 @@ def test_upgrading_an_old_ledger_backfills_the_spend_index(ledger_url):
     from alembic import command
     from alembic.config import Config
 
-    from dpops.ledger import MIGRATIONS
+    from dpops.ledger.store import MIGRATIONS
 
     ledger = _ledger(ledger_url, k=2, privacy_filter=accounting.V1_FILTER)  # as the old code registered them
     _exercise(ledger, privacy_filter=accounting.V1_FILTER)
@@ -526,8 +526,8 @@ def test_upgrading_an_old_ledger_backfills_the_spend_index(ledger_url):
 
 def test_plan_fitted_to_the_remaining_budget_leaves_room_for_the_planned_runs(ledger_url):
     """`dp.fit_to_budget`: the noise is raised so that the planned runs all pass the filter."""
-    from dpops import privacy
-    from dpops.config import DatasetConfig, DPSettings
+    from dpops.config.schema import DatasetConfig, DPSettings
+    from dpops.pipeline import planning as privacy
 
     ledger = _ledger(ledger_url, k=2)
     _reserve(ledger)  # an earlier run took part of the budget

@@ -3,7 +3,7 @@
 import pytest
 
 from dpops.errors import ConfigError
-from dpops.ledger import Ledger
+from dpops.ledger.store import Ledger
 
 
 @pytest.mark.parametrize("cap", [float("inf"), float("nan"), 1e308, 1000.5, 0.0, -1.0])
@@ -25,7 +25,7 @@ def test_a_delta_outside_zero_one_does_not_register(ledger_url, delta):
 def test_a_block_never_has_more_budget_than_its_dataset(ledger_url):
     """Issue 16: add_block accepted a cap above the dataset's (and an infinite one)."""
     from dpops.errors import ConfigError
-    from dpops.ledger import Ledger
+    from dpops.ledger.store import Ledger
 
     ledger = Ledger(ledger_url)
     ledger.register_dataset(name="tickets", unit="record", delta=1e-5, epsilon_cap=4.0)
@@ -40,9 +40,9 @@ def test_a_block_never_has_more_budget_than_its_dataset(ledger_url):
 
 def test_a_dataset_with_whole_dataset_spend_cannot_be_partitioned(ledger_url):
     """Issue 16: on the cap-4 SST-2 ledger, blocks added after whole-dataset runs admitted 8 more runs."""
-    from dpops.accounting import SubsampledGaussian
     from dpops.errors import LedgerError
-    from dpops.ledger import Ledger
+    from dpops.ledger.store import Ledger
+    from dpops.privacy.accounting import SubsampledGaussian
 
     ledger = Ledger(ledger_url)
     ledger.register_dataset(name="sst2", unit="record", delta=1e-5, epsilon_cap=4.0)

@@ -11,10 +11,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dpops import model as modeling
-from dpops import training
-from dpops.config import LoraSettings
+from dpops.config.schema import LoraSettings
 from dpops.errors import PrivacyError
+from dpops.models import hf as modeling
+from dpops.train import trainer as training
 from tests.tiny_models import tiny_llama_left_padding
 
 TEXTS = ["a fine film", "dull, slow and far too long for what it says", "yes", "the cast is superb", "no", "an odd thing"]

@@ -1,4 +1,4 @@
-"""Pooled audit evidence (dpops.pooling) and the ledger read that feeds it (Ledger.evidence_of).
+"""Pooled audit evidence (dpops.assess.pooling) and the ledger read that feeds it (Ledger.evidence_of).
 
 The outcome records are simulated the way the audit stage writes them (issue 17): synthetic
 canaries, each included with probability 1/2, scored with a separation ``shift`` between included
@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from scipy.stats import beta
 
-from dpops import audit
-from dpops.accounting import SubsampledGaussian
+from dpops.assess import audit
+from dpops.assess.pooling import bayes_interval, dataset_pool, pool, same_mechanism
 from dpops.errors import LedgerError
-from dpops.ledger import Ledger
-from dpops.pooling import bayes_interval, dataset_pool, pool, same_mechanism
+from dpops.ledger.store import Ledger
+from dpops.privacy.accounting import SubsampledGaussian
 
 MECH = {"noise_multiplier": 1.0, "sample_rate": 0.01, "steps": 100, "max_grad_norm": 1.0, "delta": 1e-6}
 
@@ -239,7 +239,7 @@ def test_pooling_loads_neither_torch_nor_prefect():
 
 def test_sequential_looks_spend_at_most_the_total_alpha():
     """Re-pooling after every run is a test per run: the per-look alphas must add up to at most 5%."""
-    from dpops.pooling import sequential_confidence
+    from dpops.assess.pooling import sequential_confidence
 
     alphas = [1 - sequential_confidence(k, 0.95) for k in range(1, 100_001)]
     assert sum(alphas) <= 0.05 and sum(alphas) > 0.0499

@@ -12,9 +12,10 @@ import shutil
 
 import pytest
 
-from dpops import stages, training
 from dpops.errors import LedgerError
-from dpops.ledger import COMMITTED, RUNNING, Ledger
+from dpops.ledger.store import COMMITTED, RUNNING, Ledger
+from dpops.pipeline import stages
+from dpops.train import trainer as training
 from tests.conftest import ROOT
 from tests.helpers import edit_yaml, policy_accepting_inconclusive
 from tests.tiny_models import tiny_bert

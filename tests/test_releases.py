@@ -71,7 +71,7 @@ def test_every_inventory_entry_has_one_of_the_four_classes():
 
 
 def test_every_ledger_column_is_in_the_inventory():
-    from dpops.ledger import Base
+    from dpops.ledger.store import Base
 
     entries = inventory()
     missing = [f"{t.name}.{c.name}" for t in Base.metadata.sorted_tables for c in t.columns
@@ -166,7 +166,7 @@ def _released_by_prefect() -> tuple[list[tuple[str, str]], list[str]]:
 
 def _released_by_ledger(url: str) -> tuple[list[tuple[str, str]], list[str]]:
     """(place, field) of every event's payload keys, as ``<kind>.<key>``, and the payloads."""
-    from dpops.ledger import Ledger
+    from dpops.ledger.store import Ledger
 
     ledger = Ledger(url)
     try:
@@ -182,7 +182,7 @@ def _released_by_ledger(url: str) -> tuple[list[tuple[str, str]], list[str]]:
 
 @pytest.mark.slow
 def test_a_smoke_run_releases_only_what_the_inventory_lists(prefect_harness, workspace_env, tmp_path, project_root, monkeypatch):
-    from dpops import config
+    from dpops.config import schema as config
     from flows.private_finetune import private_finetune
 
     # as `dpops run` does: dpops's own log lines then reach Prefect's logs

@@ -9,11 +9,11 @@ import pytest
 from sqlalchemy import create_engine, exc, text
 from typer.testing import CliRunner
 
-from dpops import ledger as ledger_mod
-from dpops.accounting import SubsampledGaussian
-from dpops.cli import app
+from dpops.cli.app import app
 from dpops.errors import LedgerError
-from dpops.ledger import Ledger
+from dpops.ledger import store as ledger_mod
+from dpops.ledger.store import Ledger
+from dpops.privacy.accounting import SubsampledGaussian
 
 RUN = SubsampledGaussian(1.0, 0.01, 100)
 AUDIT = {"verdict": "PASS", "reasons": [], "claimed_epsilon": 1.0, "canary_epsilon_lower_bound": 0.1,

@@ -34,9 +34,11 @@ from prefect.client.schemas.filters import (
     FlowRunFilterStateType,
 )
 
-from dpops import config, privacy, stages
-from dpops.ledger import COMMITTED, Ledger
-from dpops.settings import QUIET_ENV
+from dpops.config import schema as config
+from dpops.config.workspace import QUIET_ENV
+from dpops.ledger.store import COMMITTED, Ledger
+from dpops.pipeline import planning as privacy
+from dpops.pipeline import stages
 
 pytestmark = pytest.mark.slow
 

@@ -11,11 +11,11 @@ import mlflow
 import yaml
 from typer.testing import CliRunner
 
-from dpops import serving
-from dpops.accounting import SubsampledGaussian
-from dpops.cli import app
-from dpops.ledger import Ledger
-from dpops.settings import workspace
+from dpops.cli.app import app
+from dpops.config.workspace import workspace
+from dpops.ledger.store import Ledger
+from dpops.privacy.accounting import SubsampledGaussian
+from dpops.registry import serving
 from tests.test_gate import GOOD_AUDIT
 
 runner = CliRunner()

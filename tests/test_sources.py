@@ -5,9 +5,9 @@ import shutil
 
 import pytest
 
-from dpops import stages
 from dpops.errors import LedgerError
-from dpops.ledger import Ledger
+from dpops.ledger.store import Ledger
+from dpops.pipeline import stages
 from tests.helpers import edit_yaml
 
 TERMS = dict(unit="record", delta=1e-6, epsilon_cap=4.0)
@@ -110,7 +110,7 @@ def test_a_user_in_one_block_is_refused_in_another_block_of_a_later_version(tmp_
 def test_reserve_maps_users_once_and_the_map_is_append_only(ledger_url, statement):
     from sqlalchemy import exc, text
 
-    from dpops.accounting import SubsampledGaussian
+    from dpops.privacy.accounting import SubsampledGaussian
 
     run = SubsampledGaussian(1.0, 0.01, 10)
     ledger = Ledger(ledger_url)
@@ -139,7 +139,7 @@ def test_reserve_maps_users_once_and_the_map_is_append_only(ledger_url, statemen
 def test_the_same_data_under_another_name_and_path_is_refused_at_reserve(ledger_url):
     """The source check compares paths; the keyed fingerprint names the bytes: a copy of sst2's
     training file under another path and dataset name is still sst2's records, and sst2's budget."""
-    from dpops.accounting import SubsampledGaussian
+    from dpops.privacy.accounting import SubsampledGaussian
 
     ledger = Ledger(ledger_url)
     version = "hmac-sha256:" + "ab" * 32

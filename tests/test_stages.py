@@ -3,9 +3,9 @@
 
 import pytest
 
-from dpops import stages
 from dpops.errors import ConfigError, DataValidationError
-from dpops.ledger import FAILED_CHARGED, Ledger
+from dpops.ledger.store import FAILED_CHARGED, Ledger
+from dpops.pipeline import stages
 from tests.helpers import edit_yaml, policy_accepting_inconclusive
 
 
@@ -23,7 +23,7 @@ def test_run_that_dies_after_reading_data_stays_charged(workspace_env, smoke_job
 
 
 def test_progress_is_recorded_and_a_run_dying_mid_way_stays_charged_in_full(workspace_env, smoke_job, project_root, monkeypatch):
-    from dpops import training
+    from dpops.train import trainer as training
 
     monkeypatch.setattr(stages, "PROGRESS_EVERY", 2)
     real, calls = training._private_step, []
@@ -90,7 +90,7 @@ def test_same_job_seed_still_draws_fresh_noise_each_run(workspace_env, smoke_job
 def test_second_attempt_on_a_started_charge_is_refused_before_reading(workspace_env, smoke_job, project_root):
     """What an automatic retry or a rescheduled training pod would do: refused, nothing read or trained."""
     from dpops.errors import LedgerError
-    from dpops.ledger import RUNNING
+    from dpops.ledger.store import RUNNING
 
     ref = stages.resolve(str(smoke_job), str(project_root))
     plan = stages.plan(str(smoke_job), ref)

@@ -11,9 +11,9 @@ import pytest
 from sqlalchemy import event, text
 from typer.testing import CliRunner
 
-from dpops import accounting
-from dpops.accounting import SubsampledGaussian
-from dpops.ledger import CURVE_DRIFT_RTOL, Ledger
+from dpops.ledger.store import CURVE_DRIFT_RTOL, Ledger
+from dpops.privacy import accounting
+from dpops.privacy.accounting import SubsampledGaussian
 from tests.helpers import forge_event, rehash_chain, tamper
 
 RUN = SubsampledGaussian(1.0, 0.01, 500)
@@ -257,7 +257,7 @@ def test_a_curve_moved_in_its_last_digits_is_drift_not_an_edit(ledger_url, works
     assert len(report.drift) == 1 and "drift" in report.drift[0] and "dataset 'notes'" in report.drift[0]
     assert "lower at 24 of 24 orders" in report.drift[0]
 
-    from dpops.cli import app
+    from dpops.cli.app import app
 
     monkeypatch.setenv("DPOPS_LEDGER_URL", ledger_url)
     result = CliRunner().invoke(app, ["ledger", "verify"])
@@ -273,7 +273,7 @@ def test_a_curve_lowered_beyond_drift_is_an_edit(ledger_url, monkeypatch):
     assert report.drift == ()
     assert _reported(list(report.problems), "notes", "stored RDP curve", "relative difference", "edited"), report
 
-    from dpops.cli import app
+    from dpops.cli.app import app
 
     monkeypatch.setenv("DPOPS_LEDGER_URL", ledger_url)
     result = CliRunner().invoke(app, ["ledger", "verify"])

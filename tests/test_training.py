@@ -17,11 +17,12 @@ import torch
 import yaml
 from torch import nn
 
-from dpops import evaluation, training
-from dpops import model as modeling
-from dpops.config import DEFAULT_GRAD_SAMPLE_MODE, JobConfig, LoraSettings
+from dpops.assess import evaluation
+from dpops.config.schema import DEFAULT_GRAD_SAMPLE_MODE, JobConfig, LoraSettings
 from dpops.errors import ConfigError
-from dpops.privacy import Plan
+from dpops.models import hf as modeling
+from dpops.privacy.plan import Plan
+from dpops.train import trainer as training
 from tests.helpers import public_dataset
 from tests.tiny_models import tiny_bert, tiny_llama
 
@@ -174,7 +175,7 @@ class _Twice(nn.Module):
 
 
 def test_bookkeeping_refuses_layers_it_cannot_clip():
-    from dpops import bookkeeping
+    from dpops.train import bookkeeping
 
     with pytest.raises(ConfigError, match=r"training.grad_sample_mode.*'conv' \(Conv1d\)"):
         bookkeeping.BookKeeping(_Conv(), max_grad_norm=1.0)
@@ -248,7 +249,7 @@ def test_causal_lm_trains_and_reloads(bases, tmp_path):
     ("cosine", 1, [1, 1, (1 + math.cos(math.pi / 4)) / 2, 1 / 2, (1 + math.cos(3 * math.pi / 4)) / 2]),
 ])
 def test_learning_rate_schedule_warms_up_decays_and_never_stops_a_charged_step(schedule, warmup, expected):
-    from dpops.config import OptimSettings
+    from dpops.config.schema import OptimSettings
 
     optim = OptimSettings(schedule=schedule, warmup_steps=warmup)
     factors = [training.learning_rate_factor(optim, done, len(expected)) for done in range(len(expected))]
@@ -334,7 +335,7 @@ def test_bf16_autocast_step_stays_close_to_the_fp32_reference(bases, task, metho
 
 
 def test_device_resolution_on_this_machine():
-    from dpops.config import TrainingSettings
+    from dpops.config.schema import TrainingSettings
 
     if torch.cuda.is_available():
         pytest.skip("this check is for machines without a GPU")
@@ -354,7 +355,7 @@ def test_device_resolution_on_this_machine():
     ({"optim": {"ema_decay": 1.0}}, "optim.ema_decay"),
 ])
 def test_job_file_refuses_unsupported_training_settings(tmp_path, project_root, change, field):
-    from dpops.config import load_job_config
+    from dpops.config.schema import load_job_config
 
     data = {**yaml.safe_load((project_root / "configs/jobs/sst2_smoke.yaml").read_text()), **change}
     path = tmp_path / "job.yaml"

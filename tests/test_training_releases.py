@@ -12,9 +12,10 @@ import math
 
 import pytest
 
-from dpops import model as modeling
-from dpops import stages, tracking
-from dpops.settings import workspace
+from dpops.config.workspace import workspace
+from dpops.models import hf as modeling
+from dpops.pipeline import stages
+from dpops.registry import tracking
 from tests.helpers import edit_yaml, policy_accepting_inconclusive
 from tests.tiny_models import tiny_bert
 

@@ -19,7 +19,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from dpops.cli import app
+from dpops.cli.app import app
 
 pytestmark = pytest.mark.slow
 

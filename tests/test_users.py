@@ -15,10 +15,13 @@ from opacus.optimizers import DPOptimizer
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from dpops import canaries, data, stages, users
-from dpops.config import DatasetConfig
+from dpops.assess import canaries
+from dpops.config.schema import DatasetConfig
+from dpops.data import source as data
 from dpops.errors import DataValidationError
-from dpops.ledger import COMMITTED, Ledger
+from dpops.ledger.store import COMMITTED, Ledger
+from dpops.pipeline import stages
+from dpops.train import user_level as users
 from tests.dvc_repo import make_repo
 from tests.helpers import policy_accepting_inconclusive, steward_file
 

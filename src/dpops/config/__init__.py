@@ -1,0 +1,29 @@
+"""What a user writes: job, dataset and policy configs (:mod:`.schema`) and the workspace (:mod:`.workspace`).
+
+Validated with pydantic; a mistake is a :class:`~dpops.errors.ConfigError` naming the file and field.
+"""
+
+from dpops.config.schema import (
+    DatasetConfig,
+    JobConfig,
+    PolicyConfig,
+    check_training,
+    dataset_config_for,
+    load_dataset_config,
+    load_job_config,
+    load_policy,
+)
+from dpops.config.workspace import Workspace, workspace
+
+__all__ = [
+    "DatasetConfig",
+    "JobConfig",
+    "PolicyConfig",
+    "Workspace",
+    "check_training",
+    "dataset_config_for",
+    "load_dataset_config",
+    "load_job_config",
+    "load_policy",
+    "workspace",
+]

@@ -1,0 +1,33 @@
+"""The mathematics of the guarantee: mechanisms, accountants, RDP filters and the run's plan.
+
+Pure Python and NumPy over dp_accounting: no torch, no database, no config. Everything that reads
+a config or a ledger to choose a plan is :mod:`dpops.pipeline.planning`.
+"""
+
+from dpops.privacy.accounting import (
+    GRID_FILTER,
+    PrivacyFilter,
+    SubsampledGaussian,
+    calibrate_noise,
+    calibrate_noise_to_filter,
+    choose_filter,
+    epsilon,
+    filter_of_orders,
+    pld_epsilon,
+)
+from dpops.privacy.plan import Plan, charge_differences, sample_rate_for
+
+__all__ = [
+    "GRID_FILTER",
+    "Plan",
+    "PrivacyFilter",
+    "SubsampledGaussian",
+    "calibrate_noise",
+    "calibrate_noise_to_filter",
+    "charge_differences",
+    "choose_filter",
+    "epsilon",
+    "filter_of_orders",
+    "pld_epsilon",
+    "sample_rate_for",
+]
