@@ -1,4 +1,4 @@
-"""One private fine-tune, every stage a task (see DESIGN.md, "The flow of one private fine-tune").
+"""One private fine-tune, every stage a task (see docs/architecture.md, "The flow of one private fine-tune").
 
 Two flows live here:
 

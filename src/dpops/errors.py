@@ -13,7 +13,13 @@ MAX_MESSAGE_CHARS = 2000
 
 
 def bounded(message: str, limit: int = MAX_MESSAGE_CHARS) -> str:
-    """``message`` cut to at most ``limit`` characters, ending with how many were cut."""
+    """``message`` cut to at most ``limit`` characters, ending with how many were cut.
+
+    >>> bounded("x" * 50, limit=30)
+    'xxxxxx [... 44 characters cut]'
+    >>> len(ConfigError("y" * 5000).args[0]) == MAX_MESSAGE_CHARS
+    True
+    """
     if len(message) <= limit:
         return message
     marker = " [... {} characters cut]"
@@ -79,7 +85,13 @@ EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT, EXIT_REFUSED, EXIT_LEDGER_UNAVAILABL
 
 def exit_code(exc: BaseException) -> int:
     """The documented exit code of a dpops error: 2 bad input (a config or data file), 3 refused by
-    the ledger or the privacy checks, 4 ledger unavailable, 5 the run failed after it started."""
+    the ledger or the privacy checks, 4 ledger unavailable, 5 the run failed after it started.
+
+    >>> [exit_code(e("...")) for e in (ConfigError, DataValidationError, BudgetExceededError, LedgerError, PrivacyError)]
+    [2, 2, 3, 3, 3]
+    >>> exit_code(LedgerUnavailableError("...")), exit_code(TrainingError("...")), exit_code(KeyError("3"))
+    (4, 5, 2)
+    """
     if isinstance(exc, LedgerUnavailableError):
         return EXIT_LEDGER_UNAVAILABLE
     if isinstance(exc, (ConfigError, DataValidationError)):

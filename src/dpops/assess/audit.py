@@ -19,8 +19,8 @@ weights, the released noisy sums); no real record, training or hold-out, is scor
     gradients are. An observed sum too small for that refutes the claimed noise outright.
 * **Black-box input canaries** (:mod:`dpops.assess.canaries`): random-word records with a random label,
   each trained on with probability 1/2, scored after training as (loss under the base model) minus
-  (loss under the fine-tuned model) (calibrated: Carlini et al. 2022; AUDIT.md measured it stronger
-  than raw loss). The one-run bound with a pre-registered grid of "in" and "out" guesses.
+  (loss under the fine-tuned model): calibrated against the base model (Carlini et al. 2022), not
+  the raw loss. The one-run bound with a pre-registered grid of "in" and "out" guesses.
 * **Accounting cross-check**: the epsilon of the mechanism the trainer reports it ran (its own
   record of sigma, q and steps) by Google's ``dp_accounting``, against dpops's epsilon of the
   ledger charge at the steps run; and the trainer's figures must be the charge's.

@@ -1,6 +1,6 @@
 """The privacy-budget ledger: the system of record for privacy spend.
 
-Semantics (see DESIGN.md, "The ledger"):
+Semantics (see docs/architecture.md, "The ledger"):
 
 * A **dataset** is registered once with its unit of privacy, delta and epsilon cap. New data
   versions bring no new budget.

@@ -200,7 +200,13 @@ def _check_delta(delta: float) -> None:
 
 def conversion(orders: Sequence[float] | np.ndarray, delta: float | np.ndarray) -> np.ndarray:
     """Per order, the epsilon an RDP of 0 converts to at ``delta`` (a number, or one per order):
-    ``log((a-1)/a) - (log(delta) + log(a)) / (a-1)``, the conversion of :func:`rdp_to_epsilon`."""
+    ``log((a-1)/a) - (log(delta) + log(a)) / (a-1)``, the conversion of :func:`rdp_to_epsilon`.
+
+    It falls with the order: a filter at a low order pays more before the first step is spent.
+
+    >>> [round(float(x), 3) for x in conversion([2.0, 8.0, 32.0], 1e-5)]
+    [10.127, 1.214, 0.228]
+    """
     a = np.asarray(orders, dtype=float)
     return np.log((a - 1) / a) - (np.log(delta) + np.log(a)) / (a - 1)
 
@@ -289,6 +295,19 @@ class PrivacyFilter:
         ValueError: an unknown name, no orders, an order not in (1, MAX_FILTER_ORDER], repeated
             orders, a share not in (0, 1], shares that add up to more than 1, or a v1 filter that
             is not the v1 grid.
+
+    Example: the first charge pays the conversion at the filter's order, so one run's cumulative
+    figure is above its run epsilon; yet the order chosen for the mechanism admits more runs of
+    it (13) than the grid of 24 orders does (10).
+
+        >>> run = SubsampledGaussian(noise_multiplier=1.0, sample_rate=0.01, steps=1000)
+        >>> f = choose_filter(run, cap=8.0, delta=1e-5)
+        >>> round(f.epsilon([run], delta=1e-5), 3), round(epsilon([run], delta=1e-5), 3), f.epsilon([], delta=1e-5)
+        (3.734, 2.101, 0.0)
+        >>> f.admits([run] * 12, run, delta=1e-5, cap=8.0), f.admits([run] * 13, run, delta=1e-5, cap=8.0)
+        (True, False)
+        >>> GRID_FILTER.runs_left([], run, delta=1e-5, cap=8.0)
+        10
     """
 
     name: str
@@ -317,7 +336,14 @@ class PrivacyFilter:
     @classmethod
     def from_spec(cls, name: str, spec: Optional[dict[str, Any]]) -> "PrivacyFilter":
         """The filter a ``registered`` event names: v1 has no spec; v2 needs ``orders`` and
-        ``delta_shares``. Raises ValueError on anything else."""
+        ``delta_shares``. Raises ValueError on anything else.
+
+        >>> f = filter_of_orders([8, 2, 4])
+        >>> f.spec_json()
+        '{"delta_shares":[0.3333333333333333,0.3333333333333333,0.3333333333333333],"orders":[2.0,4.0,8.0]}'
+        >>> PrivacyFilter.from_spec(f.name, f.spec()) == f, PrivacyFilter.from_spec(FILTER_V1, None) is V1_FILTER
+        (True, True)
+        """
         if name == FILTER_V1:
             if spec is not None:
                 raise ValueError(f"{FILTER_V1} has no stored orders")
@@ -340,7 +366,13 @@ class PrivacyFilter:
         return None if spec is None else json.dumps(spec, sort_keys=True, separators=(",", ":"))
 
     def describe(self) -> str:
-        """One line for people, e.g. ``"rdp-filter-v2: order 14 (all of delta)"``."""
+        """One line for people, e.g. ``"rdp-filter-v2: order 14 (all of delta)"``.
+
+        >>> choose_filter(SubsampledGaussian(1.0, 0.01, 1000), cap=8.0, delta=1e-5).describe()
+        'rdp-filter-v2: order 3.75 (all of delta)'
+        >>> GRID_FILTER.describe()
+        'rdp-filter-v2: 24 orders 1.25 to 64, delta split evenly'
+        """
         if len(self.orders) == 1:
             return f"{self.name}: order {self.orders[0]:g} (all of delta)"
         even = self.delta_shares == _even(len(self.orders))

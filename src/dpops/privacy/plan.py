@@ -99,5 +99,9 @@ def charge_differences(p: Plan, charge: Charge, *, unit: str, delta: Optional[fl
 
 
 def sample_rate_for(n_records: int, expected_batch_size: int) -> float:
-    """q = 1 / ceil(n / B): the convention of Opacus's DP data loader, so planned and used agree."""
+    """q = 1 / ceil(n / B): the convention of Opacus's DP data loader, so planned and used agree.
+
+    >>> sample_rate_for(1024, 64), sample_rate_for(1025, 64)  # 16 batches; one record more: 17
+    (0.0625, 0.058823529411764705)
+    """
     return 1.0 / math.ceil(n_records / expected_batch_size)

@@ -33,7 +33,12 @@ from dpops.errors import PrivacyError
 
 
 def units(df: pd.DataFrame) -> int:
-    """Number of privacy units in a split: users when it has a ``user`` column, else records."""
+    """Number of privacy units in a split: users when it has a ``user`` column, else records.
+
+    >>> df = pd.DataFrame({"user": ["a", "a", "b"], "label": [0, 1, 1], "text": ["p", "q", "r"]})
+    >>> units(df), units(df.drop(columns="user"))
+    (2, 3)
+    """
     return int(df[USER].nunique()) if USER in df.columns else len(df)
 
 
@@ -62,6 +67,11 @@ def bound_contributions(df: pd.DataFrame, bound: int, key: bytes) -> pd.DataFram
     at least one record, so n (users), the accountant's n and the ledger's, is unchanged. Unlike a
     check that refuses the whole dataset when one user has too many records, nothing here is
     released: a user above the bound changes only what that user's clipped gradient is made of.
+
+    >>> df = pd.DataFrame({"user": ["a", "a", "a", "b"], "label": [0, 1, 0, 1], "text": ["w", "x", "y", "z"]})
+    >>> kept = bound_contributions(df, 2, key=bytes(32))
+    >>> kept["user"].value_counts().to_dict(), units(kept) == units(df)
+    ({'a': 2, 'b': 1}, True)
     """
     if bound < 1:
         raise ValueError(f"contribution bound must be at least 1. Found {bound}.")
