@@ -12,8 +12,6 @@ import re
 import subprocess
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "architecture.md"
 
@@ -137,7 +135,6 @@ def test_the_name_checks_find_what_is_missing():
     assert missing_names(doc) == ["src/dpops/nowhere.py", "src/dpops/nowhere/", "dpops.errors.no_such_name", "dpops.nowhere.at_all"]
 
 
-@pytest.mark.xfail(strict=False, reason="layout lands with the package move")
 def test_every_library_path_the_architecture_names_exists():
     doc = DOC.read_text(encoding="utf-8")
     assert len(SRC_PATH.findall(doc)) > 20, "docs/architecture.md names no library paths: was it parsed?"

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from dpops.config.spec import RunSpec
 from dpops.errors import ConfigError, PrivacyError
@@ -33,7 +34,7 @@ def test_the_digest_covers_both_configs_not_their_layout(smoke_job):
 
 def test_a_spec_is_frozen(smoke_job):
     spec = RunSpec.load(smoke_job)
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         spec.job_path = "other.yaml"
 
 
