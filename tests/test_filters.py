@@ -15,9 +15,10 @@ import pytest
 from dp_accounting.rdp import RdpAccountant
 
 from dpops import accounting, privacy
+from dpops import ledger as ledger_mod
 from dpops.accounting import PrivacyFilter, SubsampledGaussian
 from dpops.config import DatasetConfig, DPSettings
-from dpops.errors import BudgetExceededError, ConfigError, LedgerError
+from dpops.errors import BudgetExceededError, ConfigError, LedgerError, LedgerSchemaError
 from dpops.ledger import Ledger
 from tests.helpers import tamper
 
@@ -265,7 +266,10 @@ def test_a_v1_ledger_keeps_its_filter_and_its_dead_orders_come_back_on_upgrade(l
     old_curve = [math.inf if a < 2 else x for a, x in zip(accounting.FILTER_ORDERS, accounting.V1_FILTER.one_step(1.0, 0.5), strict=True)]
     tamper(ledger, "UPDATE spend_totals SET rdp_per_step = :c", {"c": json.dumps(old_curve)})
     ledger.dispose()
-    upgraded = Ledger(ledger_url)  # opening migrates to 0007
+    with pytest.raises(LedgerSchemaError, match="revision 0006"):  # opening never migrates
+        Ledger(ledger_url)
+    ledger_mod.upgrade(Ledger(ledger_url, create=False).engine)  # `dpops ledger upgrade`, to 0007
+    upgraded = Ledger(ledger_url)
     assert upgraded.verify() == []
     assert upgraded.filter_of("notes") == accounting.V1_FILTER
     b = upgraded.budget("notes")

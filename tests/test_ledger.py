@@ -6,8 +6,9 @@ import pytest
 from sqlalchemy import text
 
 from dpops import accounting
+from dpops import ledger as ledger_mod
 from dpops.accounting import SubsampledGaussian
-from dpops.errors import BudgetExceededError, ConfigError, LedgerError
+from dpops.errors import BudgetExceededError, ConfigError, LedgerError, LedgerSchemaError
 from dpops.ledger import COMMITTED, FAILED_CHARGED, RELEASED, RUNNING, Ledger
 from tests.helpers import tamper
 
@@ -512,7 +513,10 @@ def test_upgrading_an_old_ledger_backfills_the_spend_index(ledger_url):
         command.downgrade(cfg, "0002")  # drops the index tables, as if written by the old code
         assert "spend_totals" not in conn.dialect.get_table_names(conn)
     ledger.dispose()
-    upgraded = Ledger(ledger_url)  # opening runs the migrations, 0003's backfill included
+    with pytest.raises(LedgerSchemaError, match="dpops ledger upgrade"):  # opening never migrates
+        Ledger(ledger_url)
+    ledger_mod.upgrade(Ledger(ledger_url, create=False).engine)  # `dpops ledger upgrade`: 0003's backfill included
+    upgraded = Ledger(ledger_url)
     assert upgraded.verify() == []
     assert {name: upgraded.budget(name).spent for name in ("notes", "tickets")} == before
     # Admission sees the old spend: it grants exactly what the cap leaves beside it.

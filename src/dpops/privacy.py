@@ -14,7 +14,7 @@ from typing import Any, Optional
 from dpops import accounting
 from dpops.accounting import SubsampledGaussian
 from dpops.config import DatasetConfig, DPSettings
-from dpops.errors import BudgetExceededError, ConfigError, DataValidationError, LedgerError
+from dpops.errors import BlockExistsError, BudgetExceededError, ConfigError, DataValidationError
 from dpops.ledger import Charge, Ledger
 
 
@@ -250,7 +250,7 @@ def register_blocks(ledger: Ledger, dataset: DatasetConfig, blocks: list[Block])
             continue
         try:
             ledger.add_block(dataset.name, name=b.name, n_records=b.units, epsilon_cap=b.epsilon_cap)
-        except LedgerError:
+        except BlockExistsError:  # added by another run in between; any other refusal propagates
             continue
         added.append(b.name)
     return added

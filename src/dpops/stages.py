@@ -22,7 +22,7 @@ from dpops import data as datamod
 from dpops import model as modeling
 from dpops.accounting import SubsampledGaussian
 from dpops.anchors import AnchorLog
-from dpops.errors import DataValidationError, LedgerError, PrivacyError
+from dpops.errors import ChargeNotFoundError, DataValidationError, PrivacyError
 from dpops.ledger import RESERVED, DatasetBudget, Ledger
 from dpops.settings import Workspace, workspace
 
@@ -564,7 +564,7 @@ def _charge_dataset(ledger: Ledger, charge_id: Optional[str], model: str) -> tup
         return None, f"model {model} has no 'dpops.charge_id' tag: no ledger charge to check"
     try:
         return ledger.charge(charge_id).dataset, None
-    except LedgerError as exc:
+    except ChargeNotFoundError as exc:  # the tag names no charge; any other ledger fault propagates
         return None, f"model {model}: {exc}"
 
 
