@@ -780,7 +780,7 @@ def _raise_unavailable(engine: Engine, lock_timeout: float) -> None:
     """Turn the engine's lock timeouts and connection failures into LedgerUnavailableError.
 
     One hook on the engine (SQLAlchemy's ``handle_error``), so every entry point of the ledger,
-    from the schema upgrade in the constructor to each read and write, reports one clear line
+    from the schema check in the constructor to each read and write, reports one clear line
     (exit code 4) instead of a driver traceback. The message names the ledger without its password
     and never the driver's text.
     """
