@@ -15,7 +15,8 @@ import pytest
 from dp_accounting.rdp import RdpAccountant
 
 from dpops.config.schema import DatasetConfig, DPSettings
-from dpops.errors import BudgetExceededError, ConfigError, LedgerError
+from dpops.errors import BudgetExceededError, ConfigError, LedgerError, LedgerSchemaError
+from dpops.ledger import store as ledger_mod
 from dpops.ledger.store import Ledger
 from dpops.pipeline import planning as privacy
 from dpops.privacy import accounting
@@ -266,7 +267,10 @@ def test_a_v1_ledger_keeps_its_filter_and_its_dead_orders_come_back_on_upgrade(l
     old_curve = [math.inf if a < 2 else x for a, x in zip(accounting.FILTER_ORDERS, accounting.V1_FILTER.one_step(1.0, 0.5), strict=True)]
     tamper(ledger, "UPDATE spend_totals SET rdp_per_step = :c", {"c": json.dumps(old_curve)})
     ledger.dispose()
-    upgraded = Ledger(ledger_url)  # opening migrates to 0007
+    with pytest.raises(LedgerSchemaError, match="revision 0006"):  # opening never migrates
+        Ledger(ledger_url)
+    ledger_mod.upgrade(Ledger(ledger_url, create=False).engine)  # `dpops ledger upgrade`, to 0007
+    upgraded = Ledger(ledger_url)
     assert upgraded.verify() == []
     assert upgraded.filter_of("notes") == accounting.V1_FILTER
     b = upgraded.budget("notes")

@@ -150,7 +150,7 @@ def test_compose_runs_the_pipeline_as_a_role_that_owns_nothing(compose):
     pipeline_role = pipeline_url.split("://", 1)[1].split(":", 1)[0]
     assert pipeline_role != owner
     migrate = services["ledger-migrate"]
-    assert migrate["command"].split() == ["dpops", "ledger", "migrate", "--grant", pipeline_role]
+    assert migrate["command"].split() == ["dpops", "ledger", "upgrade", "--grant", pipeline_role]
     admin_url = migrate["environment"]["DPOPS_LEDGER_ADMIN_URL"]
     assert admin_url.split("://", 1)[1].split(":", 1)[0] == owner
     assert admin_url.rsplit("/", 1)[1] == pipeline_url.rsplit("/", 1)[1]  # the same ledger database

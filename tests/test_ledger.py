@@ -5,7 +5,8 @@ import multiprocessing as mp
 import pytest
 from sqlalchemy import text
 
-from dpops.errors import BudgetExceededError, ConfigError, LedgerError
+from dpops.errors import BudgetExceededError, ConfigError, LedgerError, LedgerSchemaError
+from dpops.ledger import store as ledger_mod
 from dpops.ledger.store import COMMITTED, FAILED_CHARGED, RELEASED, RUNNING, Ledger
 from dpops.privacy import accounting
 from dpops.privacy.accounting import SubsampledGaussian
@@ -244,7 +245,7 @@ def test_killed_run_stays_charged_in_full(ledger_url, tmp_path):
     _ledger(ledger_url, k=5).dispose()
     script = (
         "import os, signal, sys\n"
-        "from dpops.accounting import SubsampledGaussian\n"
+        "from dpops.privacy.accounting import SubsampledGaussian\n"
         "from dpops.ledger import Ledger\n"
         "l = Ledger(sys.argv[1], create=False)\n"
         "c = l.reserve(dataset='notes', mechanism=SubsampledGaussian(1.0, 0.01, 500), max_grad_norm=1.0,"
@@ -512,7 +513,10 @@ def test_upgrading_an_old_ledger_backfills_the_spend_index(ledger_url):
         command.downgrade(cfg, "0002")  # drops the index tables, as if written by the old code
         assert "spend_totals" not in conn.dialect.get_table_names(conn)
     ledger.dispose()
-    upgraded = Ledger(ledger_url)  # opening runs the migrations, 0003's backfill included
+    with pytest.raises(LedgerSchemaError, match="dpops ledger upgrade"):  # opening never migrates
+        Ledger(ledger_url)
+    ledger_mod.upgrade(Ledger(ledger_url, create=False).engine)  # `dpops ledger upgrade`: 0003's backfill included
+    upgraded = Ledger(ledger_url)
     assert upgraded.verify() == []
     assert {name: upgraded.budget(name).spent for name in ("notes", "tickets")} == before
     # Admission sees the old spend: it grants exactly what the cap leaves beside it.

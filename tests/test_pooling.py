@@ -229,7 +229,7 @@ def test_pooling_loads_neither_torch_nor_prefect():
     import subprocess
     import sys
 
-    code = ("import sys\nfrom dpops.pooling import pool\n"
+    code = ("import sys\nfrom dpops.assess.pooling import pool\n"
             "pool([{'canaries': 10, 'cells': [[2, 2]], 'confusion': {'TP': 4, 'FP': 1, 'TN': 4, 'FN': 1}}],"
             " claimed_epsilon=1.0, delta=1e-5)\n"
             "print('torch' in sys.modules, 'prefect' in sys.modules, 'privacy_estimates' in sys.modules)\n")

@@ -10,7 +10,7 @@ from sqlalchemy import create_engine, exc, text
 from typer.testing import CliRunner
 
 from dpops.cli.app import app
-from dpops.errors import LedgerError
+from dpops.errors import LedgerError, LedgerSchemaError
 from dpops.ledger import store as ledger_mod
 from dpops.ledger.store import Ledger
 from dpops.privacy.accounting import SubsampledGaussian
@@ -103,7 +103,7 @@ def test_the_pipeline_role_runs_the_ledger_and_cannot_rewrite_or_drop_it(pg):
     ledger.dispose()
 
 
-def test_a_pipeline_open_behind_head_refuses_and_names_migrate(pg):
+def test_a_pipeline_open_behind_head_refuses_and_names_upgrade(pg):
     """Fails on the old code (every open ran the upgrade: a permission error from the DDL, no LedgerError)."""
     from alembic import command
     from alembic.config import Config
@@ -116,32 +116,33 @@ def test_a_pipeline_open_behind_head_refuses_and_names_migrate(pg):
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "0004")
     ledger_mod.grant_pipeline_role(engine, role)
-    with pytest.raises(LedgerError, match="dpops ledger migrate"):
+    with pytest.raises(LedgerSchemaError, match=r"dpops ledger upgrade` as the admin role \(DPOPS_LEDGER_ADMIN_URL\)"):
         Ledger(pipeline_url)
     assert ledger_mod.schema_revision(engine) == "0004"
     engine.dispose()
 
 
-def test_migrate_is_idempotent_and_grants_the_role(pg, monkeypatch):
-    """Fails on the old code (no `dpops ledger migrate`)."""
+@pytest.mark.parametrize("command", ["upgrade", "migrate"])  # migrate: the old name, a hidden alias
+def test_upgrade_is_idempotent_and_grants_the_role(pg, monkeypatch, command):
+    """Fails on the old code (no `dpops ledger upgrade`)."""
     admin_url, role, pipeline_url = pg
     monkeypatch.setenv("DPOPS_LEDGER_URL", pipeline_url)  # the pipeline's URL; the admin's wins for migrate
     monkeypatch.setenv("DPOPS_LEDGER_ADMIN_URL", admin_url)
     runner = CliRunner()
-    first = runner.invoke(app, ["ledger", "migrate", "--grant", role])
+    first = runner.invoke(app, ["ledger", command, "--grant", role])
     assert first.exit_code == 0, first.output
     assert f"to {ledger_mod.head_revision()}" in first.output
     _cycle(Ledger(pipeline_url))
-    second = runner.invoke(app, ["ledger", "migrate", "--grant", role])
+    second = runner.invoke(app, ["ledger", command, "--grant", role])
     assert second.exit_code == 0 and "already at revision" in second.output, second.output
     ledger = Ledger(pipeline_url)
     assert ledger.verify() == [] and ledger.budget("notes").spent > 0
     ledger.dispose()
     monkeypatch.delenv("DPOPS_LEDGER_ADMIN_URL")  # the pipeline role itself may not grant
-    refused = runner.invoke(app, ["ledger", "migrate", "--grant", role])
+    refused = runner.invoke(app, ["ledger", command, "--grant", role])
     assert refused.exit_code == 3 and "DPOPS_LEDGER_ADMIN_URL" in refused.output, refused.output
     monkeypatch.setenv("DPOPS_LEDGER_ADMIN_URL", admin_url)
-    sql = runner.invoke(app, ["ledger", "migrate", "--grant", role, "--print-sql"])
+    sql = runner.invoke(app, ["ledger", command, "--grant", role, "--print-sql"])
     assert sql.exit_code == 0 and f'GRANT UPDATE (head_seq, head_hash) ON TABLE datasets TO "{role}";' in sql.output
 
 
@@ -161,25 +162,25 @@ def test_a_role_that_could_take_the_owners_rights_is_refused(pg):
     engine.dispose()
 
 
-def test_sqlite_migrate_then_opens_at_head_run_no_upgrade(workspace_env, monkeypatch):
-    """Fails on the old code (no `dpops ledger migrate`; and every open ran the upgrade)."""
-    result = CliRunner().invoke(app, ["ledger", "migrate"])
+def test_sqlite_upgrade_then_opens_at_head_run_no_upgrade(workspace_env, monkeypatch):
+    """Fails on the old code (no `dpops ledger upgrade`; and every open ran the upgrade)."""
+    result = CliRunner().invoke(app, ["ledger", "upgrade"])
     assert result.exit_code == 0 and "from revision none" in result.output, result.output
     url = f"sqlite:///{workspace_env / 'ledger.db'}"
     calls = []
     real = ledger_mod.upgrade
-    monkeypatch.setattr(ledger_mod, "upgrade", lambda engine: (calls.append(1), real(engine)))
+    monkeypatch.setattr(ledger_mod, "upgrade", lambda engine, **kw: (calls.append(1), real(engine, **kw))[1])
     ledger = Ledger(url)
     _cycle(ledger)
     assert calls == [] and ledger.verify() == []
-    assert CliRunner().invoke(app, ["ledger", "migrate", "--grant", "pipe"]).exit_code == 2  # no roles on SQLite
+    assert CliRunner().invoke(app, ["ledger", "upgrade", "--grant", "pipe"]).exit_code == 2  # no roles on SQLite
 
 
 def test_a_fresh_sqlite_ledger_is_still_created_on_first_open(tmp_path, monkeypatch):
-    """The demo's path: no migrate step, the first open creates the schema (and only that one upgrades)."""
+    """The demo's path: no upgrade step, the first open creates the schema (and only that one upgrades)."""
     calls = []
     real = ledger_mod.upgrade
-    monkeypatch.setattr(ledger_mod, "upgrade", lambda engine: (calls.append(1), real(engine)))
+    monkeypatch.setattr(ledger_mod, "upgrade", lambda engine, **kw: (calls.append(1), real(engine, **kw))[1])
     url = f"sqlite:///{tmp_path / 'ledger.db'}"
     _cycle(Ledger(url))
     assert len(calls) == 1 and ledger_mod.schema_revision(Ledger(url, create=False).engine) == ledger_mod.head_revision()

@@ -63,7 +63,36 @@ class BudgetExceededError(DpopsError, RuntimeError):
 
 
 class LedgerError(DpopsError, RuntimeError):
-    """An illegal ledger operation (unknown charge, forbidden state change, broken chain)."""
+    """An illegal ledger operation (unknown charge, forbidden state change, broken chain).
+
+    The subclasses below name the refusals a caller may expect and handle one by one; every other
+    LedgerError (a broken chain, an unknown filter, a refused field) is a fault to propagate.
+    """
+
+
+class LedgerSchemaError(LedgerError):
+    """The ledger's schema is not the one this code needs: behind it (run ``dpops ledger upgrade``)
+    or ahead of it (migrated by a newer dpops). Opening a ledger never migrates one that exists."""
+
+
+class DatasetNotRegisteredError(LedgerError):
+    """The dataset (or the dataset a ``budget_of`` link names) is not registered in the ledger."""
+
+
+class ChargeNotFoundError(LedgerError):
+    """No charge has this id."""
+
+
+class BlockExistsError(LedgerError):
+    """The dataset already has a block of this name; blocks are append-only."""
+
+
+class IllegalTransitionError(LedgerError):
+    """A charge cannot move from its state to the one asked (see ``dpops.ledger.TRANSITIONS``)."""
+
+
+class LeaseExpiredError(LedgerError):
+    """A reservation's lease ran out before it started; it counts nothing. Plan and reserve again."""
 
 
 class PrivacyError(DpopsError, RuntimeError):

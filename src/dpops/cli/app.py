@@ -240,8 +240,8 @@ def ledger_release(
     typer.echo(f"charge {c.id} released ({reason})")
 
 
-@ledger_app.command("migrate")
-def ledger_migrate(
+@ledger_app.command("upgrade")
+def ledger_upgrade(
     grant: Optional[str] = typer.Option(
         None, "--grant", metavar="ROLE", help="PostgreSQL only: create (if missing) the pipeline role ROLE and grant it "
         "exactly what the ledger writes; it owns no table, so it cannot drop, truncate or alter one, nor its triggers."),
@@ -249,7 +249,8 @@ def ledger_migrate(
 ) -> None:
     """Bring the ledger's schema to this version, as the admin role (DPOPS_LEDGER_ADMIN_URL, else DPOPS_LEDGER_URL).
 
-    The pipeline's own opens never migrate a PostgreSQL ledger they do not own: they refuse, naming this command.
+    Opening a ledger never migrates one that exists: a schema behind this code is refused, naming this command
+    (take a backup first). Idempotent; prints the revisions it went from and to.
     """
     from sqlalchemy.exc import DBAPIError, OperationalError
 
@@ -270,12 +271,11 @@ def ledger_migrate(
             for statement in ledger_mod.pipeline_role_sql(engine, grant):
                 typer.echo(statement + ";")
             return
-        before = ledger_mod.schema_revision(engine)
-        if before != ledger_mod.head_revision():
-            ledger_mod.ensure_schema(engine)  # refuses, naming the admin URL, a role that may not migrate
-            typer.echo(f"ledger schema upgraded from revision {before or 'none'} to {ledger_mod.head_revision()}")
+        before, after = ledger_mod.migrate_schema(engine)  # refuses, naming the admin URL, a role that may not migrate
+        if before != after:
+            typer.echo(f"ledger schema upgraded from revision {before or 'none'} to {after}")
         else:
-            typer.echo(f"ledger schema already at revision {before}")
+            typer.echo(f"ledger schema already at revision {after}")
         if grant:
             ledger_mod.grant_pipeline_role(engine, grant)
             typer.echo(f"role {grant!r}: reads the ledger and appends to it, updates only the chain head and the spend "
@@ -285,12 +285,16 @@ def ledger_migrate(
     except DBAPIError as exc:
         if getattr(exc.orig, "sqlstate", None) != "42501":  # insufficient_privilege
             raise
-        _fail(LedgerError(f"role {engine.url.username!r} may not grant roles on the ledger: run `dpops ledger migrate` "
+        _fail(LedgerError(f"role {engine.url.username!r} may not grant roles on the ledger: run `dpops ledger upgrade` "
                           "as the admin role (DPOPS_LEDGER_ADMIN_URL)"))
     except DpopsError as exc:
         _fail(exc)
     finally:
         engine.dispose()
+
+
+#: The command's old name, kept (hidden) so that existing scripts keep working.
+ledger_app.command("migrate", hidden=True)(ledger_upgrade)
 
 
 @app.command()

@@ -57,7 +57,18 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from dpops.errors import BudgetExceededError, ConfigError, LedgerError, LedgerUnavailableError
+from dpops.errors import (
+    BlockExistsError,
+    BudgetExceededError,
+    ChargeNotFoundError,
+    ConfigError,
+    DatasetNotRegisteredError,
+    IllegalTransitionError,
+    LeaseExpiredError,
+    LedgerError,
+    LedgerSchemaError,
+    LedgerUnavailableError,
+)
 from dpops.ledger.states import (  # noqa: F401  (the store's vocabulary, re-exported)
     ADD_REMOVE,
     ANCHORED,
@@ -105,22 +116,39 @@ _PG_REGISTER_LOCK = 7_274_003  # (7_274_002 serialises model bindings)
 _PG_DATA_VERSION_LOCK = 7_274_004
 
 
-def upgrade(engine: Engine) -> None:
-    """Bring the ledger's schema to the newest Alembic revision (idempotent, safe to race).
-
-    The migration runs in one transaction holding a database-wide lock: ``BEGIN IMMEDIATE`` on
-    SQLite, an advisory transaction lock on PostgreSQL.
-    """
-    from alembic import command
+def _alembic_config() -> Any:
     from alembic.config import Config
 
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
+    return cfg
+
+
+def upgrade(engine: Engine, *, empty_only: bool = False) -> Optional[str]:
+    """Bring the ledger's schema to the newest Alembic revision (idempotent, safe to race); return
+    the revision it found, read under the lock (None: an empty database).
+
+    The migration runs in one transaction holding a database-wide lock: ``BEGIN IMMEDIATE`` on
+    SQLite, an advisory transaction lock on PostgreSQL. ``dpops ledger upgrade`` calls it; so does
+    the first open of an empty database (:func:`ensure_schema`), with ``empty_only``: then a schema
+    another process created in between is left as it is, whatever its revision. A revision this
+    code does not ship is refused (a newer dpops migrated it).
+    """
+    from alembic import command
+    from alembic.runtime.migration import MigrationContext
+
+    cfg = _alembic_config()
     with engine.begin() as conn:
         if engine.dialect.name == "postgresql":
             conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_PG_MIGRATION_LOCK})")
+        found = MigrationContext.configure(conn).get_current_revision()
+        if found is not None and found not in known_revisions():
+            raise LedgerSchemaError(_ahead_message(found))
+        if empty_only and found is not None:
+            return found
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")
+    return found
 
 
 @functools.lru_cache(maxsize=1)
@@ -131,46 +159,108 @@ def head_revision() -> str:
     return ScriptDirectory(str(MIGRATIONS)).get_current_head()
 
 
+@functools.lru_cache(maxsize=1)
+def known_revisions() -> frozenset[str]:
+    """Every Alembic revision this code ships (read once per process)."""
+    from alembic.script import ScriptDirectory
+
+    return frozenset(s.revision for s in ScriptDirectory(str(MIGRATIONS)).walk_revisions())
+
+
+#: Execution option of a connection on which the SQLite engine's ``BEGIN IMMEDIATE`` is skipped: its
+#: statements run in autocommit, each holding at most a shared lock while it reads.
+_NO_WRITE_LOCK = "dpops_no_write_lock"
+
+
 def schema_revision(engine: Engine) -> Optional[str]:
-    """The ledger schema's current Alembic revision (None for an empty database). Reads only."""
+    """The ledger schema's current Alembic revision (None for an empty database).
+
+    Reads only, and takes no database-wide lock: on SQLite it does not begin the ledger's
+    ``BEGIN IMMEDIATE`` transaction, on PostgreSQL it takes no advisory lock.
+    """
     from alembic.runtime.migration import MigrationContext
 
     with engine.connect() as conn:
+        conn.execution_options(**{_NO_WRITE_LOCK: True})
         return MigrationContext.configure(conn).get_current_revision()
 
 
-def _migrate_message(engine: Engine, current: Optional[str]) -> str:
-    user = engine.url.username or "this role"
-    return (f"the ledger's schema is at revision {current or 'none'} and this dpops needs {head_revision()}; "
-            f"role {user!r} may not migrate it: run `dpops ledger migrate` as the admin role "
-            "(DPOPS_LEDGER_ADMIN_URL), then open the ledger again")
+def _upgrade_hint(engine: Engine) -> str:
+    admin = " as the admin role (DPOPS_LEDGER_ADMIN_URL)" if engine.dialect.name == "postgresql" else ""
+    return f"run `dpops ledger upgrade`{admin}"
+
+
+def _behind_message(engine: Engine, current: str) -> str:
+    return (f"the ledger's schema is at revision {current} and this dpops needs {head_revision()}; opening a ledger "
+            f"never migrates it: take a backup, {_upgrade_hint(engine)}, then open the ledger again")
+
+
+def _ahead_message(current: str) -> str:
+    return (f"the ledger's schema is at revision {current!r}, which this dpops does not know (its newest is "
+            f"{head_revision()}): a newer dpops migrated it. Use that version; a schema is never downgraded")
+
+
+def _no_schema_message(engine: Engine) -> str:
+    return (f"the ledger has no schema yet (revision none; this dpops needs {head_revision()}) and role "
+            f"{engine.url.username or 'this role'!r} may not create it: {_upgrade_hint(engine)}, then open the ledger again")
 
 
 def ensure_schema(engine: Engine) -> None:
-    """Upgrade the schema only when it is behind this code, so that an open at head runs no DDL.
+    """Check that the ledger's schema is the one this code needs, the way MLflow's store does.
 
-    The pipeline role (see :func:`grant_pipeline_role`) owns no table and cannot migrate: when the
-    schema is behind it gets a LedgerError telling it to run ``dpops ledger migrate`` as the admin.
-    A fresh SQLite workspace is still created here, on first open.
+    * An empty database (no ``alembic_version``) is created at head here, on first open, so a fresh
+      workspace (the demo) needs no step first. A role that may not create tables (the PostgreSQL
+      pipeline role, see :func:`grant_pipeline_role`) gets a :class:`LedgerSchemaError` naming
+      ``dpops ledger upgrade`` instead.
+    * A schema at head opens with no DDL and no lock (:func:`schema_revision` only reads).
+    * A schema behind head is never migrated here: :class:`LedgerSchemaError` names its revision,
+      the one needed, and ``dpops ledger upgrade`` (:func:`upgrade`), which an operator runs after
+      a backup, as the admin role on PostgreSQL.
+    * A schema ahead of this code (a revision it does not ship) is refused too.
     """
     from sqlalchemy.exc import DBAPIError
 
-    current: Optional[str] = None
+    current = schema_revision(engine)
+    if current == head_revision():
+        return
+    if current is not None:
+        raise LedgerSchemaError(_behind_message(engine, current) if current in known_revisions() else _ahead_message(current))
     try:
-        current = schema_revision(engine)
-        if current == head_revision():
-            return
-        if engine.dialect.name == "postgresql" and current is not None:
-            with engine.connect() as conn:  # whoever does not own the schema's tables may not migrate it
-                may = conn.scalar(text("SELECT pg_has_role(current_user, relowner, 'USAGE') FROM pg_class "
-                                       "WHERE oid = to_regclass('alembic_version')"))
-            if may is False:
-                raise LedgerError(_migrate_message(engine, current))
-        upgrade(engine)
+        found = upgrade(engine, empty_only=True)
     except DBAPIError as exc:
         if getattr(exc.orig, "sqlstate", None) == "42501":  # insufficient_privilege
-            raise LedgerError(_migrate_message(engine, current)) from None
+            raise LedgerSchemaError(_no_schema_message(engine)) from None
         raise
+    if found not in (None, head_revision()):  # another process created it first, with an older dpops: left as it is
+        raise LedgerSchemaError(_behind_message(engine, found))
+
+
+def migrate_schema(engine: Engine) -> tuple[Optional[str], str]:
+    """What ``dpops ledger upgrade`` runs: migrate the schema to head (:func:`upgrade`), refusing,
+    naming the admin URL, a PostgreSQL role that does not own the tables. Returns (from, to)."""
+    from sqlalchemy.exc import DBAPIError
+
+    current = schema_revision(engine)
+    if current is not None and current not in known_revisions():
+        raise LedgerSchemaError(_ahead_message(current))
+    if current == head_revision():
+        return current, current
+    if engine.dialect.name == "postgresql" and current is not None:
+        with engine.connect() as conn:  # whoever does not own the schema's tables may not migrate it
+            may = conn.scalar(text("SELECT pg_has_role(current_user, relowner, 'USAGE') FROM pg_class "
+                                   "WHERE oid = to_regclass('alembic_version')"))
+        if may is False:
+            raise LedgerSchemaError(f"the ledger's schema is at revision {current} and this dpops needs {head_revision()}; "
+                                    f"role {engine.url.username or 'this role'!r} may not migrate it: {_upgrade_hint(engine)}")
+    try:
+        found = upgrade(engine)
+    except DBAPIError as exc:
+        if getattr(exc.orig, "sqlstate", None) == "42501":  # insufficient_privilege
+            raise LedgerSchemaError(_no_schema_message(engine) if current is None else
+                                    f"role {engine.url.username or 'this role'!r} may not migrate the ledger's schema: "
+                                    f"{_upgrade_hint(engine)}") from None
+        raise
+    return found, head_revision()
 
 
 #: Columns the pipeline role may UPDATE, by table: the chain head and the derived spend index, which
@@ -207,7 +297,7 @@ def pipeline_role_sql(engine: Engine, role: str) -> list[str]:
                             and (s := conn.scalar(text("SELECT pg_get_serial_sequence(:t, :c)"), {"t": t, "c": c.name}))})
         schema = conn.scalar(text("SELECT relnamespace::regnamespace::text FROM pg_class WHERE oid = to_regclass('alembic_version')"))
     if not tables or schema is None:
-        raise LedgerError("the ledger has no schema yet: run `dpops ledger migrate` first")
+        raise LedgerSchemaError("the ledger has no schema yet: run `dpops ledger upgrade` first")
     q = f'"{role}"'
     sql = [
         f"DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{role}') THEN "
@@ -245,7 +335,7 @@ def grant_pipeline_role(engine: Engine, role: str) -> list[str]:
         if not conn.scalar(text("SELECT pg_has_role(current_user, relowner, 'USAGE') FROM pg_class "
                                 "WHERE oid = to_regclass('alembic_version')")):
             raise LedgerError(f"role {engine.url.username or 'this role'!r} does not own the ledger's tables and may not "
-                              "grant on them: run `dpops ledger migrate` as the admin role (DPOPS_LEDGER_ADMIN_URL)")
+                              "grant on them: run `dpops ledger upgrade` as the admin role (DPOPS_LEDGER_ADMIN_URL)")
         for statement in sql:
             conn.exec_driver_sql(statement)
         unsafe = conn.execute(text(
@@ -578,7 +668,7 @@ def _raise_unavailable(engine: Engine, lock_timeout: float) -> None:
     """Turn the engine's lock timeouts and connection failures into LedgerUnavailableError.
 
     One hook on the engine (SQLAlchemy's ``handle_error``), so every entry point of the ledger,
-    from the schema upgrade in the constructor to each read and write, reports one clear line
+    from the schema check in the constructor to each read and write, reports one clear line
     (exit code 4) instead of a driver traceback. The message names the ledger without its password
     and never the driver's text.
     """
@@ -611,8 +701,10 @@ class Ledger:
 
     Args:
         url: database URL.
-        create: create missing tables, or upgrade a schema behind this code (no DDL at head; see
-            :func:`ensure_schema`).
+        create: check the schema (:func:`ensure_schema`): create an empty database at head, open
+            one at head with no DDL, refuse one behind or ahead of this code with
+            :class:`~dpops.errors.LedgerSchemaError` (``dpops ledger upgrade`` migrates). False
+            checks nothing (the upgrade command's own engine).
         anchors: where to write the chain head after each commit, failure, evidence and gate
             decision (:mod:`dpops.ledger.anchors`); None writes none. The CLI and the stages pass the
             workspace's log.
@@ -651,8 +743,10 @@ class Ledger:
             @event.listens_for(engine, "begin")
             def _begin(conn: Connection) -> None:
                 # ... and make every transaction take the write lock up front, so a
-                # read-check-write admission cannot interleave with another one.
-                conn.exec_driver_sql("BEGIN IMMEDIATE")
+                # read-check-write admission cannot interleave with another one (except on a
+                # connection that only reads the schema's revision: see schema_revision).
+                if not conn.get_execution_options().get(_NO_WRITE_LOCK):
+                    conn.exec_driver_sql("BEGIN IMMEDIATE")
 
             return engine
         return _pg_engine(url, lock_timeout)
@@ -709,7 +803,7 @@ class Ledger:
                 stmt = stmt.add_columns(func.set_config("synchronous_commit", "off", True))
         row = conn.execute(stmt).one_or_none()
         if row is None:
-            raise LedgerError(f"dataset {name!r} is not registered in the ledger")
+            raise DatasetNotRegisteredError(f"dataset {name!r} is not registered in the ledger")
         return _Locked(*row[:10])
 
     @staticmethod
@@ -741,7 +835,7 @@ class Ledger:
         c = ChargeRow.__table__.c
         row = conn.execute(select(c.dataset_id, c.steps_planned).where(c.id == charge_id)).one_or_none()
         if row is None:
-            raise LedgerError(f"charge {charge_id!r} does not exist")
+            raise ChargeNotFoundError(f"charge {charge_id!r} does not exist")
         return row
 
     def _charges(self, session: Session | Connection, ds: Any, charge_id: Optional[str] = None) -> list[Charge]:
@@ -1007,7 +1101,7 @@ class Ledger:
         sources = self._sources(conn)
         if linked_from is not None:
             if not registered:
-                raise LedgerError(
+                raise DatasetNotRegisteredError(
                     f"dataset {linked_from!r} has field 'budget_of: {name}', but dataset {name!r} is not registered in "
                     f"the ledger: run a job on {name!r} first, or remove the field. Nothing was charged."
                 )
@@ -1062,7 +1156,7 @@ class Ledger:
                 )
             b = _BLOCKS.c
             if conn.execute(select(b.id).where(b.dataset_id == ds.id, b.name == name)).first():
-                raise LedgerError(f"dataset {dataset!r} already has a block {name!r}; blocks are append-only")
+                raise BlockExistsError(f"dataset {dataset!r} already has a block {name!r}; blocks are append-only")
             conn.execute(insert(_BLOCKS).values(dataset_id=ds.id, name=name, epsilon_cap=cap, n_records=int(n_records), created_at=_now()))
             self._append(conn, ds, "block_added", None, {"block": name, "epsilon_cap": cap, "n_records": int(n_records)})
 
@@ -1345,7 +1439,7 @@ class Ledger:
             if state == EXPIRED and new_state == RUNNING:
                 expired_at = lease  # commit the expiry event, then refuse below
             elif new_state not in TRANSITIONS[state]:
-                raise LedgerError(
+                raise IllegalTransitionError(
                     f"charge {charge_id}: cannot go from {state!r} to {new_state!r}"
                     + (" (data was read: the spend is real and is never released)" if new_state == RELEASED else "")
                 )
@@ -1356,7 +1450,7 @@ class Ledger:
                 self._set_state(conn, ds, charge_id, new_state, payload,
                                 counted=was if counted is None else counted, was_counted=was)
         if expired_at:
-            raise LedgerError(f"charge {charge_id}: the reservation expired at {expired_at}; plan and reserve again")
+            raise LeaseExpiredError(f"charge {charge_id}: the reservation expired at {expired_at}; plan and reserve again")
         if new_state in ANCHORED:
             self._anchor(ds, new_state)
         return self.charge(charge_id)
@@ -1611,7 +1705,7 @@ class Ledger:
         row = conn.execute(select(d.id, d.name, d.unit, d.delta, d.epsilon_cap, d.accountant, d.filter_spec)
                            .where(d.name == name)).one_or_none()
         if row is None:
-            raise LedgerError(f"dataset {name!r} is not registered in the ledger")
+            raise DatasetNotRegisteredError(f"dataset {name!r} is not registered in the ledger")
         return row
 
     def charge(self, charge_id: str) -> Charge:
@@ -1676,7 +1770,7 @@ class Ledger:
         with self.engine.connect() as conn:
             try:
                 ds = self._dataset(conn, dataset)
-            except LedgerError:
+            except DatasetNotRegisteredError:
                 return []
             return self._scope_totals(conn, ds.id, block)
 
@@ -1877,7 +1971,7 @@ class Ledger:
         with Session(self.engine) as session:
             ds = session.scalars(select(DatasetRow).where(DatasetRow.name == dataset)).one_or_none()
             if ds is None:
-                raise LedgerError(f"dataset {dataset!r} is not registered in the ledger")
+                raise DatasetNotRegisteredError(f"dataset {dataset!r} is not registered in the ledger")
             for ev in session.scalars(select(EventRow).where(EventRow.dataset_id == ds.id).order_by(EventRow.seq)):
                 yield {"seq": ev.seq, "at": ev.created_at, "event": ev.kind, "charge": ev.charge_id, "payload": json.loads(ev.payload)}
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from dpops.config.schema import DatasetConfig, DPSettings
-from dpops.errors import BudgetExceededError, ConfigError, DataValidationError, LedgerError
+from dpops.errors import BlockExistsError, BudgetExceededError, ConfigError, DataValidationError
 from dpops.ledger.store import Charge, Ledger
 from dpops.privacy import accounting
 from dpops.privacy.accounting import SubsampledGaussian
@@ -167,7 +167,7 @@ def register_blocks(ledger: Ledger, dataset: DatasetConfig, blocks: list[Block])
             continue
         try:
             ledger.add_block(dataset.name, name=b.name, n_records=b.units, epsilon_cap=b.epsilon_cap)
-        except LedgerError:
+        except BlockExistsError:  # added by another run in between; any other refusal propagates
             continue
         added.append(b.name)
     return added

@@ -21,7 +21,7 @@ from dpops.config import schema as cfgmod
 from dpops.config.spec import RunSpec
 from dpops.config.workspace import Workspace, workspace
 from dpops.data import source as datamod
-from dpops.errors import DataValidationError, LedgerError, PrivacyError
+from dpops.errors import ChargeNotFoundError, DataValidationError, PrivacyError
 from dpops.ledger.states import Charge
 from dpops.ledger.store import RESERVED, DatasetBudget, Ledger
 from dpops.ledger.workspace import open_ledger
@@ -596,7 +596,7 @@ def _charge_dataset(ledger: Ledger, charge_id: Optional[str], model: str) -> tup
         return None, f"model {model} has no 'dpops.charge_id' tag: no ledger charge to check"
     try:
         return ledger.charge(charge_id).dataset, None
-    except LedgerError as exc:
+    except ChargeNotFoundError as exc:  # the tag names no charge; any other ledger fault propagates
         return None, f"model {model}: {exc}"
 
 
