@@ -85,3 +85,22 @@ def test_ledger_fail_closes_a_dead_running_charge_charged_in_full(workspace_env)
     assert ledger.charge(c.id).state == "failed_charged" and ledger.budget("notes").spent == spent
     assert runner.invoke(app, ["ledger", "fail", c.id, "--reason", "again"]).exit_code == 3
     assert ledger.verify() == []
+
+
+def test_the_readme_exit_code_table_is_the_one_the_commands_use(project_root):
+    """One table of exit codes: the README's rows are exactly the codes dpops.errors defines."""
+    import re
+
+    from dpops import errors
+
+    text = (project_root / "README.md").read_text()
+    section = text[text.index("### Exit codes"):]
+    section = section[: section.index("\n\n**")]
+    documented = [int(m) for m in re.findall(r"^\| (\d) \|", section, re.M)]
+    defined = sorted(v for k, v in vars(errors).items() if k.startswith("EXIT_"))
+    assert documented == defined == [0, 1, 2, 3, 4, 5]
+    for cls, code in ((errors.ConfigError, 2), (errors.LedgerSchemaError, 3), (errors.DatasetNotRegisteredError, 3),
+                      (errors.LedgerUnavailableError, 4), (errors.TrainingError, 5)):
+        assert errors.exit_code(cls("x")) == code
+        row = re.search(rf"^\| {code} \| ([^|]+)\|", section, re.M).group(1)
+        assert row.strip(), f"exit code {code} has no meaning in the README"
