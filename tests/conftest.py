@@ -44,16 +44,16 @@ def _dispose_ledgers(monkeypatch):
     """Dispose every Ledger a test opened, at its end. A ledger left to the garbage collector keeps
     its pool's PostgreSQL connections open; hundreds of tests' worth would exhaust the server's
     100 connections before the 40-process race tests (tests/test_ledger.py) get theirs."""
-    from dpops.ledger import store as ledger_mod
+    from dpops.ledger import store as ledger_store
 
     opened: list = []
-    init = ledger_mod.Ledger.__init__
+    init = ledger_store.Ledger.__init__
 
     def tracked(self, *args, **kwargs):
         opened.append(self)
         init(self, *args, **kwargs)
 
-    monkeypatch.setattr(ledger_mod.Ledger, "__init__", tracked)
+    monkeypatch.setattr(ledger_store.Ledger, "__init__", tracked)
     yield
     for ledger in opened:
         engine = getattr(ledger, "engine", None)
@@ -110,7 +110,7 @@ def ledger_url(request, tmp_path):
     # one schema-less database per session: give each test clean tables
     from sqlalchemy import create_engine
 
-    from dpops.ledger.store import Base
+    from dpops.ledger.schema import Base
 
     engine = create_engine(base)
     Base.metadata.drop_all(engine)

@@ -62,7 +62,8 @@ def rehash_chain(ledger, dataset: str) -> None:
     only checks of what the events say (not of their hashes) can catch a forged or edited event."""
     from sqlalchemy import text
 
-    from dpops.ledger.store import GENESIS, _event_hash
+    from dpops.ledger.chain import _event_hash
+    from dpops.ledger.states import GENESIS
 
     with ledger.engine.connect() as conn:
         ds_id = conn.execute(text("SELECT id FROM datasets WHERE name = :n"), {"n": dataset}).scalar_one()
@@ -82,7 +83,7 @@ def forge_event(ledger, dataset: str, kind: str, charge_id, payload: dict) -> No
 
     from sqlalchemy import text
 
-    from dpops.ledger.store import _now
+    from dpops.ledger.chain import _now
 
     with ledger.engine.connect() as conn:
         ds_id, head = conn.execute(text("SELECT id, head_seq FROM datasets WHERE name = :n"), {"n": dataset}).one()

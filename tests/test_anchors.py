@@ -17,7 +17,8 @@ from typer.testing import CliRunner
 from dpops.cli.app import app
 from dpops.errors import ConfigError
 from dpops.ledger.anchors import AnchorLog, anchor_key, key_id, verify_anchors
-from dpops.ledger.store import Ledger, _rdp_json
+from dpops.ledger.spend import _rdp_json
+from dpops.ledger.store import Ledger
 from dpops.privacy import accounting
 from dpops.privacy.accounting import SubsampledGaussian
 from dpops.registry import gate

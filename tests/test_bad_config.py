@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 from dpops.cli.app import app
 from dpops.config import schema as config
 from dpops.errors import ConfigError, LedgerUnavailableError
-from dpops.ledger import store as ledger_mod
+from dpops.ledger import states as ledger_states
 from dpops.ledger.store import Ledger
 from dpops.pipeline import stages
 from dpops.privacy.accounting import SubsampledGaussian
@@ -101,7 +101,7 @@ def test_a_bad_config_is_named_exit_2_and_nothing_registered(case, smoke_job, wo
 
 
 def test_the_config_ceiling_is_the_ledgers():
-    assert config.MAX_EPSILON == ledger_mod.MAX_EPSILON_CAP
+    assert config.MAX_EPSILON == ledger_states.MAX_EPSILON_CAP
 
 
 def test_a_yaml_merge_key_may_be_overridden(tmp_path):

@@ -13,7 +13,8 @@ import pytest
 from dpops.assess import evaluation
 from dpops.config.schema import DatasetConfig, DPSettings
 from dpops.errors import BudgetExceededError, DataValidationError, LedgerError
-from dpops.ledger.store import COMMITTED, Ledger
+from dpops.ledger.states import COMMITTED
+from dpops.ledger.store import Ledger
 from dpops.pipeline import planning as privacy
 from dpops.pipeline import report, stages
 from dpops.privacy import accounting

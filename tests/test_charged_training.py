@@ -16,7 +16,8 @@ import pytest
 
 from dpops.config.schema import JobConfig, load_dataset_config
 from dpops.errors import PrivacyError
-from dpops.ledger.store import PROGRESS, RELEASED, RESERVED, RUNNING, Ledger
+from dpops.ledger.states import PROGRESS, RELEASED, RESERVED, RUNNING
+from dpops.ledger.store import Ledger
 from dpops.models import hf as modeling
 from dpops.pipeline import planning as privacy
 from dpops.pipeline import stages, worker

@@ -16,7 +16,7 @@ from dp_accounting.rdp import RdpAccountant
 
 from dpops.config.schema import DatasetConfig, DPSettings
 from dpops.errors import BudgetExceededError, ConfigError, LedgerError, LedgerSchemaError
-from dpops.ledger import store as ledger_mod
+from dpops.ledger import schema as ledger_schema
 from dpops.ledger.store import Ledger
 from dpops.pipeline import planning as privacy
 from dpops.privacy import accounting
@@ -253,7 +253,7 @@ def test_a_v1_ledger_keeps_its_filter_and_its_dead_orders_come_back_on_upgrade(l
     from alembic import command
     from alembic.config import Config
 
-    from dpops.ledger.store import MIGRATIONS
+    from dpops.ledger.schema import MIGRATIONS
 
     ledger = Ledger(ledger_url)
     _register(ledger, accounting.V1_FILTER, cap=50.0)
@@ -269,7 +269,7 @@ def test_a_v1_ledger_keeps_its_filter_and_its_dead_orders_come_back_on_upgrade(l
     ledger.dispose()
     with pytest.raises(LedgerSchemaError, match="revision 0006"):  # opening never migrates
         Ledger(ledger_url)
-    ledger_mod.upgrade(Ledger(ledger_url, create=False).engine)  # `dpops ledger upgrade`, to 0007
+    ledger_schema.upgrade(Ledger(ledger_url, create=False).engine)  # `dpops ledger upgrade`, to 0007
     upgraded = Ledger(ledger_url)
     assert upgraded.verify() == []
     assert upgraded.filter_of("notes") == accounting.V1_FILTER

@@ -12,7 +12,8 @@ import yaml
 
 from dpops.config import schema as config
 from dpops.errors import BudgetExceededError
-from dpops.ledger.store import COMMITTED, Ledger
+from dpops.ledger.states import COMMITTED
+from dpops.ledger.store import Ledger
 from dpops.pipeline import planning as privacy
 from dpops.privacy import accounting
 from tests.helpers import edit_yaml

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from dpops.config import schema as config
-from dpops.ledger.store import COMMITTED, Ledger
+from dpops.ledger.states import COMMITTED
+from dpops.ledger.store import Ledger
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,8 @@ import os
 import pytest
 
 from dpops.errors import ConfigError, TrainingError
-from dpops.ledger.store import COMMITTED, FAILED_CHARGED, RELEASED, Ledger
+from dpops.ledger.states import COMMITTED, FAILED_CHARGED, RELEASED
+from dpops.ledger.store import Ledger
 from dpops.pipeline import stages
 from dpops.train import distributed as launch
 from tests.helpers import edit_yaml, policy_accepting_inconclusive

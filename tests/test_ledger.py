@@ -6,8 +6,9 @@ import pytest
 from sqlalchemy import text
 
 from dpops.errors import BudgetExceededError, ConfigError, LedgerError, LedgerSchemaError
-from dpops.ledger import store as ledger_mod
-from dpops.ledger.store import COMMITTED, FAILED_CHARGED, RELEASED, RUNNING, Ledger
+from dpops.ledger import schema as ledger_schema
+from dpops.ledger.states import COMMITTED, FAILED_CHARGED, RELEASED, RUNNING
+from dpops.ledger.store import Ledger
 from dpops.privacy import accounting
 from dpops.privacy.accounting import SubsampledGaussian
 from tests.helpers import tamper
@@ -141,7 +142,7 @@ def test_commit_reads_the_progress_under_the_dataset_lock(ledger_url):
     import threading
     import time
 
-    from dpops.ledger.store import PROGRESS
+    from dpops.ledger.states import PROGRESS
 
     ledger = _ledger(ledger_url, k=5)
     c = _reserve(ledger)
@@ -501,7 +502,7 @@ def test_upgrading_an_old_ledger_backfills_the_spend_index(ledger_url):
     from alembic import command
     from alembic.config import Config
 
-    from dpops.ledger.store import MIGRATIONS
+    from dpops.ledger.schema import MIGRATIONS
 
     ledger = _ledger(ledger_url, k=2, privacy_filter=accounting.V1_FILTER)  # as the old code registered them
     _exercise(ledger, privacy_filter=accounting.V1_FILTER)
@@ -515,7 +516,7 @@ def test_upgrading_an_old_ledger_backfills_the_spend_index(ledger_url):
     ledger.dispose()
     with pytest.raises(LedgerSchemaError, match="dpops ledger upgrade"):  # opening never migrates
         Ledger(ledger_url)
-    ledger_mod.upgrade(Ledger(ledger_url, create=False).engine)  # `dpops ledger upgrade`: 0003's backfill included
+    ledger_schema.upgrade(Ledger(ledger_url, create=False).engine)  # `dpops ledger upgrade`: 0003's backfill included
     upgraded = Ledger(ledger_url)
     assert upgraded.verify() == []
     assert {name: upgraded.budget(name).spent for name in ("notes", "tickets")} == before

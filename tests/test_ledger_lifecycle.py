@@ -19,7 +19,7 @@ from dpops.errors import (
     LedgerSchemaError,
     exit_code,
 )
-from dpops.ledger import store as ledger_mod
+from dpops.ledger import schema as ledger_schema
 from dpops.ledger.store import Ledger
 from dpops.pipeline import planning as privacy
 from dpops.pipeline import stages
@@ -37,7 +37,7 @@ def _at_revision(url: str, revision: str) -> None:
 
     engine = Ledger(url, create=False).engine
     cfg = Config()
-    cfg.set_main_option("script_location", str(ledger_mod.MIGRATIONS))
+    cfg.set_main_option("script_location", str(ledger_schema.MIGRATIONS))
     with engine.begin() as conn:
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, revision)
@@ -47,7 +47,7 @@ def _at_revision(url: str, revision: str) -> None:
 def _revision(url: str) -> str:
     engine = Ledger(url, create=False).engine
     try:
-        return ledger_mod.schema_revision(engine)
+        return ledger_schema.schema_revision(engine)
     finally:
         engine.dispose()
 
@@ -67,12 +67,12 @@ def _reserve(ledger: Ledger, name: str = "notes", blocks=None):
 def test_opening_a_ledger_behind_head_refuses_and_leaves_its_schema_as_it_is(ledger_url):
     """Fails on the old code: opening migrated the schema to head (as the owner), so no error was
     raised and the revision moved."""
-    assert ledger_mod.head_revision() != OLD
+    assert ledger_schema.head_revision() != OLD
     _at_revision(ledger_url, OLD)
     with pytest.raises(LedgerSchemaError, match="dpops ledger upgrade") as refused:
         Ledger(ledger_url)
     message = str(refused.value)
-    assert f"revision {OLD}" in message and f"needs {ledger_mod.head_revision()}" in message
+    assert f"revision {OLD}" in message and f"needs {ledger_schema.head_revision()}" in message
     assert ("DPOPS_LEDGER_ADMIN_URL" in message) == ledger_url.startswith("postgresql")
     assert isinstance(refused.value, LedgerError) and exit_code(refused.value) == EXIT_REFUSED
     assert _revision(ledger_url) == OLD  # unchanged: no DDL ran
@@ -89,15 +89,15 @@ def test_dpops_ledger_upgrade_brings_it_to_head_then_it_opens(ledger_url, worksp
     assert _revision(ledger_url) == OLD
     first = runner.invoke(app, ["ledger", "upgrade"])
     assert first.exit_code == 0, first.output
-    assert f"from revision {OLD} to {ledger_mod.head_revision()}" in first.output
-    assert _revision(ledger_url) == ledger_mod.head_revision()
+    assert f"from revision {OLD} to {ledger_schema.head_revision()}" in first.output
+    assert _revision(ledger_url) == ledger_schema.head_revision()
     ledger = Ledger(ledger_url)
     _register(ledger)
     _reserve(ledger)
     assert ledger.verify() == []
     ledger.dispose()
     again = runner.invoke(app, ["ledger", "upgrade"])  # idempotent
-    assert again.exit_code == 0 and f"already at revision {ledger_mod.head_revision()}" in again.output, again.output
+    assert again.exit_code == 0 and f"already at revision {ledger_schema.head_revision()}" in again.output, again.output
 
 
 def test_migrate_is_a_hidden_alias_of_upgrade(tmp_path, workspace_env, monkeypatch):
@@ -107,14 +107,14 @@ def test_migrate_is_a_hidden_alias_of_upgrade(tmp_path, workspace_env, monkeypat
     runner = CliRunner()
     result = runner.invoke(app, ["ledger", "migrate"])
     assert result.exit_code == 0 and f"from revision {OLD} to" in result.output, result.output
-    assert _revision(url) == ledger_mod.head_revision()
+    assert _revision(url) == ledger_schema.head_revision()
     listed = runner.invoke(app, ["ledger", "--help"]).output
     assert "upgrade" in listed and "migrate" not in listed
 
 
 def test_a_fresh_empty_database_is_created_at_head_on_first_open(ledger_url):
     ledger = Ledger(ledger_url)
-    assert ledger_mod.schema_revision(ledger.engine) == ledger_mod.head_revision()
+    assert ledger_schema.schema_revision(ledger.engine) == ledger_schema.head_revision()
     _register(ledger)
     assert ledger.datasets() == ["notes"]
     ledger.dispose()
@@ -144,7 +144,7 @@ def test_opening_at_head_takes_no_database_wide_lock(tmp_path):
     writer.execute("BEGIN IMMEDIATE")  # another process holds the write lock
     try:
         ledger = Ledger(url, lock_timeout=0.2)
-        assert ledger_mod.schema_revision(ledger.engine) == ledger_mod.head_revision()
+        assert ledger_schema.schema_revision(ledger.engine) == ledger_schema.head_revision()
     finally:
         writer.execute("ROLLBACK")
         writer.close()

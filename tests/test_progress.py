@@ -13,7 +13,8 @@ import shutil
 import pytest
 
 from dpops.errors import LedgerError
-from dpops.ledger.store import COMMITTED, RUNNING, Ledger
+from dpops.ledger.states import COMMITTED, RUNNING
+from dpops.ledger.store import Ledger
 from dpops.pipeline import stages
 from dpops.train import trainer as training
 from tests.conftest import ROOT

@@ -71,7 +71,7 @@ def test_every_inventory_entry_has_one_of_the_four_classes():
 
 
 def test_every_ledger_column_is_in_the_inventory():
-    from dpops.ledger.store import Base
+    from dpops.ledger.schema import Base
 
     entries = inventory()
     missing = [f"{t.name}.{c.name}" for t in Base.metadata.sorted_tables for c in t.columns

@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 
 from dpops.cli.app import app
 from dpops.errors import LedgerError, LedgerSchemaError
-from dpops.ledger import store as ledger_mod
+from dpops.ledger import roles as ledger_roles
+from dpops.ledger import schema as ledger_schema
 from dpops.ledger.store import Ledger
 from dpops.privacy.accounting import SubsampledGaussian
 
@@ -50,8 +51,8 @@ def _cycle(ledger: Ledger) -> str:
 
 def _migrate(admin_url: str, role: str) -> None:
     engine = create_engine(admin_url)
-    ledger_mod.upgrade(engine)
-    ledger_mod.grant_pipeline_role(engine, role)
+    ledger_schema.upgrade(engine)
+    ledger_roles.grant_pipeline_role(engine, role)
     engine.dispose()
 
 
@@ -111,14 +112,14 @@ def test_a_pipeline_open_behind_head_refuses_and_names_upgrade(pg):
     admin_url, role, pipeline_url = pg
     engine = create_engine(admin_url)
     cfg = Config()
-    cfg.set_main_option("script_location", str(ledger_mod.MIGRATIONS))
+    cfg.set_main_option("script_location", str(ledger_schema.MIGRATIONS))
     with engine.begin() as conn:
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "0004")
-    ledger_mod.grant_pipeline_role(engine, role)
+    ledger_roles.grant_pipeline_role(engine, role)
     with pytest.raises(LedgerSchemaError, match=r"dpops ledger upgrade` as the admin role \(DPOPS_LEDGER_ADMIN_URL\)"):
         Ledger(pipeline_url)
-    assert ledger_mod.schema_revision(engine) == "0004"
+    assert ledger_schema.schema_revision(engine) == "0004"
     engine.dispose()
 
 
@@ -131,7 +132,7 @@ def test_upgrade_is_idempotent_and_grants_the_role(pg, monkeypatch, command):
     runner = CliRunner()
     first = runner.invoke(app, ["ledger", command, "--grant", role])
     assert first.exit_code == 0, first.output
-    assert f"to {ledger_mod.head_revision()}" in first.output
+    assert f"to {ledger_schema.head_revision()}" in first.output
     _cycle(Ledger(pipeline_url))
     second = runner.invoke(app, ["ledger", command, "--grant", role])
     assert second.exit_code == 0 and "already at revision" in second.output, second.output
@@ -150,13 +151,13 @@ def test_a_role_that_could_take_the_owners_rights_is_refused(pg):
     """Fails on the old code (no grant_pipeline_role). The superuser owns everything already."""
     admin_url, role, _ = pg
     engine = create_engine(admin_url)
-    ledger_mod.upgrade(engine)
+    ledger_schema.upgrade(engine)
     with pytest.raises(LedgerError, match="superuser"):
-        ledger_mod.grant_pipeline_role(engine, "postgres")
+        ledger_roles.grant_pipeline_role(engine, "postgres")
     with engine.begin() as conn:
         conn.exec_driver_sql(f'CREATE ROLE "{role}" LOGIN CREATEROLE')
     with pytest.raises(LedgerError, match="create roles"):
-        ledger_mod.grant_pipeline_role(engine, role)
+        ledger_roles.grant_pipeline_role(engine, role)
     with engine.connect() as conn:  # refused whole: no grant was kept
         assert not conn.scalar(text("SELECT has_table_privilege(:r, 'events', 'INSERT')"), {"r": role})
     engine.dispose()
@@ -168,8 +169,8 @@ def test_sqlite_upgrade_then_opens_at_head_run_no_upgrade(workspace_env, monkeyp
     assert result.exit_code == 0 and "from revision none" in result.output, result.output
     url = f"sqlite:///{workspace_env / 'ledger.db'}"
     calls = []
-    real = ledger_mod.upgrade
-    monkeypatch.setattr(ledger_mod, "upgrade", lambda engine, **kw: (calls.append(1), real(engine, **kw))[1])
+    real = ledger_schema.upgrade
+    monkeypatch.setattr(ledger_schema, "upgrade", lambda engine, **kw: (calls.append(1), real(engine, **kw))[1])
     ledger = Ledger(url)
     _cycle(ledger)
     assert calls == [] and ledger.verify() == []
@@ -179,10 +180,10 @@ def test_sqlite_upgrade_then_opens_at_head_run_no_upgrade(workspace_env, monkeyp
 def test_a_fresh_sqlite_ledger_is_still_created_on_first_open(tmp_path, monkeypatch):
     """The demo's path: no upgrade step, the first open creates the schema (and only that one upgrades)."""
     calls = []
-    real = ledger_mod.upgrade
-    monkeypatch.setattr(ledger_mod, "upgrade", lambda engine, **kw: (calls.append(1), real(engine, **kw))[1])
+    real = ledger_schema.upgrade
+    monkeypatch.setattr(ledger_schema, "upgrade", lambda engine, **kw: (calls.append(1), real(engine, **kw))[1])
     url = f"sqlite:///{tmp_path / 'ledger.db'}"
     _cycle(Ledger(url))
-    assert len(calls) == 1 and ledger_mod.schema_revision(Ledger(url, create=False).engine) == ledger_mod.head_revision()
+    assert len(calls) == 1 and ledger_schema.schema_revision(Ledger(url, create=False).engine) == ledger_schema.head_revision()
     Ledger(url)
     assert len(calls) == 1

@@ -11,7 +11,8 @@ from pydantic import ValidationError
 
 from dpops.config.spec import RunSpec
 from dpops.errors import ConfigError, PrivacyError
-from dpops.ledger.store import RELEASED, RESERVED, RUNNING, Ledger
+from dpops.ledger.states import RELEASED, RESERVED, RUNNING
+from dpops.ledger.store import Ledger
 from dpops.pipeline import stages, worker
 from dpops.privacy.accounting import SubsampledGaussian
 from tests.helpers import edit_yaml

@@ -36,7 +36,8 @@ from prefect.client.schemas.filters import (
 
 from dpops.config import schema as config
 from dpops.config.workspace import QUIET_ENV
-from dpops.ledger.store import COMMITTED, Ledger
+from dpops.ledger.states import COMMITTED
+from dpops.ledger.store import Ledger
 from dpops.pipeline import planning as privacy
 from dpops.pipeline import stages
 

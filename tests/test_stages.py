@@ -4,7 +4,8 @@
 import pytest
 
 from dpops.errors import ConfigError, DataValidationError
-from dpops.ledger.store import FAILED_CHARGED, Ledger
+from dpops.ledger.states import FAILED_CHARGED
+from dpops.ledger.store import Ledger
 from dpops.pipeline import stages
 from tests.helpers import edit_yaml, policy_accepting_inconclusive
 
@@ -90,7 +91,7 @@ def test_same_job_seed_still_draws_fresh_noise_each_run(workspace_env, smoke_job
 def test_second_attempt_on_a_started_charge_is_refused_before_reading(workspace_env, smoke_job, project_root):
     """What an automatic retry or a rescheduled training pod would do: refused, nothing read or trained."""
     from dpops.errors import LedgerError
-    from dpops.ledger.store import RUNNING
+    from dpops.ledger.states import RUNNING
 
     ref = stages.resolve(str(smoke_job), str(project_root))
     plan = stages.plan(str(smoke_job), ref)

@@ -11,7 +11,8 @@ import pytest
 from sqlalchemy import event, text
 from typer.testing import CliRunner
 
-from dpops.ledger.store import CURVE_DRIFT_RTOL, Ledger
+from dpops.ledger.chain import CURVE_DRIFT_RTOL
+from dpops.ledger.store import Ledger
 from dpops.privacy import accounting
 from dpops.privacy.accounting import SubsampledGaussian
 from tests.helpers import forge_event, rehash_chain, tamper

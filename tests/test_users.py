@@ -19,7 +19,8 @@ from dpops.assess import canaries
 from dpops.config.schema import DatasetConfig
 from dpops.data import source as data
 from dpops.errors import DataValidationError
-from dpops.ledger.store import COMMITTED, Ledger
+from dpops.ledger.states import COMMITTED
+from dpops.ledger.store import Ledger
 from dpops.pipeline import stages
 from dpops.train import user_level as users
 from tests.dvc_repo import make_repo

@@ -134,7 +134,9 @@ def ledger_upgrade(
     from sqlalchemy.exc import DBAPIError, OperationalError
 
     from dpops.errors import LedgerError, LedgerUnavailableError
-    from dpops.ledger import store as ledger_mod
+    from dpops.ledger import roles as ledger_roles
+    from dpops.ledger import schema as ledger_schema
+    from dpops.ledger import store as ledger_store
 
     ws = workspace()
     url = os.environ.get("DPOPS_LEDGER_ADMIN_URL") or ws.ledger_url
@@ -144,19 +146,19 @@ def ledger_upgrade(
         Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
     if print_sql and not grant:
         fail("--print-sql prints the SQL of --grant ROLE: name the role")
-    engine = ledger_mod.Ledger(url, create=False).engine
+    engine = ledger_store.Ledger(url, create=False).engine
     try:
         if print_sql:
-            for statement in ledger_mod.pipeline_role_sql(engine, grant):
+            for statement in ledger_roles.pipeline_role_sql(engine, grant):
                 typer.echo(statement + ";")
             return
-        before, after = ledger_mod.migrate_schema(engine)  # refuses, naming the admin URL, a role that may not migrate
+        before, after = ledger_schema.migrate_schema(engine)  # refuses, naming the admin URL, a role that may not migrate
         if before != after:
             typer.echo(f"ledger schema upgraded from revision {before or 'none'} to {after}")
         else:
             typer.echo(f"ledger schema already at revision {after}")
         if grant:
-            ledger_mod.grant_pipeline_role(engine, grant)
+            ledger_roles.grant_pipeline_role(engine, grant)
             typer.echo(f"role {grant!r}: reads the ledger and appends to it, updates only the chain head and the spend "
                        "index, owns nothing")
     except OperationalError as exc:  # the URL may hold a password: name the error class only

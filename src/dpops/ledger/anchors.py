@@ -205,7 +205,9 @@ def _recomputed_chain(ledger: "Ledger", dataset_id: int, name: str) -> tuple[dic
     (each linked to the previous recomputed hash, not to the stored one), and the last seq."""
     from sqlalchemy import select
 
-    from dpops.ledger.store import _EVENTS, GENESIS, _event_hash
+    from dpops.ledger.chain import _event_hash
+    from dpops.ledger.schema import _EVENTS
+    from dpops.ledger.states import GENESIS
 
     e = _EVENTS.c
     hashes: dict[int, str] = {}
@@ -232,7 +234,7 @@ def verify_anchors(ledger: "Ledger", log: AnchorLog) -> list[str]:
     """
     from sqlalchemy import select
 
-    from dpops.ledger.store import _DATASETS
+    from dpops.ledger.schema import _DATASETS
 
     entries = log.lines()
     if not entries:

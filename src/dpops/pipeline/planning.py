@@ -12,7 +12,8 @@ from typing import Any, Optional
 
 from dpops.config.schema import DatasetConfig, DPSettings
 from dpops.errors import BlockExistsError, BudgetExceededError, ConfigError, DataValidationError
-from dpops.ledger.store import Charge, Ledger
+from dpops.ledger.states import Charge
+from dpops.ledger.store import Ledger
 from dpops.privacy import accounting
 from dpops.privacy.accounting import SubsampledGaussian
 from dpops.privacy.plan import Plan, sample_rate_for

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any, Iterable, Optional
 
-from dpops.ledger.store import DatasetBudget
+from dpops.ledger.states import DatasetBudget
 
 
 def _rows(summary: dict[str, Any], ui_command: str = "") -> list[tuple[str, str]]:

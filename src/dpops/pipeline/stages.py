@@ -22,8 +22,8 @@ from dpops.config.spec import RunSpec
 from dpops.config.workspace import Workspace, workspace
 from dpops.data import source as datamod
 from dpops.errors import ChargeNotFoundError, DataValidationError, PrivacyError
-from dpops.ledger.states import Charge
-from dpops.ledger.store import RESERVED, DatasetBudget, Ledger
+from dpops.ledger.states import RESERVED, Charge, DatasetBudget
+from dpops.ledger.store import Ledger
 from dpops.ledger.workspace import open_ledger
 from dpops.models import hf as modeling
 from dpops.pipeline import planning as privacy

@@ -33,7 +33,8 @@ from typing import Any, Optional
 
 from dpops.assess.audit import INCONCLUSIVE, PASS
 from dpops.config.schema import TASK_UTILITY, PolicyConfig
-from dpops.ledger.store import COMMITTED, EVIDENCE, GATE_KEYS, MODEL_BOUND, Charge, Ledger
+from dpops.ledger.states import COMMITTED, EVIDENCE, GATE_KEYS, MODEL_BOUND, Charge
+from dpops.ledger.store import Ledger
 
 PROMOTED, REFUSED = "PROMOTED", "REFUSED"
 

@@ -4,7 +4,7 @@ connection already holding the database's migration lock."""
 from alembic import context
 from sqlalchemy import create_engine
 
-from dpops.ledger.store import Base
+from dpops.ledger.schema import Base
 
 config = context.config
 target_metadata = Base.metadata
