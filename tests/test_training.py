@@ -22,7 +22,8 @@ from dpops.config.schema import DEFAULT_GRAD_SAMPLE_MODE, JobConfig, LoraSetting
 from dpops.errors import ConfigError
 from dpops.models import hf as modeling
 from dpops.privacy.plan import Plan
-from dpops.train import private_step, schedule
+from dpops.train import private_step
+from dpops.train import schedule as schedules
 from dpops.train import trainer as training
 from tests.helpers import public_dataset
 from tests.tiny_models import tiny_bert, tiny_llama
@@ -253,14 +254,14 @@ def test_learning_rate_schedule_warms_up_decays_and_never_stops_a_charged_step(s
     from dpops.config.schema import OptimSettings
 
     optim = OptimSettings(schedule=schedule, warmup_steps=warmup)
-    factors = [schedule.learning_rate_factor(optim, done, len(expected)) for done in range(len(expected))]
+    factors = [schedules.learning_rate_factor(optim, done, len(expected)) for done in range(len(expected))]
     assert factors == pytest.approx(expected)
     assert min(factors) > 0  # every step is charged for, so every step moves the weights
 
 
 def test_weight_average_is_the_ramped_exponential_average_of_the_iterates():
     p = nn.Parameter(torch.zeros(3))
-    average = schedule.WeightAverage([p], decay=0.5)
+    average = schedules.WeightAverage([p], decay=0.5)
     expected = torch.zeros(3)
     for t, value in enumerate([4.0, 2.0, 8.0], start=1):
         with torch.no_grad():
@@ -285,13 +286,13 @@ def test_train_follows_the_schedule_and_saves_the_average(bases, tmp_path, monke
         return adam_step(self, *args, **kwargs)
 
     monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
-    update = schedule.WeightAverage.update
+    update = schedules.WeightAverage.update
 
     def recording_update(self, params):
         iterates.append([p.detach().clone() for p in params])
         update(self, params)
 
-    monkeypatch.setattr(schedule.WeightAverage, "update", recording_update)
+    monkeypatch.setattr(schedules.WeightAverage, "update", recording_update)
     result = training.train(job, _plan(len(df), steps=4), df, dataset=public_dataset(), labels=["0", "1"], output_dir=tmp_path / "m")
     assert result.steps_run == 4
     assert rates == pytest.approx([0.01 * f for f in (1, 1, 2 / 3, 1 / 3)])
