@@ -2,9 +2,9 @@
 
 Texts are tokenised to ``--max-length`` (32, the demo's) and a batch is trimmed to its longest
 text; SST-2's training texts average 13 tokens, so a batch of hundreds, which nearly always holds
-one text of 32 tokens, is mostly padding. ``dpops.train.trainer`` orders a batch's records by length
+one text of 32 tokens, is mostly padding. ``dpops.train.private_step`` orders a batch's records by length
 before cutting it into pieces of ``training.max_physical_batch_size``, so each piece is padded only
-to its own longest text. This script runs the trainer's own step (``training._private_step``: per-
+to its own longest text. This script runs the trainer's own step (``noisy_step``: per-
 example gradients in mode hooks, clipping, noise, AdamW) on the same Poisson batch whole and in
 pieces of each ``--pieces`` size, interleaved over ``--reps`` repetitions, and reports the median
 seconds per step and the token slots computed per real token. It reads SST-2 with no ledger
@@ -41,6 +41,7 @@ def main() -> None:
     from dpops.config.schema import LoraSettings, ModelConfig, load_dataset_config
     from dpops.data import source as datamod
     from dpops.models import hf as modeling
+    from dpops.train import private_step
     from dpops.train import trainer as training
 
     ds = load_dataset_config(ROOT / "configs/datasets/sst2.yaml")
@@ -57,7 +58,7 @@ def main() -> None:
     torch.manual_seed(0)
     net = modeling.build("classification", "lora", base, n_labels=len(ds.labels), lora=LoraSettings())
     params = [p for p in net.parameters() if p.requires_grad]
-    private = training.make_private(
+    private = private_step.make_private(
         net, torch.optim.AdamW(params, lr=1e-3), task="classification", mode="hooks", noise_multiplier=0.6,
         max_grad_norm=1.0, expected_batch_size=args.batch,
     )
@@ -66,13 +67,13 @@ def main() -> None:
     for rep in range(args.reps + 1):  # the first round warms up and is not counted
         for size in sizes:
             start = time.perf_counter()
-            training._private_step(private, batch, device=torch.device("cpu"), max_physical=size)
+            private_step.noisy_step(private, batch, device=torch.device("cpu"), max_physical=size)
             if rep:
                 seconds[str(size)].append(time.perf_counter() - start)
 
     rows = []
     for size in sizes:
-        pieces = training._pieces(batch, size)
+        pieces = private_step.pieces(batch, size)
         slots = sum(modeling.model_inputs(ids_, mask_)[0].numel() for ids_, mask_, _ in pieces)  # as the step trims them
         rows.append({
             "max_physical_batch_size": size, "pieces": len(pieces), "slots_per_real_token": round(slots / int(lengths.sum()), 3),

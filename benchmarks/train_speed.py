@@ -2,7 +2,7 @@
 
 Same model (MiniLM-L6 by default), same fixed batch of ``--batch`` records of exactly ``--length``
 real tokens, same optimizer (AdamW). The non-private step is forward, mean loss, backward, step;
-the DP step is the trainer's own step (``dpops.training._private_step``: per-example clipping in
+the DP step is the trainer's own step (``dpops.train.private_step.noisy_step``: per-example clipping in
 mode hooks, ghost or bk, noise, step). Each configuration runs in a fresh process, so its peak
 resident memory is its own; repetitions are interleaved across configurations (the machine is
 shared) and medians are reported.
@@ -57,7 +57,7 @@ def run_one(method: str, mode: str | None, *, batch: int, length: int, steps: in
 
     from dpops.config.schema import LoraSettings, ModelConfig
     from dpops.models import hf as modeling
-    from dpops.train import trainer as training
+    from dpops.train import private_step
 
     torch.manual_seed(0)
     base = modeling.base_model_path(ModelConfig(path=model_path))
@@ -76,11 +76,11 @@ def run_one(method: str, mode: str | None, *, batch: int, length: int, steps: in
             modeling.per_example_loss("classification", net(*inputs), y, inputs[0], inputs[1]).mean().backward()
             inner.step()
     else:
-        private = training.make_private(net, inner, task="classification", mode=mode, noise_multiplier=1.0,
+        private = private_step.make_private(net, inner, task="classification", mode=mode, noise_multiplier=1.0,
                                         max_grad_norm=1.0, expected_batch_size=batch)
 
         def step() -> None:
-            training._private_step(private, (ids, mask, y), device=torch.device("cpu"), max_physical=None)
+            private_step.noisy_step(private, (ids, mask, y), device=torch.device("cpu"), max_physical=None)
 
     setup_rss = _rss_mb()
     times = []

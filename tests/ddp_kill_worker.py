@@ -8,9 +8,9 @@ import os
 import signal
 
 from dpops.pipeline import worker as launch
-from dpops.train import trainer as training
+from dpops.train import private_step
 
-_step = training._private_step
+_step = private_step.noisy_step
 
 
 def _dying_step(*args, **kwargs):
@@ -20,5 +20,5 @@ def _dying_step(*args, **kwargs):
 
 
 if __name__ == "__main__":  # only in torchrun's processes: importing this module (pytest collects it) patches nothing
-    training._private_step = _dying_step
+    private_step.noisy_step = _dying_step
     launch.main()

@@ -23,6 +23,7 @@ from dpops.assess import canaries
 from dpops.config.schema import AuditSettings, JobConfig
 from dpops.errors import TrainingError
 from dpops.privacy.plan import Plan
+from dpops.train import canary_probe, private_step
 from dpops.train import distributed as launch
 from dpops.train import trainer as training
 from tests.helpers import public_dataset
@@ -183,7 +184,7 @@ def test_observations_are_in_units_of_c_with_noise_of_sd_sigma(base, tmp_path):
 
 def test_the_result_records_the_mechanism_that_ran_not_the_plan(base, tmp_path, monkeypatch):
     """An optimizer and a sampler patched after they were built: the result reports what they ran."""
-    make_private, dp_loader = training.make_private, training._dp_loader
+    make_private, dp_loader = private_step.make_private, training._dp_loader
 
     def other_optimizer(*args, **kwargs):
         private = make_private(*args, **kwargs)
@@ -195,7 +196,7 @@ def test_the_result_records_the_mechanism_that_ran_not_the_plan(base, tmp_path, 
         loader.batch_sampler.sample_rate = 0.5
         return loader
 
-    monkeypatch.setattr(training, "make_private", other_optimizer)
+    monkeypatch.setattr(private_step, "make_private", other_optimizer)
     monkeypatch.setattr(training, "_dp_loader", other_sampler)
     result = _train(base, tmp_path, _records(), _plan(8, q=0.25, steps=1, sigma=1.0, clip=1.0))
     assert (result.noise_multiplier, result.sample_rate, result.max_grad_norm) == (0.7, 0.5, 2.5)
@@ -204,20 +205,20 @@ def test_the_result_records_the_mechanism_that_ran_not_the_plan(base, tmp_path, 
 
 def test_a_module_clipping_at_another_bound_than_the_noise_is_reported_as_the_effective_mechanism(base, tmp_path, monkeypatch):
     """Ghost clipping clips in the module: clipped at 2 C with noise sigma C, the records get sigma / 2."""
-    make_private = training.make_private
+    make_private = private_step.make_private
 
     def looser_clipping(*args, **kwargs):
         private = make_private(*args, **kwargs)
         private.module.max_grad_norm = 2.0
         return private
 
-    monkeypatch.setattr(training, "make_private", looser_clipping)
+    monkeypatch.setattr(private_step, "make_private", looser_clipping)
     result = _train(base, tmp_path, _records(), _plan(8, q=0.25, steps=1, sigma=1.0, clip=1.0), method="full", grad_sample_mode="ghost")
     assert (result.noise_multiplier, result.max_grad_norm) == (0.5, 2.0)
 
 
 def test_a_missing_observation_fails_the_run(base, tmp_path, monkeypatch):
-    monkeypatch.setattr(training.GradientCanaryProbe, "_observe", lambda self: None)
+    monkeypatch.setattr(canary_probe.GradientCanaryProbe, "_observe", lambda self: None)
     with pytest.raises(TrainingError, match="gradient canaries: 2 injections and 0 observations for 2 steps"):
         _train(base, tmp_path, _records(), _plan(8, steps=2), canaries.GradientCanaries(count=2, seed=0, included=[True, True]))
 

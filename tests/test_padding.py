@@ -14,7 +14,7 @@ import torch
 from dpops.config.schema import LoraSettings
 from dpops.errors import PrivacyError
 from dpops.models import hf as modeling
-from dpops.train import trainer as training
+from dpops.train import private_step
 from tests.tiny_models import tiny_llama_left_padding
 
 TEXTS = ["a fine film", "dull, slow and far too long for what it says", "yes", "the cast is superb", "no", "an odd thing"]
@@ -54,11 +54,11 @@ def test_right_padded_masks_pass_and_are_trimmed_to_the_longest_row():
     assert torch.equal(trimmed, mask[:, :3]) and ids.shape == (3, 3) and positions[0].tolist() == [0, 1, 2]
 
 
-def _clipped_sum(private: training.PrivateModel, batch) -> torch.Tensor:
+def _clipped_sum(private: private_step.PrivateModel, batch) -> torch.Tensor:
     """The trainer's clipped per-example gradient sum of ``batch`` (noise off, expected batch size 1)."""
     seen = []  # the optimizer's gradient just before the inner step: the clipped sum (+ zero noise) / 1
     private.optimizer.attach_step_hook(lambda opt: seen.append(torch.cat([p.grad.flatten() for p in opt.params])))
-    training._private_step(private, batch, device=torch.device("cpu"), max_physical=None)
+    private_step.noisy_step(private, batch, device=torch.device("cpu"), max_physical=None)
     assert len(seen) == 1
     return seen[0]
 
@@ -74,7 +74,7 @@ def test_one_record_changes_the_clipped_sum_by_its_own_clipped_gradient_only(lef
     torch.manual_seed(0)
     net = modeling.build("causal_lm", "full", left_padding_llama, n_labels=2, lora=LoraSettings()).double()
     params = [p for p in net.parameters() if p.requires_grad]
-    private = training.make_private(net, torch.optim.SGD(params, lr=0.0), task="causal_lm", mode="hooks",
+    private = private_step.make_private(net, torch.optim.SGD(params, lr=0.0), task="causal_lm", mode="hooks",
                                     noise_multiplier=0.0, max_grad_norm=CLIP, expected_batch_size=1)
     whole = _clipped_sum(private, (ids, mask, y))
     # the longest record first: on a left-padded batch its removal moves every other record's trim

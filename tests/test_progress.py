@@ -16,7 +16,7 @@ from dpops.errors import LedgerError
 from dpops.ledger.states import COMMITTED, RUNNING
 from dpops.ledger.store import Ledger
 from dpops.pipeline import stages
-from dpops.train import trainer as training
+from dpops.train import private_step
 from tests.conftest import ROOT
 from tests.helpers import edit_yaml, policy_accepting_inconclusive
 from tests.tiny_models import tiny_bert
@@ -57,7 +57,7 @@ def stage_ledger(ledger_url, tmp_path, monkeypatch):
 
 def _count_steps(monkeypatch, *, die_at=None) -> list[int]:
     """Count the noisy steps the trainer completes; with ``die_at``, raise in that step instead."""
-    real, taken = training._private_step, []
+    real, taken = private_step.noisy_step, []
 
     def step(*args, **kwargs):
         if len(taken) + 1 == die_at:
@@ -66,7 +66,7 @@ def _count_steps(monkeypatch, *, die_at=None) -> list[int]:
         taken.append(1)
         return out
 
-    monkeypatch.setattr(training, "_private_step", step)
+    monkeypatch.setattr(private_step, "noisy_step", step)
     return taken
 
 

@@ -24,10 +24,10 @@ def test_run_that_dies_after_reading_data_stays_charged(workspace_env, smoke_job
 
 
 def test_progress_is_recorded_and_a_run_dying_mid_way_stays_charged_in_full(workspace_env, smoke_job, project_root, monkeypatch):
-    from dpops.train import trainer as training
+    from dpops.train import private_step
 
     monkeypatch.setattr(stages, "PROGRESS_EVERY", 2)
-    real, calls = training._private_step, []
+    real, calls = private_step.noisy_step, []
 
     def dies_at_step_4(*args, **kwargs):
         calls.append(1)
@@ -35,7 +35,7 @@ def test_progress_is_recorded_and_a_run_dying_mid_way_stays_charged_in_full(work
             raise RuntimeError("worker lost")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(training, "_private_step", dies_at_step_4)
+    monkeypatch.setattr(private_step, "noisy_step", dies_at_step_4)
     ref = stages.resolve(str(smoke_job), str(project_root))
     plan = stages.plan(str(smoke_job), ref)
     charge_id = stages.reserve(str(smoke_job), ref, plan)

@@ -22,6 +22,8 @@ from dpops.config.schema import DEFAULT_GRAD_SAMPLE_MODE, JobConfig, LoraSetting
 from dpops.errors import ConfigError
 from dpops.models import hf as modeling
 from dpops.privacy.plan import Plan
+from dpops.train import private_step
+from dpops.train import schedule as schedules
 from dpops.train import trainer as training
 from tests.helpers import public_dataset
 from tests.tiny_models import tiny_bert, tiny_llama
@@ -84,13 +86,13 @@ def test_clipped_summed_gradient_equals_per_example_loop(bases, task, method, mo
 
     n = len(batch[2])
     params = [p for p in net.parameters() if p.requires_grad]
-    private = training.make_private(
+    private = private_step.make_private(
         net, torch.optim.SGD(params, lr=0.0), task=task, mode=mode, noise_multiplier=0.0, max_grad_norm=clip,
         expected_batch_size=n,
     )
     seen = []  # the optimizer's gradient just before the inner step: (clipped sum + noise) / expected batch size
     private.optimizer.attach_step_hook(lambda opt: seen.append(torch.cat([p.grad.flatten() * n for p in opt.params])))
-    training._private_step(private, batch, device=torch.device("cpu"), max_physical=max_physical)
+    private_step.noisy_step(private, batch, device=torch.device("cpu"), max_physical=max_physical)
 
     assert len(seen) == 1, "one noisy step per logical batch, however many pieces"
     rel = float((seen[0] - expected).norm() / expected.norm())
@@ -102,7 +104,7 @@ def test_pieces_cover_the_batch_within_the_bound_shortest_first():
     mask = (torch.arange(8).unsqueeze(0) < lengths.unsqueeze(1)).long()
     ids = torch.arange(10).unsqueeze(1) * mask  # row i holds the value i on its real tokens
     batch = (ids, mask, torch.arange(10))
-    pieces = training._pieces(batch, 3)
+    pieces = private_step.pieces(batch, 3)
     assert [len(p[0]) for p in pieces] == [3, 3, 3, 1]
     # every record once, each with its own ids, mask and label
     records = sorted((int(y), p[0][i].tolist(), p[1][i].tolist()) for p in pieces for i, y in enumerate(p[2]))
@@ -111,22 +113,22 @@ def test_pieces_cover_the_batch_within_the_bound_shortest_first():
     assert [x for piece in piece_lengths for x in piece] == sorted(lengths.tolist())
     # padded to each piece's longest: 3*2 + 3*5 + 3*8 + 8 = 53 token slots, not 10 * 8
     assert sum(len(p[0]) * max(length) for p, length in zip(pieces, piece_lengths, strict=True)) == 53
-    assert training._pieces(batch, 10) == [batch]  # a batch within the bound is left as it is
+    assert private_step.pieces(batch, 10) == [batch]  # a batch within the bound is left as it is
     empty = (ids[:0], mask[:0], torch.arange(0))
-    assert [len(p[0]) for p in training._pieces(empty, 3)] == [0]
+    assert [len(p[0]) for p in private_step.pieces(empty, 3)] == [0]
 
 
 def test_empty_poisson_batch_still_adds_noise(bases):
     """An empty batch is a step of the mechanism: noise is added to a zero sum and the weights move."""
     net = _net("classification", "lora", bases["classification"])
     params = [p for p in net.parameters() if p.requires_grad]
-    private = training.make_private(
+    private = private_step.make_private(
         net, torch.optim.SGD(params, lr=1.0), task="classification", mode="hooks", noise_multiplier=1.0, max_grad_norm=1.0,
         expected_batch_size=4,
     )
     before = [p.detach().clone() for p in params]
     ids, mask, y = _batch(bases["classification"])
-    training._private_step(private, (ids[:0], mask[:0], y[:0]), device=torch.device("cpu"), max_physical=None)
+    private_step.noisy_step(private, (ids[:0], mask[:0], y[:0]), device=torch.device("cpu"), max_physical=None)
     assert all(not torch.equal(b, p) for b, p in zip(before, params, strict=True))
 
 
@@ -136,7 +138,7 @@ def test_per_layer_clipping_refuses_tied_weights(tmp_path, mode):
     net = modeling.build("causal_lm", "full", base, n_labels=2, lora=LORA["causal_lm"])
     params = [p for p in net.parameters() if p.requires_grad]
     with pytest.raises(ConfigError, match="training.grad_sample_mode.*tied weights"):
-        training.make_private(net, torch.optim.SGD(params, lr=0.1), task="causal_lm", mode=mode, noise_multiplier=1.0,
+        private_step.make_private(net, torch.optim.SGD(params, lr=0.1), task="causal_lm", mode=mode, noise_multiplier=1.0,
                               max_grad_norm=1.0, expected_batch_size=4)
 
 
@@ -145,7 +147,7 @@ def test_bookkeeping_backward_computes_no_unclipped_weight_gradient(bases):
     accumulates a weight gradient (the clipped sum is written once, by book-keeping itself)."""
     net = _net("classification", "full", bases["classification"])
     params = [p for p in net.parameters() if p.requires_grad]
-    private = training.make_private(net, torch.optim.SGD(params, lr=0.0), task="classification", mode="bk",
+    private = private_step.make_private(net, torch.optim.SGD(params, lr=0.0), task="classification", mode="bk",
                                     noise_multiplier=0.0, max_grad_norm=1.0, expected_batch_size=6)
     accumulated = []
     for p in params:
@@ -252,14 +254,14 @@ def test_learning_rate_schedule_warms_up_decays_and_never_stops_a_charged_step(s
     from dpops.config.schema import OptimSettings
 
     optim = OptimSettings(schedule=schedule, warmup_steps=warmup)
-    factors = [training.learning_rate_factor(optim, done, len(expected)) for done in range(len(expected))]
+    factors = [schedules.learning_rate_factor(optim, done, len(expected)) for done in range(len(expected))]
     assert factors == pytest.approx(expected)
     assert min(factors) > 0  # every step is charged for, so every step moves the weights
 
 
 def test_weight_average_is_the_ramped_exponential_average_of_the_iterates():
     p = nn.Parameter(torch.zeros(3))
-    average = training.WeightAverage([p], decay=0.5)
+    average = schedules.WeightAverage([p], decay=0.5)
     expected = torch.zeros(3)
     for t, value in enumerate([4.0, 2.0, 8.0], start=1):
         with torch.no_grad():
@@ -284,13 +286,13 @@ def test_train_follows_the_schedule_and_saves_the_average(bases, tmp_path, monke
         return adam_step(self, *args, **kwargs)
 
     monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
-    update = training.WeightAverage.update
+    update = schedules.WeightAverage.update
 
     def recording_update(self, params):
         iterates.append([p.detach().clone() for p in params])
         update(self, params)
 
-    monkeypatch.setattr(training.WeightAverage, "update", recording_update)
+    monkeypatch.setattr(schedules.WeightAverage, "update", recording_update)
     result = training.train(job, _plan(len(df), steps=4), df, dataset=public_dataset(), labels=["0", "1"], output_dir=tmp_path / "m")
     assert result.steps_run == 4
     assert rates == pytest.approx([0.01 * f for f in (1, 1, 2 / 3, 1 / 3)])
@@ -325,11 +327,11 @@ def test_bf16_autocast_step_stays_close_to_the_fp32_reference(bases, task, metho
     clip = float(norms.median())
     expected = (per_example * (clip / (norms + 1e-6)).clamp(max=1.0).unsqueeze(1)).sum(dim=0)
     params = [p for p in net.parameters() if p.requires_grad]
-    private = training.make_private(net, torch.optim.SGD(params, lr=0.0), task=task, mode=mode, noise_multiplier=0.0,
+    private = private_step.make_private(net, torch.optim.SGD(params, lr=0.0), task=task, mode=mode, noise_multiplier=0.0,
                                     max_grad_norm=clip, expected_batch_size=6, autocast_dtype=torch.bfloat16)
     seen = []
     private.optimizer.attach_step_hook(lambda opt: seen.append(torch.cat([p.grad.flatten() * 6 for p in opt.params])))
-    training._private_step(private, batch, device=torch.device("cpu"), max_physical=None)
+    private_step.noisy_step(private, batch, device=torch.device("cpu"), max_physical=None)
     assert all(p.dtype == torch.float32 for p in params)
     assert float((seen[0] - expected).norm() / expected.norm()) < 0.05
 

@@ -7,7 +7,7 @@ weights, the released noisy sums); no real record, training or hold-out, is scor
   al. 2024). dpops owns the DP step, so ``audit.gradient_canaries`` Dirac canaries are added to
   the clipped sum before noise: each is included with probability 1/2 (fresh randomness) and then
   Poisson-sampled at q on every step like a record, adding exactly C at its own coordinate
-  (:mod:`dpops.assess.canaries`, :mod:`dpops.train.trainer`). The trainer keeps the released noisy sum at every
+  (:mod:`dpops.assess.canaries`, :mod:`dpops.train.canary_probe`). The trainer keeps the released noisy sum at every
   canary coordinate (``observations``, units of C). Two tests read them:
   - the one-run bound on likelihood-ratio scores (:func:`white_box_scores`: the log-likelihood
     ratio of "sampled at q on each step" against "never there", under the *claimed* sigma), guessing

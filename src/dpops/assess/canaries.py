@@ -101,7 +101,7 @@ class GradientCanaries:
     trainable weights (:func:`gradient_coordinates`), zero elsewhere. Each is included with
     probability 1/2 (``included``, fresh randomness: the auditor's secret); at every step each
     included canary is Poisson-sampled at the plan's q, like a record, and when sampled it is
-    added to the clipped sum before noise (:class:`dpops.train.trainer.GradientCanaryProbe`). The audit
+    added to the clipped sum before noise (:class:`dpops.train.canary_probe.GradientCanaryProbe`). The audit
     observes coordinate k_j of every released noisy sum.
 
     Why it is valid: each canary is one unit of privacy whose gradient has norm exactly C, sampled

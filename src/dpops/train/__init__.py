@@ -5,11 +5,13 @@ charge (:class:`dpops.ledger.states.Charge`), and it refuses to run anything els
 (:func:`.trainer.authorize`). Never imports SQLAlchemy, MLflow or Prefect (tests/test_architecture.py).
 """
 
-from dpops.train.trainer import TrainResult, authorize, make_private, train
+from dpops.train.private_step import make_private, register_clipping_mode
+from dpops.train.trainer import TrainResult, authorize, train
 
 __all__ = [
     "TrainResult",
     "authorize",
     "make_private",
+    "register_clipping_mode",
     "train",
 ]
