@@ -10,14 +10,23 @@ from dpops.pipeline import stages
 from tests.helpers import edit_yaml, policy_accepting_inconclusive
 
 
-def test_run_that_dies_after_reading_data_stays_charged(workspace_env, smoke_job, project_root):
+def test_run_that_dies_after_reading_data_stays_charged(workspace_env, smoke_job, project_root, monkeypatch):
+    from dpops.models import hf
+
     ref = stages.resolve(str(smoke_job), str(project_root))
     plan = stages.plan(str(smoke_job), ref)
     charge_id = stages.reserve(str(smoke_job), ref, plan)
-    # edited after reserve, so plan's preflight passed: the trainer finds the module missing once data is read
-    edit_yaml(smoke_job, lambda d: d.update(lora={"target_modules": ["no_such_module"]}))
+    read = []
+    real_records = stages.training_records
+    monkeypatch.setattr(stages, "training_records", lambda *a, **k: read.append(1) or real_records(*a, **k))
+
+    def broken_build(*args, **kwargs):  # what a model the preflight passed but the trainer cannot build does
+        raise ValueError("no_such_module")
+
+    monkeypatch.setattr(hf, "build", broken_build)
     with pytest.raises(ValueError, match="no_such_module"):
         stages.train(str(smoke_job), ref, plan, charge_id)
+    assert read == [1], "the records were read before the model failed"
     ledger = Ledger(f"sqlite:///{workspace_env / 'ledger.db'}")
     assert ledger.charge(charge_id).state == FAILED_CHARGED
     assert ledger.budget("sst2").spent > 0
