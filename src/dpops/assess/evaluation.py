@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import pandas as pd
 import torch
@@ -13,14 +13,16 @@ from dpops.models import hf as modeling
 
 
 @torch.no_grad()
-def per_example_loss(model_dir: str | Path, df: pd.DataFrame, *, batch_size: int = 256) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+def per_example_loss(model_dir: str | Path, df: pd.DataFrame, *, batch_size: int = 256,
+                     loaded: Optional[tuple[Any, Any, dict[str, Any]]] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Loss of every record of ``df`` (columns text, label) and its predicted class.
 
     The loss is the one training minimised (:func:`dpops.models.hf.per_example_loss`): cross-entropy
     for a classifier, mean next-token cross-entropy for a language model, whose predicted class is
-    None.
+    None. ``loaded``: the model of ``model_dir`` as :func:`dpops.models.hf.load` returned it, if the
+    caller has it already (the pipeline loads it once for evaluation and the audit).
     """
-    net, tokenizer, meta = modeling.load(Path(model_dir))
+    net, tokenizer, meta = loaded if loaded is not None else modeling.load(Path(model_dir))
     task, texts = meta["task"], df["text"].tolist()
     y = torch.tensor(df["label"].to_numpy(), dtype=torch.long)
     losses, predictions = [], []
@@ -59,12 +61,13 @@ def base_per_example_loss(model_dir: str | Path, df: pd.DataFrame, *, seed: int,
     return torch.cat(losses) if losses else torch.zeros(0)
 
 
-def evaluate(model_dir: str | Path, eval_df: pd.DataFrame, *, batch_size: int = 256) -> dict[str, float]:
+def evaluate(model_dir: str | Path, eval_df: pd.DataFrame, *, batch_size: int = 256,
+             loaded: Optional[tuple[Any, Any, dict[str, Any]]] = None) -> dict[str, float]:
     """Mean loss on ``eval_df``; for a classifier also accuracy and the majority-class baseline, for a
     language model perplexity."""
     if len(eval_df) == 0:
         raise ValueError("the evaluation split is empty")
-    losses, pred = per_example_loss(model_dir, eval_df, batch_size=batch_size)
+    losses, pred = per_example_loss(model_dir, eval_df, batch_size=batch_size, loaded=loaded)
     metrics = {"eval_loss": float(losses.mean()), "eval_records": float(len(eval_df))}
     if pred is None:
         return {**metrics, "perplexity": float(torch.exp(losses.mean()))}

@@ -24,10 +24,9 @@ from dpops.data import source as datamod
 from dpops.errors import ChargeNotFoundError, DataValidationError, PrivacyError
 from dpops.ledger.states import RESERVED, Charge, DatasetBudget
 from dpops.ledger.store import Ledger
-from dpops.ledger.workspace import open_ledger
 from dpops.models import hf as modeling
+from dpops.pipeline import context, report
 from dpops.pipeline import planning as privacy
-from dpops.pipeline import report
 from dpops.privacy import accounting
 from dpops.privacy.accounting import SubsampledGaussian
 from dpops.privacy.plan import Plan, charge_differences, filter_from_dict
@@ -120,7 +119,9 @@ def _charged_as(ds: cfgmod.DatasetConfig) -> cfgmod.DatasetConfig:
 
 
 def _ledger(ws: Optional[Workspace] = None) -> Ledger:
-    return open_ledger(ws)
+    """The process's ledger for ``ws`` (:mod:`dpops.pipeline.context`); a stage disposes it when done,
+    which returns its connections and keeps the ledger usable."""
+    return context.current(ws).ledger
 
 
 def resolve(job_path: str, repo: Optional[str] = None) -> dict[str, Any]:
@@ -440,7 +441,7 @@ def evaluate(job_path: str, ref: dict[str, Any], model_dir: str) -> dict[str, fl
     """Stage 7: utility on the held-out evaluation split."""
     job, ds = _load(job_path)
     df = datamod.load_split(_ref(ref), ds, path=ds.files.eval, max_records=job.eval_max_records)
-    return evaluation.evaluate(model_dir, df, batch_size=job.eval_batch_size)
+    return evaluation.evaluate(model_dir, df, batch_size=job.eval_batch_size, loaded=context.current().model(model_dir))
 
 
 def audit(
@@ -461,7 +462,8 @@ def audit(
     job, _ = _load(job_path)
     drawn = canaries.Canaries.load(Path(canaries_path))
     rows = drawn.all_rows()
-    c_loss, _ = evaluation.per_example_loss(model_dir, rows, batch_size=job.eval_batch_size)
+    c_loss, _ = evaluation.per_example_loss(model_dir, rows, batch_size=job.eval_batch_size,
+                                            loaded=context.current().model(model_dir))
     base_loss = evaluation.base_per_example_loss(model_dir, rows, seed=job.seed, batch_size=job.eval_batch_size)
     scores = (base_loss - c_loss).tolist()  # calibrated: how much training lowered each canary's loss
     claimed = dict(p)
