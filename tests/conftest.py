@@ -118,3 +118,18 @@ def ledger_url(request, tmp_path):
         conn.exec_driver_sql("DROP TABLE IF EXISTS alembic_version")
     engine.dispose()
     return base
+
+
+@pytest.fixture
+def forbid_reading(monkeypatch):
+    """Call it once the charge is reserved: from then on, reading any training record fails the test."""
+    from dpops.data import source as datamod
+    from dpops.pipeline import stages
+
+    def read(*args, **kwargs):
+        raise AssertionError("records were read")
+
+    def forbid() -> None:
+        monkeypatch.setattr(stages, "training_records", read)
+        monkeypatch.setattr(datamod, "load_split", read)
+    return forbid

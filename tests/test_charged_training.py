@@ -151,20 +151,6 @@ def _tamper(p: dict, how: str) -> dict:
     return p
 
 
-@pytest.fixture
-def forbid_reading(monkeypatch):
-    """Call it once the charge is reserved: from then on, reading any record fails the test."""
-    from dpops.data import source as datamod
-
-    def read(*args, **kwargs):
-        raise AssertionError("records were read")
-
-    def forbid() -> None:
-        monkeypatch.setattr(stages, "training_records", read)
-        monkeypatch.setattr(datamod, "load_split", read)
-    return forbid
-
-
 @pytest.mark.parametrize("how", ["sigma halved", "q doubled", "steps raised", "delta raised"])
 def test_the_train_stage_refuses_a_plan_it_was_not_charged_for_and_releases_it(workspace_env, smoke_job, project_root,
                                                                                  forbid_reading, how):

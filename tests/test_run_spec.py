@@ -60,19 +60,6 @@ def test_the_ledger_keeps_the_digest_on_the_charge_and_in_its_reserved_event(tmp
     ledger.dispose()
 
 
-@pytest.fixture
-def forbid_reading(monkeypatch):
-    from dpops.data import source as datamod
-
-    def read(*args, **kwargs):
-        raise AssertionError("records were read")
-
-    def forbid() -> None:
-        monkeypatch.setattr(stages, "training_records", read)
-        monkeypatch.setattr(datamod, "load_split", read)
-    return forbid
-
-
 EDITS = {
     "learning rate": lambda d: d.setdefault("optim", {}).update(learning_rate=0.5),
     "seed": lambda d: d.update(seed=d.get("seed", 0) + 7),
