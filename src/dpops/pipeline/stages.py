@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from dpops.assess import audit as auditing
-from dpops.assess import audit_report, canaries, evaluation
+from dpops.assess import audit_report, bounds, canaries, evaluation
 from dpops.config import schema as cfgmod
 from dpops.config.spec import RunSpec
 from dpops.config.workspace import Workspace, workspace
@@ -195,13 +195,13 @@ def _check_auditable(
 ) -> None:
     """Refuse a plan the audit could only call INCONCLUSIVE when the policy never promotes that verdict.
 
-    The ceiling is what the audit could reach given the plan (:func:`dpops.assess.audit.planned_ceiling`:
+    The ceiling is what the audit could reach given the plan (:func:`dpops.assess.bounds.planned_ceiling`:
     its q, steps, canaries and delta); the audit's claim is the epsilon of the steps run, at most
     the plan's, and fewer steps lower its ceiling too, so the audit stage judges again.
     """
     if not policy.require_audit_pass or policy.accept_inconclusive:
         return
-    ceiling, strongest = auditing.planned_ceiling(job.audit.canaries, job.audit.gradient_canaries, sample_rate=planned.sample_rate,
+    ceiling, strongest = bounds.planned_ceiling(job.audit.canaries, job.audit.gradient_canaries, sample_rate=planned.sample_rate,
                                                   steps=planned.steps, delta=planned.delta)
     if planned.epsilon < ceiling:
         return
