@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator, model_validator
 
 from dpops.errors import ConfigError
-from dpops.privacy import accounting
+from dpops.privacy import filters
 
 #: The largest epsilon a config may name (a dataset's cap, a block's cap, a run's target): the
 #: ledger's own ceiling, :data:`dpops.ledger.MAX_EPSILON_CAP` (a test keeps the two equal).
@@ -54,20 +54,20 @@ class PrivacyBudget(_Strict):
         default=None, min_length=1, max_length=64,
         description="RDP orders of the dataset's privacy filter, delta split evenly across them; fixed when the dataset "
         "is registered (the ledger refuses a different list later). None: the first job chooses the single order "
-        "that admits the most runs of its mechanism (dpops.accounting.choose_filter).",
+        "that admits the most runs of its mechanism (dpops.filters.choose_filter).",
     )
 
     @field_validator("filter_orders")
     @classmethod
     def _orders(cls, v: Optional[list[float]]) -> Optional[list[float]]:
         if v is not None:
-            accounting.filter_of_orders(v)  # the filter's own checks: orders in (1, 10000], distinct
+            filters.filter_of_orders(v)  # the filter's own checks: orders in (1, 10000], distinct
         return v
 
     @property
-    def privacy_filter(self) -> Optional[accounting.PrivacyFilter]:
+    def privacy_filter(self) -> Optional[filters.PrivacyFilter]:
         """The filter the config names (``filter_orders``), or None when the first job chooses it."""
-        return None if self.filter_orders is None else accounting.filter_of_orders(self.filter_orders)
+        return None if self.filter_orders is None else filters.filter_of_orders(self.filter_orders)
 
 
 class SplitFiles(_Strict):

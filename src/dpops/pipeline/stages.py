@@ -28,7 +28,7 @@ from dpops.ledger.workspace import open_ledger
 from dpops.models import hf as modeling
 from dpops.pipeline import planning as privacy
 from dpops.pipeline import report
-from dpops.privacy import accounting
+from dpops.privacy import filters
 from dpops.privacy.accounting import SubsampledGaussian
 from dpops.privacy.plan import Plan, charge_differences, filter_from_dict
 from dpops.registry import gate, tracking
@@ -234,7 +234,7 @@ def reserve(job_path: str, ref: dict[str, Any], p: dict[str, Any], *, flow_run_i
         ledger.register_dataset(name=ds.name, unit=ds.unit, delta=ds.privacy.delta, epsilon_cap=ds.privacy.epsilon_cap,
                                 contribution_bound=ds.contribution_bound, source=ds.source,
                                 linked_from=named.name if named.budget_of else None,
-                                privacy_filter=proposed or ds.privacy.privacy_filter or accounting.GRID_FILTER,
+                                privacy_filter=proposed or ds.privacy.privacy_filter or filters.GRID_FILTER,
                                 filter_from_config=ds.privacy.filter_orders is not None)
         if ds.blocks is not None:
             if not p.get("blocks"):
