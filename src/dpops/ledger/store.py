@@ -88,7 +88,7 @@ from dpops.ledger.states import (  # noqa: F401  (the store's vocabulary, re-exp
     DatasetBudget,
     charge_to_dict,
 )
-from dpops.privacy import accounting
+from dpops.privacy import accounting, filters
 from dpops.privacy.accounting import SubsampledGaussian
 
 if TYPE_CHECKING:
@@ -412,29 +412,29 @@ def _mechanism(sigma: float, q: float, steps: int) -> SubsampledGaussian:
     return SubsampledGaussian(sigma, q, steps)  # validated once per distinct value
 
 
-def _rdp_json(f: accounting.PrivacyFilter, sigma: float, q: float) -> str:
+def _rdp_json(f: filters.PrivacyFilter, sigma: float, q: float) -> str:
     """The stored one-step RDP curve of (sigma, q) at the filter's orders (see migration 0004)."""
     return json.dumps(f.one_step(sigma, q))
 
 
-def _epsilon(f: accounting.PrivacyFilter, base_rdp: np.ndarray, new: Optional[SubsampledGaussian], delta: float) -> float:
+def _epsilon(f: filters.PrivacyFilter, base_rdp: np.ndarray, new: Optional[SubsampledGaussian], delta: float) -> float:
     """The filter's guaranteed epsilon with state ``base_rdp``, plus ``new`` if given."""
     total = base_rdp if new is None else base_rdp + new.rdp(f.orders)
     return f.epsilon_from_rdp(total, delta=delta)
 
 
 @functools.lru_cache(maxsize=256)
-def _filter(accountant: Optional[str], spec: Optional[str]) -> accounting.PrivacyFilter:
+def _filter(accountant: Optional[str], spec: Optional[str]) -> filters.PrivacyFilter:
     """The privacy filter a dataset was registered with (``datasets.accountant``, ``.filter_spec``).
 
     Raises:
         LedgerError: a filter this code does not implement, or a v2 spec that is not a valid one.
     """
-    if accountant not in accounting.FILTERS:
+    if accountant not in filters.FILTERS:
         raise LedgerError(f"privacy filter {accountant!r}, which this code does not implement (it implements "
-                          f"{', '.join(repr(n) for n in accounting.FILTERS)})")
+                          f"{', '.join(repr(n) for n in filters.FILTERS)})")
     try:
-        return accounting.PrivacyFilter.from_spec(accountant, None if spec is None else json.loads(spec))
+        return filters.PrivacyFilter.from_spec(accountant, None if spec is None else json.loads(spec))
     except (ValueError, TypeError) as exc:
         raise LedgerError(f"privacy filter {accountant!r} with a stored spec that is not valid ({exc})") from None
 
@@ -498,7 +498,7 @@ class _Locked:
     filter_spec: Optional[str] = None
 
     @property
-    def privacy_filter(self) -> accounting.PrivacyFilter:
+    def privacy_filter(self) -> filters.PrivacyFilter:
         """The dataset's filter, as its row names it (admission checks the row against the chain)."""
         return _filter(self.accountant, self.filter_spec)
 
@@ -861,7 +861,7 @@ class Ledger:
         return [_mechanism(sigma, q, steps) for sigma, q, steps, _curve in cls._scope_rows(conn, dataset_id, block)]
 
     @classmethod
-    def _scope_rdp(cls, conn: Session | Connection, dataset_id: int, f: accounting.PrivacyFilter,
+    def _scope_rdp(cls, conn: Session | Connection, dataset_id: int, f: filters.PrivacyFilter,
                    block: Optional[str] = None) -> np.ndarray:
         """The filter state of the dataset (or ``block``): its counted RDP at the filter's orders,
         ``sum(steps * RDP_one_step)`` over the same rows as :meth:`_scope_totals`, from the curves
@@ -901,14 +901,14 @@ class Ledger:
     def register_dataset(
         self, *, name: str, unit: str, delta: float, epsilon_cap: float, contribution_bound: Optional[int] = None,
         source: Optional[str] = None, linked_from: Optional[str] = None,
-        privacy_filter: accounting.PrivacyFilter = accounting.GRID_FILTER, filter_from_config: bool = False,
+        privacy_filter: filters.PrivacyFilter = filters.GRID_FILTER, filter_from_config: bool = False,
     ) -> None:
         """Register a dataset, or check that the registered one has the same terms.
 
         ``privacy_filter`` (its orders and delta shares) is fixed here, for the life of the
         dataset, and stored in the ``registered`` event: the pipeline passes the one chosen from
-        the registering job's mechanism (:func:`dpops.accounting.choose_filter`) or the config's
-        ``privacy.filter_orders``; the default is :data:`dpops.privacy.accounting.GRID_FILTER`. For a dataset
+        the registering job's mechanism (:func:`dpops.privacy.filters.choose_filter`) or the config's
+        ``privacy.filter_orders``; the default is :data:`dpops.privacy.filters.GRID_FILTER`. For a dataset
         already registered it is ignored, unless ``filter_from_config`` (the config names orders):
         then a different registered filter is refused like a different cap.
 
@@ -1077,7 +1077,7 @@ class Ledger:
                 if _epsilon(f, self._scope_rdp(conn, ds.id, f, name), mechanism, ds.delta) <= cap
             ]
 
-    def filter_of(self, dataset: str) -> Optional[accounting.PrivacyFilter]:
+    def filter_of(self, dataset: str) -> Optional[filters.PrivacyFilter]:
         """The privacy filter ``dataset`` was registered with; None when it is not registered."""
         with self.engine.connect() as conn:
             d = _DATASETS.c
@@ -2123,7 +2123,7 @@ def _replay_event(chain: _Chain, seq: int, kind: str, charge_id: Optional[str], 
     return None
 
 
-def _compare_curve(stored: Optional[str], sigma: float, q: float, f: accounting.PrivacyFilter) -> Optional[str]:
+def _compare_curve(stored: Optional[str], sigma: float, q: float, f: filters.PrivacyFilter) -> Optional[str]:
     """How a stored one-step RDP curve compares with the one (sigma, q) gives now at the filter's
     orders: None when equal, ``"drift: ..."`` within :data:`CURVE_DRIFT_RTOL`, else what is wrong."""
     try:
