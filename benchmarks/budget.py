@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dpops.config.schema import load_dataset_config, load_job_config
+from dpops.config.loading import load_dataset_config, load_job_config
 from dpops.privacy import accounting, filters
 from dpops.privacy.accounting import SubsampledGaussian
 from dpops.privacy.filters import PrivacyFilter

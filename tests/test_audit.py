@@ -230,7 +230,7 @@ def test_every_project_job_makes_a_claim_its_canaries_can_test(project_root):
     epsilon is at or above what its canaries can reach at its planned q and steps."""
     import pandas as pd
 
-    from dpops.config import schema as config
+    from dpops.config import loading as config
     from dpops.pipeline import planning as privacy
     from dpops.pipeline import stages
 
@@ -246,7 +246,7 @@ def test_every_project_job_makes_a_claim_its_canaries_can_test(project_root):
 
 
 def test_the_removed_real_record_fields_are_refused_naming_them(smoke_job):
-    from dpops.config import schema as config
+    from dpops.config import loading as config
     from dpops.errors import ConfigError
     from tests.helpers import edit_yaml
 
@@ -264,7 +264,7 @@ def test_input_canaries_are_scored_against_the_model_the_run_started_from(tmp_pa
     import torch
 
     from dpops.assess import audit_report, canaries, evaluation
-    from dpops.config import schema as config
+    from dpops.config import loading as config
     from dpops.config.schema import LoraSettings, ModelConfig
     from dpops.models import hf as modeling
     from dpops.pipeline import stages

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from dpops.config import schema as data_config
+from dpops.config import loading as data_config
 from dpops.config import workspace as settings
 from dpops.config.schema import DatasetConfig
 from dpops.data import prepare

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dpops.config import schema as config
+from dpops.config import loading as config
 from dpops.errors import BudgetExceededError
 from dpops.ledger.store import COMMITTED, Ledger
 from dpops.pipeline import planning as privacy

@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from dpops.cli.app import app
-from dpops.config.schema import PolicyConfig
+from dpops.config.policy import PolicyConfig
 from dpops.errors import LedgerError
 from dpops.ledger.store import Ledger
 from dpops.privacy.accounting import SubsampledGaussian
@@ -99,7 +99,7 @@ def test_an_inconclusive_audit_promotes_only_when_the_policy_accepts_it(ledger):
 
 
 def test_the_default_and_the_project_policy_refuse_an_inconclusive_audit(project_root):
-    from dpops.config import schema as config
+    from dpops.config import loading as config
 
     assert not PolicyConfig().accept_inconclusive
     assert not config.load_policy(project_root / "configs/policy.yaml").accept_inconclusive
@@ -334,7 +334,7 @@ def test_per_dataset_thresholds_replace_the_global_one_for_that_dataset_only(led
 
 
 def test_the_project_policy_lowers_the_bar_for_the_five_class_dataset_only(project_root, tmp_path):
-    from dpops.config import schema as config
+    from dpops.config import loading as config
     from dpops.errors import ConfigError
 
     policy = config.load_policy(project_root / "configs/policy.yaml")

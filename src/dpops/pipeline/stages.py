@@ -18,6 +18,8 @@ import pandas as pd
 from dpops.assess import audit as auditing
 from dpops.assess import audit_report, bounds, canaries, evaluation
 from dpops.config import schema as cfgmod
+from dpops.config.loading import blocks_mode, configs_root, load_policy
+from dpops.config.policy import PolicyConfig
 from dpops.config.spec import RunSpec
 from dpops.config.workspace import Workspace, workspace
 from dpops.data import source as datamod
@@ -81,7 +83,7 @@ def preflight(job_path: str, *, policy_path: Optional[str] = None, repo: Optiona
     job, ds = _load(job_path)
     if policy_path is not None:
         _check_config_file(policy_path, "policy file")
-        cfgmod.load_policy(policy_path)
+        load_policy(policy_path)
     try:
         modeling.check_model(job.task, job.method, job.model, job.lora, n_labels=len(ds.labels))
     except cfgmod.ConfigError as exc:
@@ -98,7 +100,7 @@ def _ref(ref: dict[str, Any]) -> datamod.DataRef:
 
 
 def _dataset_file(job_path: str, ds: cfgmod.DatasetConfig) -> Path:
-    return cfgmod.configs_root(job_path) / "datasets" / f"{ds.name}.yaml"
+    return configs_root(job_path) / "datasets" / f"{ds.name}.yaml"
 
 
 def _budget_view(b: DatasetBudget, read: Optional[list[str]] = None) -> dict[str, Any]:
@@ -158,13 +160,13 @@ def plan(job_path: str, ref: dict[str, Any], *, policy_path: Optional[str] = Non
             f"dataset {ds.name!r}: unit 'user' but {data_ref.path} has no column {ds.user_column!r} to count users. "
             "Nothing was charged or trained."
         )
-    mode = cfgmod.blocks_mode(job, ds)
+    mode = blocks_mode(job, ds)
     if mode is not None and data_ref.blocks is None:
         raise DataValidationError(
             f"{data_ref.path}: dataset {ds.name!r} is partitioned into blocks, but column {ds.blocks.column!r} is missing "
             "or holds a value that is not a block name. Nothing was charged or trained."
         )
-    policy = cfgmod.load_policy(policy_path) if policy_path else cfgmod.PolicyConfig()
+    policy = load_policy(policy_path) if policy_path else PolicyConfig()
     ledger = _ledger() if job.dp.fit_to_budget is not None or mode is not None else None
     named, ds = ds, _charged_as(ds)  # the ledger's figures are those of the budget charged
     try:
@@ -191,7 +193,7 @@ def audit_units(job: cfgmod.JobConfig) -> int:
 
 
 def _check_auditable(
-    job_path: str, job: cfgmod.JobConfig, planned: Plan, policy: cfgmod.PolicyConfig, policy_path: Optional[str]
+    job_path: str, job: cfgmod.JobConfig, planned: Plan, policy: PolicyConfig, policy_path: Optional[str]
 ) -> None:
     """Refuse a plan the audit could only call INCONCLUSIVE when the policy never promotes that verdict.
 
@@ -557,7 +559,7 @@ def promote(policy_path: str, model_name: str, version: str, *, alias: Optional[
     then re-read from the ledger (see :mod:`dpops.registry.gate`). The decision is recorded both ways: a
     ``gate_decision`` ledger event and model version tags (plus the alias when promoted).
     """
-    policy = cfgmod.load_policy(policy_path)
+    policy = load_policy(policy_path)
     alias = alias or policy.alias
     ws = workspace()
     model = f"{model_name}/{version}"
