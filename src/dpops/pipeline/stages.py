@@ -23,6 +23,7 @@ from dpops.config.policy import PolicyConfig
 from dpops.config.spec import RunSpec
 from dpops.config.workspace import Workspace, workspace
 from dpops.data import source as datamod
+from dpops.data import validation
 from dpops.errors import DataValidationError, LedgerError, PrivacyError
 from dpops.ledger.states import Charge
 from dpops.ledger.store import RESERVED, DatasetBudget, Ledger
@@ -136,7 +137,7 @@ def resolve(job_path: str, repo: Optional[str] = None) -> dict[str, Any]:
 def validate(job_path: str, ref: dict[str, Any]) -> dict[str, Any]:
     """Stage 2: the dataset's expectation suite; raises before any budget is touched."""
     _, ds = _load(job_path)
-    report = datamod.validate(_ref(ref), ds)
+    report = validation.validate(_ref(ref), ds)
     return {"success": report.success, "n_records": report.n_records, "checks": len(report.checks)}
 
 
