@@ -24,7 +24,7 @@ from dpops.config.spec import RunSpec
 from dpops.config.workspace import Workspace, workspace
 from dpops.data import source as datamod
 from dpops.data import validation
-from dpops.errors import DataValidationError, LedgerError, PrivacyError
+from dpops.errors import ConfigError, DataValidationError, LedgerError, PrivacyError
 from dpops.ledger.states import Charge
 from dpops.ledger.store import RESERVED, DatasetBudget, Ledger
 from dpops.ledger.workspace import open_ledger
@@ -47,8 +47,8 @@ def _spec(job_path: str) -> RunSpec:
     job = spec.job
     try:
         clipping.check_grad_sample_mode(job.task, job.method, job.grad_sample_mode, job.model, job.lora)
-    except cfgmod.ConfigError as exc:
-        raise cfgmod.ConfigError(f"{job_path}: {exc}. Nothing was charged or trained.") from None
+    except ConfigError as exc:
+        raise ConfigError(f"{job_path}: {exc}. Nothing was charged or trained.") from None
     return spec
 
 
@@ -62,7 +62,7 @@ def _check_config_file(path: str, what: str) -> None:
     p = Path(path)
     if not p.is_file():
         why = "is a directory" if p.is_dir() else "no such file"
-        raise cfgmod.ConfigError(f"{path}: {why}; expected a {what} (YAML). Nothing was charged or trained.")
+        raise ConfigError(f"{path}: {why}; expected a {what} (YAML). Nothing was charged or trained.")
 
 
 def preflight(job_path: str, *, policy_path: Optional[str] = None, repo: Optional[str] = None) -> dict[str, Any]:
@@ -87,8 +87,8 @@ def preflight(job_path: str, *, policy_path: Optional[str] = None, repo: Optiona
         load_policy(policy_path)
     try:
         modeling.check_model(job.task, job.method, job.model, job.lora, n_labels=len(ds.labels))
-    except cfgmod.ConfigError as exc:
-        raise cfgmod.ConfigError(f"{job_path}: {exc}. Nothing was charged or trained.") from None
+    except ConfigError as exc:
+        raise ConfigError(f"{job_path}: {exc}. Nothing was charged or trained.") from None
     root = datamod.find_repo_root(repo or Path(job_path).resolve().parent)
     datamod.check_split_headers(ds, repo=root, rev=job.data_rev,
                                 config_file=_dataset_file(job_path, ds))
@@ -157,7 +157,7 @@ def plan(job_path: str, ref: dict[str, Any], *, policy_path: Optional[str] = Non
     data_ref = _ref(ref)
     preflight(job_path, policy_path=policy_path, repo=data_ref.repo)  # a typo found after reserve costs the charge
     if ds.unit == "user" and data_ref.n_users is None:
-        raise cfgmod.ConfigError(
+        raise ConfigError(
             f"dataset {ds.name!r}: unit 'user' but {data_ref.path} has no column {ds.user_column!r} to count users. "
             "Nothing was charged or trained."
         )
@@ -179,8 +179,8 @@ def plan(job_path: str, ref: dict[str, Any], *, policy_path: Optional[str] = Non
                                           ledger=ledger, mode=mode)
             if ds.unit == "user":  # read-only here; reserve checks again under the lock
                 ledger.check_user_blocks(ds.name, datamod.keyed_user_blocks(data_ref, ds, list(planned.blocks)))
-    except cfgmod.ConfigError as exc:  # name the file that holds the field (e.g. privacy.delta)
-        raise cfgmod.ConfigError(f"{_dataset_file(job_path, named)}: {exc}") from None
+    except ConfigError as exc:  # name the file that holds the field (e.g. privacy.delta)
+        raise ConfigError(f"{_dataset_file(job_path, named)}: {exc}") from None
     finally:
         if ledger is not None:
             ledger.dispose()
@@ -209,7 +209,7 @@ def _check_auditable(
     if planned.epsilon < ceiling:
         return
     source = policy_path or "the policy defaults (no policy file given)"
-    raise cfgmod.ConfigError(
+    raise ConfigError(
         f"{job_path}: the run would claim epsilon {planned.epsilon:.3f} (field 'dp.target_epsilon' is "
         f"{job.dp.target_epsilon:g}), but its canaries (field 'audit.canaries' ({job.audit.canaries}), field "
         f"'audit.gradient_canaries' ({job.audit.gradient_canaries})) can refute at most epsilon {ceiling:.3f} at delta "
@@ -241,15 +241,15 @@ def reserve(job_path: str, ref: dict[str, Any], p: dict[str, Any], *, flow_run_i
                                 filter_from_config=ds.privacy.filter_orders is not None)
         if ds.blocks is not None:
             if not p.get("blocks"):
-                raise cfgmod.ConfigError(f"{_dataset_file(job_path, named)}: dataset {ds.name!r} is partitioned into blocks "
+                raise ConfigError(f"{_dataset_file(job_path, named)}: dataset {ds.name!r} is partitioned into blocks "
                                          "but the plan names none; plan again")
             data_ref = _ref(ref)
             try:
                 privacy.register_blocks(ledger, ds, privacy.blocks_in(ledger, ds, data_ref.blocks, source=data_ref.path))
                 # again: a block another run registered in between must have this version's count
                 privacy.blocks_in(ledger, ds, data_ref.blocks, source=data_ref.path)
-            except cfgmod.ConfigError as exc:
-                raise cfgmod.ConfigError(f"{_dataset_file(job_path, named)}: {exc}") from None
+            except ConfigError as exc:
+                raise ConfigError(f"{_dataset_file(job_path, named)}: {exc}") from None
         mapped = (datamod.keyed_user_blocks(_ref(ref), ds, list(p["blocks"]))
                   if ds.blocks is not None and ds.unit == "user" else None)
         charge = privacy.reserve(
@@ -346,7 +346,7 @@ def _check_spec(ledger: Ledger, spec: RunSpec, charge_id: str) -> None:
         return
     if charge.state == RESERVED:
         ledger.release(charge_id, reason=f"refused before training: {why}")
-    raise cfgmod.ConfigError(f"{why}. Nothing was read or trained"
+    raise ConfigError(f"{why}. Nothing was read or trained"
                              + ("; the reservation was released." if charge.state == RESERVED else "."))
 
 
@@ -354,10 +354,10 @@ def _check_machine(ledger: Ledger, job: cfgmod.JobConfig, job_path: str, charge_
     """Refuse, before the charge starts, a job this machine cannot train; release its reservation."""
     try:
         launch.check_machine(job)
-    except cfgmod.ConfigError as exc:
+    except ConfigError as exc:
         if ledger.charge(charge_id).state == RESERVED:
             ledger.release(charge_id, reason=f"refused before training: {exc}")
-        raise cfgmod.ConfigError(f"{job_path}: {exc}. Nothing was read or trained.") from None
+        raise ConfigError(f"{job_path}: {exc}. Nothing was read or trained.") from None
 
 
 def _check_plan(ledger: Ledger, ds: cfgmod.DatasetConfig, p: dict[str, Any], job_path: str, charge_id: str) -> None:
