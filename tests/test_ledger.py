@@ -244,8 +244,8 @@ def test_killed_run_stays_charged_in_full(ledger_url, tmp_path):
     _ledger(ledger_url, k=5).dispose()
     script = (
         "import os, signal, sys\n"
-        "from dpops.accounting import SubsampledGaussian\n"
-        "from dpops.ledger import Ledger\n"
+        "from dpops.privacy.accounting import SubsampledGaussian\n"
+        "from dpops.ledger.store import Ledger\n"
         "l = Ledger(sys.argv[1], create=False)\n"
         "c = l.reserve(dataset='notes', mechanism=SubsampledGaussian(1.0, 0.01, 500), max_grad_norm=1.0,"
         " n_records=10000, job='j', data_version='v')\n"
