@@ -14,7 +14,7 @@ Columns:
 * ``filter_v1``: ``rdp-filter-v1``, 24 fixed orders with delta split evenly (ledgers before
   per-dataset filters).
 * ``per_dataset_filter``: the filter dpops registers a new dataset with,
-  :func:`dpops.privacy.accounting.choose_filter` for this mechanism (one order from
+  :func:`dpops.privacy.filters.choose_filter` for this mechanism (one order from
   ``CANDIDATE_ORDERS``, all of delta). Valid under adaptive composition.
 * ``best_single_order``: the best order of a finer search (0.01 steps to 20, integers to 1024),
   all of delta: the most any one-order filter fixed in advance admits.
@@ -36,9 +36,10 @@ from pathlib import Path
 
 import numpy as np
 
-from dpops.config.schema import load_dataset_config, load_job_config
-from dpops.privacy import accounting
-from dpops.privacy.accounting import PrivacyFilter, SubsampledGaussian
+from dpops.config.loading import load_dataset_config, load_job_config
+from dpops.privacy import accounting, filters
+from dpops.privacy.accounting import SubsampledGaussian
+from dpops.privacy.filters import PrivacyFilter
 from dpops.privacy.plan import sample_rate_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,7 +67,7 @@ def best_single_order(m: SubsampledGaussian, cap: float, delta: float) -> tuple[
     i = int(np.argmax(runs))
     alpha = float(a[i])
     # the count checked through the filter itself (rounding at the edge)
-    return alpha, PrivacyFilter(accounting.FILTER_V2, (alpha,), (1.0,)).runs_left([], m, delta=delta, cap=cap)
+    return alpha, PrivacyFilter(filters.FILTER_V2, (alpha,), (1.0,)).runs_left([], m, delta=delta, cap=cap)
 
 
 def pld_runs(m: SubsampledGaussian, cap: float, delta: float, start: int) -> int:
@@ -81,12 +82,12 @@ def pld_runs(m: SubsampledGaussian, cap: float, delta: float, start: int) -> int
 def measure(name: str, m: SubsampledGaussian, cap: float, delta: float, extra: dict) -> dict:
     run_eps = accounting.epsilon([m], delta=delta)
     t0 = time.perf_counter()
-    chosen = accounting.choose_filter(m, cap=cap, delta=delta)
+    chosen = filters.choose_filter(m, cap=cap, delta=delta)
     choose_s = time.perf_counter() - t0
     alpha, best = best_single_order(m, cap, delta)
     admitted = {
         "naive_sum": int(math.floor(cap / run_eps + 1e-12)),
-        "filter_v1": accounting.V1_FILTER.runs_left([], m, delta=delta, cap=cap),
+        "filter_v1": filters.V1_FILTER.runs_left([], m, delta=delta, cap=cap),
         "per_dataset_filter": chosen.runs_left([], m, delta=delta, cap=cap),
         "best_single_order": best,
     }
@@ -101,7 +102,7 @@ def measure(name: str, m: SubsampledGaussian, cap: float, delta: float, extra: d
                                "spent_after_one_run": chosen.epsilon([m], delta=delta),
                                "spent_after_admitted_runs": chosen.epsilon([m] * k, delta=delta) if k else 0.0},
         "best_single_order_alpha": alpha,
-        "filter_v1_spent_after_one_run": accounting.V1_FILTER.epsilon([m], delta=delta),
+        "filter_v1_spent_after_one_run": filters.V1_FILTER.epsilon([m], delta=delta),
         "target_runs": TARGETS[name], "target_met": admitted["per_dataset_filter"] >= TARGETS[name],
     }
 

@@ -32,7 +32,7 @@ import uuid
 from pathlib import Path
 
 from dpops.ledger.store import Ledger
-from dpops.privacy import accounting
+from dpops.privacy import accounting, filters
 from dpops.privacy.accounting import SubsampledGaussian
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,7 +43,7 @@ MECH = SubsampledGaussian(1.0, 0.001, 100)
 def _client(url: str, per_client: int, barrier, out) -> None:
     ledger = Ledger(url, create=False)
     # Warm up as a long-running client would be: imports, per-step RDP cache, connection pool.
-    accounting.filter_epsilon(ledger.counted("bench") + [MECH], delta=1e-7)
+    filters.filter_epsilon(ledger.counted("bench") + [MECH], delta=1e-7)
     barrier.wait()
     t0 = time.perf_counter()
     for _ in range(per_client):
@@ -80,7 +80,7 @@ def admission_latency(url: str, n_charges: int, repeats: int = 20) -> dict:
             ledger.commit(c.id, steps_run=MECH.steps)
     ledger.dispose()
     ledger = Ledger(url, create=False)  # a fresh client: nothing of the chain cached yet
-    accounting.filter_epsilon([MECH], delta=1e-7)  # warm the per-step RDP cache, as the clients above do
+    filters.filter_epsilon([MECH], delta=1e-7)  # warm the per-step RDP cache, as the clients above do
     times = []
     for _ in range(repeats + 1):
         t0 = time.perf_counter()

@@ -38,7 +38,8 @@ def main() -> None:
 
     import torch
 
-    from dpops.config.schema import LoraSettings, ModelConfig, load_dataset_config
+    from dpops.config.loading import load_dataset_config
+    from dpops.config.schema import LoraSettings, ModelConfig
     from dpops.data import source as datamod
     from dpops.models import hf as modeling
     from dpops.train import private_step

@@ -65,7 +65,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from dpops.assess import evaluation
-    from dpops.config.schema import DPSettings, JobConfig, load_dataset_config
+    from dpops.config.loading import load_dataset_config
+    from dpops.config.schema import DPSettings, JobConfig
     from dpops.data import source as datamod
     from dpops.pipeline import planning as privacy
     from dpops.privacy.plan import Plan, sample_rate_for

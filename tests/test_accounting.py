@@ -7,7 +7,7 @@ import pytest
 from dp_accounting.rdp import RdpAccountant
 from opacus.accountants import RDPAccountant
 
-from dpops.privacy import accounting
+from dpops.privacy import accounting, filters
 from dpops.privacy.accounting import SubsampledGaussian
 
 CASES = [
@@ -65,17 +65,17 @@ def test_calibrate_noise_meets_target_from_below():
 
 def test_filter_epsilon_is_conservative_and_monotone():
     run = SubsampledGaussian(1.0, 0.01, 500)
-    assert accounting.filter_epsilon([run], delta=1e-5) >= accounting.epsilon([run], delta=1e-5)
-    a = accounting.filter_epsilon([run], delta=1e-5)
-    b = accounting.filter_epsilon([run, run], delta=1e-5)
+    assert filters.filter_epsilon([run], delta=1e-5) >= accounting.epsilon([run], delta=1e-5)
+    a = filters.filter_epsilon([run], delta=1e-5)
+    b = filters.filter_epsilon([run, run], delta=1e-5)
     assert b > a
 
 
 def test_filter_admits_up_to_cap_only():
     run = SubsampledGaussian(1.0, 0.01, 500)
-    cap = accounting.filter_epsilon([run, run], delta=1e-5)
-    assert accounting.filter_admits([run], run, delta=1e-5, cap=cap)
-    assert not accounting.filter_admits([run, run], run, delta=1e-5, cap=cap)
+    cap = filters.filter_epsilon([run, run], delta=1e-5)
+    assert filters.filter_admits([run], run, delta=1e-5, cap=cap)
+    assert not filters.filter_admits([run, run], run, delta=1e-5, cap=cap)
 
 
 @pytest.mark.parametrize(
@@ -100,13 +100,13 @@ def test_bad_delta_is_refused():
 def test_noise_fitted_to_the_filter_admits_exactly_the_planned_runs():
     spent = [SubsampledGaussian(0.8, 0.01, 700)]
     cap, delta, q, steps = 6.0, 1e-5, 0.01, 400
-    sigma = accounting.calibrate_noise_to_filter(spent=spent, cap=cap, runs=3, sample_rate=q, steps=steps, delta=delta)
+    sigma = filters.calibrate_noise_to_filter(spent=spent, cap=cap, runs=3, sample_rate=q, steps=steps, delta=delta)
     run = SubsampledGaussian(sigma, q, steps)
-    assert accounting.filter_epsilon(spent + [run] * 3, delta=delta) <= cap
+    assert filters.filter_epsilon(spent + [run] * 3, delta=delta) <= cap
     # Minimal up to the bisection tolerance: a bit less noise would not fit the three runs.
     less = SubsampledGaussian(sigma - 0.02, q, steps)
-    assert accounting.filter_epsilon(spent + [less] * 3, delta=delta) > cap
+    assert filters.filter_epsilon(spent + [less] * 3, delta=delta) > cap
     # More planned runs need more noise; a spent budget cannot be fitted at all.
-    assert accounting.calibrate_noise_to_filter(spent=spent, cap=cap, runs=6, sample_rate=q, steps=steps, delta=delta) > sigma
+    assert filters.calibrate_noise_to_filter(spent=spent, cap=cap, runs=6, sample_rate=q, steps=steps, delta=delta) > sigma
     with pytest.raises(ValueError, match="no noise multiplier"):
-        accounting.calibrate_noise_to_filter(spent=spent * 40, cap=cap, runs=1, sample_rate=q, steps=steps, delta=delta)
+        filters.calibrate_noise_to_filter(spent=spent * 40, cap=cap, runs=1, sample_rate=q, steps=steps, delta=delta)

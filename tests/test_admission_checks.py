@@ -11,7 +11,7 @@ import pytest
 
 from dpops.errors import LedgerError
 from dpops.ledger.store import Ledger
-from dpops.privacy import accounting
+from dpops.privacy import filters
 from dpops.privacy.accounting import SubsampledGaussian
 from tests.helpers import forge_event, rehash_chain, tamper
 
@@ -124,7 +124,7 @@ def test_a_filter_the_code_does_not_implement_refuses_admission(ledger_url, wher
     tamper(ledger, "UPDATE datasets SET accountant = 'rdp-filter-v0' WHERE name = 'notes'")
     if where == "row and event":  # as a ledger written by another version of the code would be
         tamper(ledger, "UPDATE events SET payload = REPLACE(payload, :a, 'rdp-filter-v0') WHERE kind = 'registered'",
-               {"a": accounting.FILTER_NAME})
+               {"a": filters.FILTER_NAME})
         rehash_chain(ledger, "notes")
     with pytest.raises(LedgerError, match="privacy filter 'rdp-filter-v0', which this code does not implement"):
         _reserve(Ledger(ledger_url, create=False))

@@ -19,7 +19,7 @@ from dpops.errors import ConfigError
 from dpops.ledger.anchors import AnchorLog, anchor_key, key_id, verify_anchors
 from dpops.ledger.spend import _rdp_json
 from dpops.ledger.store import Ledger
-from dpops.privacy import accounting
+from dpops.privacy import filters
 from dpops.privacy.accounting import SubsampledGaussian
 from dpops.registry import gate
 from tests.helpers import rehash_chain, tamper
@@ -206,7 +206,7 @@ def test_T19_a_chain_rewritten_at_another_sigma_is_caught_by_the_anchors(ledger_
     tamper(ledger, "UPDATE charges SET noise_multiplier = 2.0")
     tamper(ledger, "UPDATE events SET payload = REPLACE(payload, :a, :b) WHERE kind = 'reserved'",
            {"a": '"noise_multiplier":1.0', "b": '"noise_multiplier":2.0'})
-    tamper(ledger, "UPDATE spend_totals SET noise_multiplier = 2.0, rdp_per_step = :c", {"c": _rdp_json(accounting.GRID_FILTER, 2.0, 0.01)})
+    tamper(ledger, "UPDATE spend_totals SET noise_multiplier = 2.0, rdp_per_step = :c", {"c": _rdp_json(filters.GRID_FILTER, 2.0, 0.01)})
     rehash_chain(ledger, "notes")
     assert ledger.budget("notes").spent < spent / 2  # re-stated at twice the noise
     assert ledger.verify() == []

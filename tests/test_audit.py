@@ -3,32 +3,32 @@
 import numpy as np
 import pytest
 
-from dpops.assess import audit
+from dpops.assess import audit, bounds
 from dpops.privacy.accounting import SubsampledGaussian
 
 
 def test_auc_known_values():
-    assert audit.auc([3, 4], [1, 2]) == 1.0
-    assert audit.auc([1, 2], [3, 4]) == 0.0
-    assert audit.auc([1, 2], [1, 2]) == 0.5
-    assert audit.auc([2, 3], [1, 3]) == pytest.approx(0.625)
+    assert bounds.auc([3, 4], [1, 2]) == 1.0
+    assert bounds.auc([1, 2], [3, 4]) == 0.0
+    assert bounds.auc([1, 2], [1, 2]) == 0.5
+    assert bounds.auc([2, 3], [1, 3]) == pytest.approx(0.625)
 
 
 def test_tpr_at_fpr():
     non = np.arange(100, dtype=float)  # top 1% is {99}
     members = np.array([99.5, 98.5, 50.0, 0.0])
-    assert audit.tpr_at_fpr(members, non, 0.01) == 0.5  # 99.5 and 98.5 exceed 98 (the 2nd largest)
+    assert bounds.tpr_at_fpr(members, non, 0.01) == 0.5  # 99.5 and 98.5 exceed 98 (the 2nd largest)
 
 
 def test_lower_bound_near_zero_when_indistinguishable():
     rng = np.random.default_rng(0)
-    lb = audit.epsilon_lower_bound(rng.normal(size=1000), rng.normal(size=1000), delta=1e-5)
+    lb = bounds.epsilon_lower_bound(rng.normal(size=1000), rng.normal(size=1000), delta=1e-5)
     assert lb < 0.3
 
 
 def test_lower_bound_large_when_members_are_separable():
     rng = np.random.default_rng(0)
-    lb = audit.epsilon_lower_bound(rng.normal(5, 1, size=1000), rng.normal(0, 1, size=1000), delta=1e-5)
+    lb = bounds.epsilon_lower_bound(rng.normal(5, 1, size=1000), rng.normal(0, 1, size=1000), delta=1e-5)
     assert lb > 3.0
 
 
@@ -47,10 +47,10 @@ def test_membership_inference_figures_are_those_of_the_canaries():
     scores = np.where(included, 1.0, 0.0) + rng.normal(0, 0.5, size=300)
     res = _run(SubsampledGaussian(1.0, 0.01, 100), canary_scores=scores, included=included)
     members, non = scores[included], scores[~included]
-    assert res.mia_auc == pytest.approx(audit.auc(members, non)) and res.mia_auc > 0.8
-    assert res.mia_tpr_at_1pct_fpr == pytest.approx(audit.tpr_at_fpr(members, non, 0.01))
-    assert res.mia_tpr_at_01pct_fpr == pytest.approx(audit.tpr_at_fpr(members, non, 0.001))
-    assert res.mia_epsilon_lower_bound == pytest.approx(audit.epsilon_lower_bound(members, non, delta=1e-5))
+    assert res.mia_auc == pytest.approx(bounds.auc(members, non)) and res.mia_auc > 0.8
+    assert res.mia_tpr_at_1pct_fpr == pytest.approx(bounds.tpr_at_fpr(members, non, 0.01))
+    assert res.mia_tpr_at_01pct_fpr == pytest.approx(bounds.tpr_at_fpr(members, non, 0.001))
+    assert res.mia_epsilon_lower_bound == pytest.approx(bounds.epsilon_lower_bound(members, non, delta=1e-5))
     assert not {"members", "non_members"} & set(res.to_dict())
 
 
@@ -75,28 +75,28 @@ def test_canaries_all_on_one_side_leave_the_membership_inference_undefined():
 
 
 def test_one_run_bound_matches_the_papers_worked_examples():
-    assert audit.one_run_epsilon_lower_bound(m=1000, r=100, v=75, delta=1e-4) == pytest.approx(0.673, abs=5e-4)
-    assert audit.one_run_epsilon_lower_bound(m=100_000, r=1510, v=1439, delta=1e-5) == pytest.approx(2.675, abs=1e-3)
+    assert bounds.one_run_epsilon_lower_bound(m=1000, r=100, v=75, delta=1e-4) == pytest.approx(0.673, abs=5e-4)
+    assert bounds.one_run_epsilon_lower_bound(m=100_000, r=1510, v=1439, delta=1e-5) == pytest.approx(2.675, abs=1e-3)
 
 
 def test_one_run_bound_keeps_the_delta_term():
-    with_delta = audit.one_run_epsilon_lower_bound(m=100_000, r=1510, v=1439, delta=1e-5)
-    without = audit.one_run_epsilon_lower_bound(m=100_000, r=1510, v=1439, delta=0.0)
+    with_delta = bounds.one_run_epsilon_lower_bound(m=100_000, r=1510, v=1439, delta=1e-5)
+    without = bounds.one_run_epsilon_lower_bound(m=100_000, r=1510, v=1439, delta=0.0)
     assert without == pytest.approx(2.806, abs=1e-3) and without > with_delta + 0.1  # dropping it is optimistic
 
 
 def test_one_run_ceiling_with_every_guess_right():
     """All m guesses right at 95%, delta 1e-5: 3.49, 5.78, 7.83 for 100, 1000, 10,000 canaries."""
     for m, ceiling in ((100, 3.49), (1000, 5.78), (10_000, 7.83)):
-        assert audit.one_run_epsilon_lower_bound(m=m, r=m, v=m, delta=1e-5) == pytest.approx(ceiling, abs=0.01)
+        assert bounds.one_run_epsilon_lower_bound(m=m, r=m, v=m, delta=1e-5) == pytest.approx(ceiling, abs=0.01)
     # the pre-registered grid costs a little (Bonferroni): the audit's own ceiling is lower
-    assert audit.one_run_ceiling(1000, delta=1e-5) < 5.78
+    assert bounds.one_run_ceiling(1000, delta=1e-5) < 5.78
 
 
 def test_one_run_bound_is_zero_for_chance_guessing_and_rejects_impossible_counts():
-    assert audit.one_run_epsilon_lower_bound(m=1000, r=100, v=50, delta=1e-5) == 0.0
+    assert bounds.one_run_epsilon_lower_bound(m=1000, r=100, v=50, delta=1e-5) == 0.0
     with pytest.raises(ValueError, match="v=101, r=100"):
-        audit.one_run_p_value(m=1000, r=100, v=101, epsilon=1.0, delta=1e-5)
+        bounds.one_run_p_value(m=1000, r=100, v=101, epsilon=1.0, delta=1e-5)
 
 
 def test_canary_audit_separates_memorised_from_random_canaries():
@@ -131,7 +131,7 @@ def test_canary_lower_bound_above_the_claim_fails_and_a_claim_above_the_ceiling_
 
 
 def test_cross_check_agrees_with_dp_accounting():
-    ours, theirs = audit.cross_check_epsilon(SubsampledGaussian(0.9, 0.002, 400), delta=1e-6)
+    ours, theirs = bounds.cross_check_epsilon(SubsampledGaussian(0.9, 0.002, 400), delta=1e-6)
     assert ours == pytest.approx(theirs, rel=1e-6)
 
 
@@ -217,8 +217,8 @@ def test_the_audit_stage_reads_no_record_and_releases_only_canary_figures(tmp_pa
     assert set(report) == RELEASED | {"canary_scores", "canary_included", "canary_histogram"}
     scores, inc = np.asarray(report["canary_scores"]), np.asarray(report["canary_included"])
     assert inc.tolist() == drawn.included and sum(report["canary_histogram"]["first"]) == inc.sum()
-    assert report["mia_auc"] == pytest.approx(audit.auc(scores[inc], scores[~inc]))
-    assert report["mia_epsilon_lower_bound"] == pytest.approx(audit.epsilon_lower_bound(scores[inc], scores[~inc], delta=1e-5))
+    assert report["mia_auc"] == pytest.approx(bounds.auc(scores[inc], scores[~inc]))
+    assert report["mia_epsilon_lower_bound"] == pytest.approx(bounds.epsilon_lower_bound(scores[inc], scores[~inc], delta=1e-5))
     md = (tmp_path / "run/audit" / audit_report.MARKDOWN_FILE).read_text()
     assert md == audit_report.markdown(out) and "membership inference on the canaries (heuristic, not gating): AUC" in md
     assert "hold-out" not in md and "members (train)" not in md
@@ -230,7 +230,7 @@ def test_every_project_job_makes_a_claim_its_canaries_can_test(project_root):
     epsilon is at or above what its canaries can reach at its planned q and steps."""
     import pandas as pd
 
-    from dpops.config import schema as config
+    from dpops.config import loading as config
     from dpops.pipeline import planning as privacy
     from dpops.pipeline import stages
 
@@ -240,13 +240,13 @@ def test_every_project_job_makes_a_claim_its_canaries_can_test(project_root):
         records = len(pd.read_csv(project_root / ds.files.train, sep="\t", usecols=[0], quoting=3))
         n = min(records, job.train_max_records or records) + stages.audit_units(job)
         plan = privacy.plan(dataset=ds, dp=job.dp, n_records=n)
-        ceiling, _ = audit.planned_ceiling(job.audit.canaries, job.audit.gradient_canaries, sample_rate=plan.sample_rate,
+        ceiling, _ = bounds.planned_ceiling(job.audit.canaries, job.audit.gradient_canaries, sample_rate=plan.sample_rate,
                                            steps=plan.steps, delta=ds.privacy.delta)
         assert plan.epsilon < ceiling, (path.name, plan.epsilon, ceiling)
 
 
 def test_the_removed_real_record_fields_are_refused_naming_them(smoke_job):
-    from dpops.config import schema as config
+    from dpops.config import loading as config
     from dpops.errors import ConfigError
     from tests.helpers import edit_yaml
 
@@ -264,7 +264,7 @@ def test_input_canaries_are_scored_against_the_model_the_run_started_from(tmp_pa
     import torch
 
     from dpops.assess import audit_report, canaries, evaluation
-    from dpops.config import schema as config
+    from dpops.config import loading as config
     from dpops.config.schema import LoraSettings, ModelConfig
     from dpops.models import hf as modeling
     from dpops.pipeline import stages

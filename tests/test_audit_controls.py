@@ -12,7 +12,7 @@ import pytest
 import yaml
 from opacus.optimizers import DPOptimizer
 
-from dpops.assess import audit
+from dpops.assess import audit, bounds
 from dpops.pipeline import stages
 
 pytestmark = pytest.mark.slow
@@ -142,6 +142,6 @@ def test_a_correct_run_at_small_q_passes(workspace_env, small_q_job, project_roo
     # audit.json lets anyone recompute the white-box bound from the gradient canaries' scores
     report = json.loads((Path(out["report_dir"]) / "audit.json").read_text())
     again = audit.canary_audit(report["white_box_scores"], report["white_box_included"], delta=plan["delta"],
-                               confidence=1 - audit.FALSE_ALARM / 3, sample_rate=plan["sample_rate"], steps=plan["steps"],
+                               confidence=1 - bounds.FALSE_ALARM / 3, sample_rate=plan["sample_rate"], steps=plan["steps"],
                                white_box=True)
     assert again.epsilon_lower_bound == out["white_box_epsilon_lower_bound"] and again.correct == out["white_box_correct"]

@@ -9,7 +9,7 @@ used, where the old all-detected ceiling made a perfectly memorising run PASS.
 import numpy as np
 import pytest
 
-from dpops.assess import audit
+from dpops.assess import audit, bounds
 from dpops.privacy.accounting import SubsampledGaussian
 
 # The demo job: q = 128 / (65,947 records + 1,000 + 5,000 canaries), 150 steps, sigma for epsilon 3 at delta 1e-6.
@@ -48,18 +48,18 @@ def _audit(observations, included, *, black_box=None):
 
 
 def test_an_included_canary_is_sampled_with_the_probability_the_plan_implies():
-    assert audit.detection_probability(1.9e-3, 150) == pytest.approx(1 - (1 - 1.9e-3) ** 150) == pytest.approx(0.248, abs=1e-3)
-    assert audit.detection_probability(1.0, 3) == 1.0 and audit.detection_probability(0.5, 0) == 0.0
+    assert bounds.detection_probability(1.9e-3, 150) == pytest.approx(1 - (1 - 1.9e-3) ** 150) == pytest.approx(0.248, abs=1e-3)
+    assert bounds.detection_probability(1.0, 3) == 1.0 and bounds.detection_probability(0.5, 0) == 0.0
 
 
 def test_the_ceiling_is_what_a_perfect_memoriser_reaches_at_the_plans_q_not_the_all_detected_one():
     """The issue's figures: 1,000 input canaries at q = 1.9e-3 over 150 steps reach about 2.8, not
     the 5.1 the summary reported; at q = 1 both ceilings agree."""
-    reach = audit.reachable_ceiling(1000, sample_rate=1.9e-3, steps=150, delta=1e-6)
+    reach = bounds.reachable_ceiling(1000, sample_rate=1.9e-3, steps=150, delta=1e-6)
     assert reach == pytest.approx(2.79, abs=0.1)
-    assert audit.one_run_ceiling(1000, delta=1e-6) > 5.0
-    assert audit.reachable_ceiling(1000, sample_rate=1.0, steps=1, delta=1e-6) == pytest.approx(
-        audit.one_run_ceiling(1000, delta=1e-6), abs=1e-9)
+    assert bounds.one_run_ceiling(1000, delta=1e-6) > 5.0
+    assert bounds.reachable_ceiling(1000, sample_rate=1.0, steps=1, delta=1e-6) == pytest.approx(
+        bounds.one_run_ceiling(1000, delta=1e-6), abs=1e-9)
 
 
 def test_a_perfectly_memorising_black_box_run_at_demo_q_is_inconclusive_not_pass():
@@ -68,7 +68,7 @@ def test_a_perfectly_memorising_black_box_run_at_demo_q_is_inconclusive_not_pass
     plan it can refute at most ~2.8: the honest verdict is INCONCLUSIVE."""
     rng = np.random.default_rng(0)
     included = rng.random(1000) < 0.5
-    sampled = included & (rng.random(1000) < audit.detection_probability(1.9e-3, 150))
+    sampled = included & (rng.random(1000) < bounds.detection_probability(1.9e-3, 150))
     scores = np.where(sampled, 1.0, 0.0) + rng.normal(0, 1e-3, 1000)
     sigma = 0.574  # epsilon 2.986 at q 1.9e-3, 150 steps, delta 1e-6
     res = audit.run_audit(canary_scores=scores, canary_included=included, mechanism=SubsampledGaussian(sigma, 1.9e-3, 150),
@@ -79,10 +79,10 @@ def test_a_perfectly_memorising_black_box_run_at_demo_q_is_inconclusive_not_pass
 
 
 def test_white_box_guess_counts_are_fixed_by_the_plan():
-    counts = audit.plan_guess_counts(5000, sample_rate=Q, steps=STEPS)
-    expected = 5000 / 2 * audit.detection_probability(Q, STEPS)
-    assert counts == sorted({int(f * expected) for f in audit.WHITE_BOX_FRACTIONS})
-    assert audit.plan_guess_counts(10, sample_rate=1e-4, steps=1) == [2]  # at least 2 guesses
+    counts = bounds.plan_guess_counts(5000, sample_rate=Q, steps=STEPS)
+    expected = 5000 / 2 * bounds.detection_probability(Q, STEPS)
+    assert counts == sorted({int(f * expected) for f in bounds.WHITE_BOX_FRACTIONS})
+    assert bounds.plan_guess_counts(10, sample_rate=1e-4, steps=1) == [2]  # at least 2 guesses
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -137,18 +137,18 @@ def test_white_box_scores_rank_sampled_canaries_first():
     """With a third of the claimed noise a sampled canary stands out; one never sampled does not."""
     obs, included, sampled = _game(2000, noise=SIGMA / 3, seed=3)
     scores = audit.white_box_scores(obs, noise_multiplier=SIGMA, sample_rate=Q)
-    assert audit.auc(scores[sampled], scores[~included]) > 0.75
-    assert audit.auc(scores[included & ~sampled], scores[~included]) == pytest.approx(0.5, abs=0.05)
+    assert bounds.auc(scores[sampled], scores[~included]) > 0.75
+    assert bounds.auc(scores[included & ~sampled], scores[~included]) == pytest.approx(0.5, abs=0.05)
     with pytest.raises(ValueError, match="sigma > 0"):
         audit.white_box_scores(obs, noise_multiplier=0.0, sample_rate=Q)
 
 
 def test_plan_and_audit_agree_on_the_ceiling():
-    ceiling, strongest = audit.planned_ceiling(1000, 5000, sample_rate=Q, steps=STEPS, delta=DELTA)
+    ceiling, strongest = bounds.planned_ceiling(1000, 5000, sample_rate=Q, steps=STEPS, delta=DELTA)
     obs, included, _ = _game(5000, noise=SIGMA, seed=0)
     res = _audit(obs, included)
     assert strongest == "white-box canaries" and res.ceiling == pytest.approx(ceiling)
-    without, which = audit.planned_ceiling(1000, 0, sample_rate=Q, steps=STEPS, delta=DELTA)
+    without, which = bounds.planned_ceiling(1000, 0, sample_rate=Q, steps=STEPS, delta=DELTA)
     assert which == "black-box canaries" and without < 3.0 < ceiling  # the demo's claim needs the white-box canaries
 
 

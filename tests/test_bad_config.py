@@ -19,6 +19,7 @@ import pytest
 from typer.testing import CliRunner
 
 from dpops.cli.app import app
+from dpops.config import loading
 from dpops.config import schema as config
 from dpops.errors import ConfigError, LedgerUnavailableError
 from dpops.ledger import states as ledger_states
@@ -108,7 +109,7 @@ def test_a_yaml_merge_key_may_be_overridden(tmp_path):
     """Not a duplicate: `<<: *base` followed by one of its keys is how YAML overrides a default."""
     path = tmp_path / "p.yaml"
     path.write_text("base: &b {min_accuracy: 0.5}\ndatasets:\n  sst2:\n    <<: *b\n    min_accuracy: 0.7\n")
-    assert config._read_yaml(path)["datasets"]["sst2"] == {"min_accuracy": 0.7}
+    assert loading._read_yaml(path)["datasets"]["sst2"] == {"min_accuracy": 0.7}
 
 
 # --------------------------------------------------------------------------- the ledger's own bounds

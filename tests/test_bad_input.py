@@ -237,7 +237,7 @@ def test_the_good_setup_of_the_preflight_cases_reaches_reserve(tmp_path, workspa
 @pytest.mark.parametrize("split", ["holdout", "eval"])
 def test_a_headerless_holdout_or_eval_file_is_not_echoed(split, tmp_path, workspace_env):
     """The other splits are read by later stages (load_split): their errors follow the same rule."""
-    from dpops.config import schema as config
+    from dpops.config import loading as config
     from dpops.data import source as data
 
     repo, job = _setup(tmp_path, _tsv(GOOD))

@@ -17,7 +17,7 @@ from dpops.ledger.states import COMMITTED
 from dpops.ledger.store import Ledger
 from dpops.pipeline import planning as privacy
 from dpops.pipeline import report, stages
-from dpops.privacy import accounting
+from dpops.privacy import filters
 from dpops.privacy.plan import Plan
 from dpops.train import trainer as training
 from tests.dvc_repo import commit, make_repo
@@ -216,10 +216,10 @@ def test_fit_to_budget_is_per_block(tmp_path):
     # Fitted to block a, which has spent: five more runs still pass a's filter. The dataset-wide
     # fit (it sees only charges that read the whole dataset: none) would overspend a.
     spent_a = ledger.counted("tickets", "a")
-    assert accounting.filter_epsilon(spent_a + [fitted.mechanism] * 5, delta=1e-5) <= 3.0
+    assert filters.filter_epsilon(spent_a + [fitted.mechanism] * 5, delta=1e-5) <= 3.0
     whole = privacy.plan(dataset=ds, dp=fit(10), n_records=2000, ledger=ledger)
     assert fitted.noise_multiplier > whole.noise_multiplier
-    assert accounting.filter_epsilon(spent_a + [whole.mechanism] * 5, delta=1e-5) > 3.0
+    assert filters.filter_epsilon(spent_a + [whole.mechanism] * 5, delta=1e-5) > 3.0
 
     # Exhaust a: 'all' refuses naming it; 'fresh' trains on b alone, fitted to b.
     while "a" in ledger.fresh_blocks("tickets", one.mechanism):
@@ -228,14 +228,14 @@ def test_fit_to_budget_is_per_block(tmp_path):
         privacy.plan_blocks(dataset=ds, dp=fit(5), blocks=blocks, extra_units=0, ledger=ledger, mode="all")
     fresh = privacy.plan_blocks(dataset=ds, dp=fit(5), blocks=blocks, extra_units=0, ledger=ledger, mode="fresh")
     assert fresh.blocks == ["b"] and fresh.n_records == 1000 and fresh.sample_rate == 0.1
-    assert accounting.filter_epsilon(ledger.counted("tickets", "b") + [fresh.mechanism] * 5, delta=1e-5) <= 3.0
+    assert filters.filter_epsilon(ledger.counted("tickets", "b") + [fresh.mechanism] * 5, delta=1e-5) <= 3.0
 
 
 def test_a_block_not_yet_registered_counts_the_charges_that_read_the_whole_dataset(tmp_path):
     """A charge that read the whole dataset (before it had blocks) counts against every block, new ones too."""
     dp = DPSettings(target_epsilon=0.5, expected_batch_size=100, steps=50)
     mechanism = privacy.plan(dataset=_tickets(cap=1.0), dp=dp, n_records=1000).mechanism
-    one, two = (accounting.filter_epsilon([mechanism] * k, delta=1e-5) for k in (1, 2))
+    one, two = (filters.filter_epsilon([mechanism] * k, delta=1e-5) for k in (1, 2))
     ds = _tickets(cap=(one + two) / 2)  # one run fits, two do not
     ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.db'}")
     ledger.register_dataset(name="tickets", unit="record", delta=1e-5, epsilon_cap=ds.privacy.epsilon_cap)

@@ -14,7 +14,8 @@ import json
 import pandas as pd
 import pytest
 
-from dpops.config.schema import JobConfig, load_dataset_config
+from dpops.config.loading import load_dataset_config
+from dpops.config.schema import JobConfig
 from dpops.errors import PrivacyError
 from dpops.ledger.states import PROGRESS, RELEASED, RESERVED, RUNNING
 from dpops.ledger.store import Ledger

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dpops.config import schema as config
+from dpops.config import loading as config
 from dpops.errors import ConfigError
 
 

@@ -13,10 +13,10 @@ import pandas as pd
 import pytest
 import yaml
 
-from dpops.config import schema as data_config
-from dpops.config import workspace as settings
+from dpops.config import loading as data_config
 from dpops.config.schema import DatasetConfig
-from dpops.data import prepare
+from dpops.config.workspace import workspace
+from dpops.data import prepare, validation
 from dpops.data import source as data
 from dpops.errors import ConfigError, DataValidationError
 from tests import dvc_repo
@@ -58,7 +58,7 @@ def test_the_fingerprint_is_keyed_and_never_a_plain_hash(repo, tmp_path, monkeyp
     plain = {hashlib.sha256(content).hexdigest(), hashlib.md5(content).hexdigest()}
     ref = data.resolve(_cfg(), repo=repo)
     assert not any(h in json.dumps(asdict(ref)) + ref.version for h in plain)
-    key_file = settings.workspace().fingerprint_key_file
+    key_file = workspace().fingerprint_key_file
     assert key_file.stat().st_mode & 0o777 == 0o600 and len(key_file.read_bytes()) == 32
     assert ref.fingerprint == hmac.new(key_file.read_bytes(), content, "sha256").hexdigest()
     assert data.resolve(_cfg(), repo=repo).fingerprint == ref.fingerprint  # the key persists in the workspace
@@ -84,14 +84,14 @@ def test_the_fingerprint_is_keyed_and_never_a_plain_hash(repo, tmp_path, monkeyp
 
 def test_a_fingerprint_key_file_readable_by_others_is_refused(repo):
     data.resolve(_cfg(), repo=repo)
-    key_file = settings.workspace().fingerprint_key_file
+    key_file = workspace().fingerprint_key_file
     key_file.chmod(0o644)
     with pytest.raises(ConfigError, match="fingerprint.key: the fingerprint key is readable by others"):
         data.resolve(_cfg(), repo=repo)
 
 
 def test_validation_passes_on_good_data(repo):
-    report = data.validate(data.resolve(_cfg(), repo=repo), _cfg())
+    report = validation.validate(data.resolve(_cfg(), repo=repo), _cfg())
     assert report.success and report.n_records == 4 and not report.failures
 
 
@@ -107,7 +107,7 @@ def test_validation_passes_on_good_data(repo):
 def test_validation_failures_name_expectation_and_column_not_rows_or_values(repo, content, match, row):
     commit(repo, {"data/train.tsv": content}, "bad data")
     with pytest.raises(DataValidationError, match=match) as err:
-        data.validate(data.resolve(_cfg(), repo=repo), _cfg())
+        validation.validate(data.resolve(_cfg(), repo=repo), _cfg())
     message = str(err.value)
     assert "data/train.tsv" in message
     assert "what" not in message and "xxxx" not in message
@@ -116,7 +116,7 @@ def test_validation_failures_name_expectation_and_column_not_rows_or_values(repo
         assert "steward" not in message
         return
     path = steward_file(message)  # the first offending row, for the steward, in a private file
-    assert path.parent == settings.workspace().steward and path.stat().st_mode & 0o777 == 0o600
+    assert path.parent == workspace().steward and path.stat().st_mode & 0o777 == 0o600
     assert path.parent.stat().st_mode & 0o777 == 0o700
     assert f"{match.replace(chr(92), '')}: first offending row {row}" in path.read_text()
     assert "what" not in path.read_text() and "xxxx" not in path.read_text()
@@ -343,7 +343,7 @@ def test_project_datasets_pass_their_suites_with_delta_below_one_over_n(name, pr
     if not (project_root / cfg.files.train).exists():
         pytest.fail(f"{cfg.files.train} is missing: run `dvc pull` and `dvc repro` first")
     ref = data.resolve(cfg, repo=project_root)
-    assert data.validate(ref, cfg).success
+    assert validation.validate(ref, cfg).success
     assert cfg.privacy.delta * ref.n_units < 0.1
     stats = json.loads((project_root / Path(cfg.files.train).parent / "stats.json").read_text())
     assert stats["train"]["records"] == ref.n_records and set(stats["train"]["labels"]) == set(cfg.labels)

@@ -19,15 +19,16 @@ from dpops.errors import BudgetExceededError, ConfigError, LedgerError, LedgerSc
 from dpops.ledger import schema as ledger_schema
 from dpops.ledger.store import Ledger
 from dpops.pipeline import planning as privacy
-from dpops.privacy import accounting
-from dpops.privacy.accounting import PrivacyFilter, SubsampledGaussian
+from dpops.privacy import accounting, filters
+from dpops.privacy.accounting import SubsampledGaussian
+from dpops.privacy.filters import PrivacyFilter
 from tests.helpers import tamper
 
 REF = SubsampledGaussian(1.0, 0.01, 1000)
 
 
 def _one_order(alpha: float) -> PrivacyFilter:
-    return PrivacyFilter(accounting.FILTER_V2, (alpha,), (1.0,))
+    return PrivacyFilter(filters.FILTER_V2, (alpha,), (1.0,))
 
 
 def _dp_accounting_epsilon(events, alpha: float, delta: float) -> float:
@@ -64,40 +65,40 @@ def test_a_single_order_filter_equals_dp_accountings_single_order_accountant_on_
 
 
 def test_delta_is_split_by_the_stored_shares_and_the_union_over_orders_is_taken():
-    f = PrivacyFilter(accounting.FILTER_V2, (3.0, 8.0), (0.25, 0.75))
+    f = PrivacyFilter(filters.FILTER_V2, (3.0, 8.0), (0.25, 0.75))
     events = [REF]
     per_order = [_dp_accounting_epsilon(events, 3.0, 1e-5 * 0.25), _dp_accounting_epsilon(events, 8.0, 1e-5 * 0.75)]
     assert f.epsilon(events, delta=1e-5) == pytest.approx(min(per_order), rel=1e-9)
     # the v1 grid is the same rule with 24 orders and delta / 24 each
-    grid = [_dp_accounting_epsilon(events, a, 1e-5 / 24) for a in accounting.FILTER_ORDERS]
-    assert accounting.V1_FILTER.epsilon(events, delta=1e-5) == pytest.approx(min(grid), rel=1e-9)
+    grid = [_dp_accounting_epsilon(events, a, 1e-5 / 24) for a in filters.FILTER_ORDERS]
+    assert filters.V1_FILTER.epsilon(events, delta=1e-5) == pytest.approx(min(grid), rel=1e-9)
 
 
 def test_an_empty_filter_has_spent_nothing():
     """Old code: an empty filter read 0.19 (the conversion constant of its largest order)."""
-    for f in (accounting.V1_FILTER, accounting.GRID_FILTER, _one_order(5.0)):
+    for f in (filters.V1_FILTER, filters.GRID_FILTER, _one_order(5.0)):
         assert f.epsilon([], delta=1e-6) == 0.0
-    assert accounting.filter_epsilon([], delta=1e-5) == 0.0
+    assert filters.filter_epsilon([], delta=1e-5) == 0.0
 
 
 def test_runs_left_is_the_number_of_admissions_the_filter_grants():
-    f = accounting.choose_filter(REF, cap=8.0, delta=1e-5)
+    f = filters.choose_filter(REF, cap=8.0, delta=1e-5)
     spent: list[SubsampledGaussian] = []
     while f.admits(spent, REF, delta=1e-5, cap=8.0):
         assert f.runs_left(spent, REF, delta=1e-5, cap=8.0) >= 1
         spent.append(REF)
     assert f.runs_left(spent, REF, delta=1e-5, cap=8.0) == 0
     assert len(spent) == f.runs_left([], REF, delta=1e-5, cap=8.0) >= 13  # the issue's target for this mechanism
-    assert accounting.V1_FILTER.runs_left([], REF, delta=1e-5, cap=8.0) == 10
+    assert filters.V1_FILTER.runs_left([], REF, delta=1e-5, cap=8.0) == 10
 
 
 def test_the_chosen_order_is_the_best_of_the_candidates_and_beats_the_grid():
     for m, cap, delta in [(REF, 8.0, 1e-5), (SubsampledGaussian(0.625, 0.00178, 150), 4.0, 1e-6),
                           (SubsampledGaussian(2.0, 0.05, 300), 2.0, 1e-5)]:
-        chosen = accounting.choose_filter(m, cap=cap, delta=delta)
-        best = max(_one_order(a).runs_left([], m, delta=delta, cap=cap) for a in accounting.CANDIDATE_ORDERS[::7])
+        chosen = filters.choose_filter(m, cap=cap, delta=delta)
+        best = max(_one_order(a).runs_left([], m, delta=delta, cap=cap) for a in filters.CANDIDATE_ORDERS[::7])
         assert chosen.runs_left([], m, delta=delta, cap=cap) >= best
-        assert chosen.runs_left([], m, delta=delta, cap=cap) >= accounting.V1_FILTER.runs_left([], m, delta=delta, cap=cap)
+        assert chosen.runs_left([], m, delta=delta, cap=cap) >= filters.V1_FILTER.runs_left([], m, delta=delta, cap=cap)
 
 
 def test_small_epsilons_are_not_floored_by_the_largest_order_of_a_grid():
@@ -105,8 +106,8 @@ def test_small_epsilons_are_not_floored_by_the_largest_order_of_a_grid():
     its conversion constant there (0.2 at delta 1e-5) and cannot admit one run within cap 0.1;
     the order chosen for the mechanism is large, and admits several."""
     tiny = SubsampledGaussian(20.0, 0.001, 100)
-    assert accounting.V1_FILTER.runs_left([], tiny, delta=1e-5, cap=0.1) == 0
-    chosen = accounting.choose_filter(tiny, cap=0.1, delta=1e-5)
+    assert filters.V1_FILTER.runs_left([], tiny, delta=1e-5, cap=0.1) == 0
+    chosen = filters.choose_filter(tiny, cap=0.1, delta=1e-5)
     assert chosen.orders[0] > 64 and chosen.runs_left([], tiny, delta=1e-5, cap=0.1) >= 2
     assert 0 < chosen.epsilon([tiny], delta=1e-5) < 0.1
 
@@ -153,7 +154,7 @@ def test_the_one_step_curve_uses_only_dp_accountings_public_accountant(monkeypat
     monkeypatch.setattr("importlib.util.spec_from_file_location", refuse)
     accounting._rdp_one_step.cache_clear()
     try:
-        curve = accounting.rdp_one_step(0.83, 0.0123, accounting.FILTER_ORDERS)
+        curve = accounting.rdp_one_step(0.83, 0.0123, filters.FILTER_ORDERS)
     finally:
         accounting._rdp_one_step.cache_clear()
     assert np.isfinite(curve).all() and (curve > 0).all()
@@ -173,7 +174,7 @@ def _reserve(ledger: Ledger, m: SubsampledGaussian = REF, name: str = "notes"):
 
 def test_the_ledger_admits_what_the_registered_filter_admits_and_stores_it_in_the_chain(ledger_url):
     ledger = Ledger(ledger_url)
-    f = accounting.choose_filter(REF, cap=8.0, delta=1e-5)
+    f = filters.choose_filter(REF, cap=8.0, delta=1e-5)
     _register(ledger, f)
     assert ledger.budget("notes").spent == 0.0 and ledger.budget("notes").runs_left is None  # nothing charged yet
     n = 0
@@ -190,7 +191,7 @@ def test_the_ledger_admits_what_the_registered_filter_admits_and_stores_it_in_th
     assert registered["payload"]["filter"] == {"orders": list(f.orders), "delta_shares": [1.0]}
     assert ledger.verify() == []
     # registering again with another filter changes nothing: the first registration fixed it
-    _register(ledger, accounting.GRID_FILTER)
+    _register(ledger, filters.GRID_FILTER)
     assert ledger.filter_of("notes") == f
 
 
@@ -211,12 +212,12 @@ def test_an_edited_filter_row_is_caught_and_refuses_admission(ledger_url):
 
 def test_a_filter_from_the_config_is_honoured_and_a_different_one_later_refused(ledger_url):
     ledger = Ledger(ledger_url)
-    grid = accounting.filter_of_orders([2, 4, 8, 16])
+    grid = filters.filter_of_orders([2, 4, 8, 16])
     ledger.register_dataset(name="notes", unit="record", delta=1e-5, epsilon_cap=8.0, privacy_filter=grid, filter_from_config=True)
     assert ledger.filter_of("notes").orders == (2.0, 4.0, 8.0, 16.0)
     with pytest.raises(ConfigError, match="privacy.filter_orders"):
         ledger.register_dataset(name="notes", unit="record", delta=1e-5, epsilon_cap=8.0,
-                                privacy_filter=accounting.filter_of_orders([5]), filter_from_config=True)
+                                privacy_filter=filters.filter_of_orders([5]), filter_from_config=True)
 
 
 def test_a_bad_filter_in_a_config_names_the_field():
@@ -234,13 +235,13 @@ def test_the_plan_chooses_the_filter_a_new_dataset_is_registered_with(ledger_url
     ds = DatasetConfig.model_validate({**_dataset_fields(), "privacy": {"epsilon_cap": 8.0, "delta": 1e-5}})
     dp = DPSettings(target_epsilon=2.0, max_grad_norm=1.0, expected_batch_size=100, steps=1000)
     p = privacy.plan(dataset=ds, dp=dp, n_records=10_000)
-    assert p.filter == accounting.choose_filter(SubsampledGaussian(p.noise_multiplier, p.sample_rate, p.steps), cap=8.0, delta=1e-5)
+    assert p.filter == filters.choose_filter(SubsampledGaussian(p.noise_multiplier, p.sample_rate, p.steps), cap=8.0, delta=1e-5)
     # a config that names orders wins; a registered dataset's filter wins over both
     named = ds.model_copy(update={"privacy": ds.privacy.model_copy(update={"filter_orders": [3.0, 6.0]})})
     assert privacy.plan(dataset=named, dp=dp, n_records=10_000).filter.orders == (3.0, 6.0)
     ledger = Ledger(ledger_url)
-    _register(ledger, accounting.GRID_FILTER)
-    assert privacy.filter_for(ds, p.mechanism, ledger) == accounting.GRID_FILTER
+    _register(ledger, filters.GRID_FILTER)
+    assert privacy.filter_for(ds, p.mechanism, ledger) == filters.GRID_FILTER
 
 
 # ----------------------------------------------------------------- existing ledgers keep v1
@@ -256,7 +257,7 @@ def test_a_v1_ledger_keeps_its_filter_and_its_dead_orders_come_back_on_upgrade(l
     from dpops.ledger.schema import MIGRATIONS
 
     ledger = Ledger(ledger_url)
-    _register(ledger, accounting.V1_FILTER, cap=50.0)
+    _register(ledger, filters.V1_FILTER, cap=50.0)
     big_q = SubsampledGaussian(1.0, 0.5, 20)
     _reserve(ledger, big_q)
     cfg = Config()
@@ -264,7 +265,7 @@ def test_a_v1_ledger_keeps_its_filter_and_its_dead_orders_come_back_on_upgrade(l
     with ledger.engine.begin() as conn:
         cfg.attributes["connection"] = conn
         command.downgrade(cfg, "0006")
-    old_curve = [math.inf if a < 2 else x for a, x in zip(accounting.FILTER_ORDERS, accounting.V1_FILTER.one_step(1.0, 0.5), strict=True)]
+    old_curve = [math.inf if a < 2 else x for a, x in zip(filters.FILTER_ORDERS, filters.V1_FILTER.one_step(1.0, 0.5), strict=True)]
     tamper(ledger, "UPDATE spend_totals SET rdp_per_step = :c", {"c": json.dumps(old_curve)})
     ledger.dispose()
     with pytest.raises(LedgerSchemaError, match="revision 0006"):  # opening never migrates
@@ -272,9 +273,9 @@ def test_a_v1_ledger_keeps_its_filter_and_its_dead_orders_come_back_on_upgrade(l
     ledger_schema.upgrade(Ledger(ledger_url, create=False).engine)  # `dpops ledger upgrade`, to 0007
     upgraded = Ledger(ledger_url)
     assert upgraded.verify() == []
-    assert upgraded.filter_of("notes") == accounting.V1_FILTER
+    assert upgraded.filter_of("notes") == filters.V1_FILTER
     b = upgraded.budget("notes")
-    assert b.spent == pytest.approx(accounting.V1_FILTER.epsilon([big_q], delta=1e-5))
+    assert b.spent == pytest.approx(filters.V1_FILTER.epsilon([big_q], delta=1e-5))
     with upgraded.engine.connect() as conn:
         [stored] = conn.exec_driver_sql("SELECT rdp_per_step FROM spend_totals").scalars().all()
     assert np.isfinite(json.loads(stored)).all()
@@ -290,7 +291,7 @@ def test_dpops_budget_shows_the_filter_and_the_runs_left(workspace_env):
 
     workspace_env.mkdir(parents=True)
     ledger = Ledger(workspace().ledger_url)
-    f = accounting.choose_filter(REF, cap=8.0, delta=1e-5)
+    f = filters.choose_filter(REF, cap=8.0, delta=1e-5)
     _register(ledger, f)
     _reserve(ledger)
     out = CliRunner().invoke(app, ["budget"])

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dpops.config import schema as config
+from dpops.config import loading as config
 from dpops.errors import BudgetExceededError
 from dpops.ledger.states import COMMITTED
 from dpops.ledger.store import Ledger
 from dpops.pipeline import planning as privacy
-from dpops.privacy import accounting
+from dpops.privacy import filters
 from tests.helpers import edit_yaml
 
 pytestmark = pytest.mark.slow
@@ -143,7 +143,7 @@ def test_next_run_over_cap_is_refused_before_training(prefect_harness, workspace
 def test_refused_run_ends_cancelled_named_refused_with_reason(prefect_harness, workspace_env, configs, project_root):
     """Over budget from the first run: a clean terminal state with the ledger's reason, nothing charged or trained."""
     plan, ds = _one_run_filter_epsilon(configs)
-    one = accounting.filter_epsilon([plan.mechanism], delta=ds.privacy.delta)
+    one = filters.filter_epsilon([plan.mechanism], delta=ds.privacy.delta)
     edit_yaml(configs / "datasets/sst2.yaml", lambda d: d["privacy"].update(epsilon_cap=one / 2))
     from prefect import get_client
 

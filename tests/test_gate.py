@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from dpops.cli.app import app
-from dpops.config.schema import PolicyConfig
+from dpops.config.policy import PolicyConfig
 from dpops.errors import LedgerError
 from dpops.ledger.store import Ledger
 from dpops.privacy.accounting import SubsampledGaussian
@@ -99,7 +99,7 @@ def test_an_inconclusive_audit_promotes_only_when_the_policy_accepts_it(ledger):
 
 
 def test_the_default_and_the_project_policy_refuse_an_inconclusive_audit(project_root):
-    from dpops.config import schema as config
+    from dpops.config import loading as config
 
     assert not PolicyConfig().accept_inconclusive
     assert not config.load_policy(project_root / "configs/policy.yaml").accept_inconclusive
@@ -334,7 +334,7 @@ def test_per_dataset_thresholds_replace_the_global_one_for_that_dataset_only(led
 
 
 def test_the_project_policy_lowers_the_bar_for_the_five_class_dataset_only(project_root, tmp_path):
-    from dpops.config import schema as config
+    from dpops.config import loading as config
     from dpops.errors import ConfigError
 
     policy = config.load_policy(project_root / "configs/policy.yaml")
@@ -403,7 +403,7 @@ def test_a_claim_the_canaries_cannot_test_is_refused_at_plan_before_any_charge(w
     """10 canaries and no gradient canaries refute at most epsilon 0 at the smoke job's q and 5 steps;
     its epsilon 1 would be INCONCLUSIVE, which the project policy never promotes: refused at plan,
     the ledger untouched."""
-    from dpops.assess import audit
+    from dpops.assess import bounds
     from dpops.errors import ConfigError
     from dpops.pipeline import stages
     from tests.helpers import edit_yaml
@@ -416,7 +416,7 @@ def test_a_claim_the_canaries_cannot_test_is_refused_at_plan_before_any_charge(w
             stages.plan(str(smoke_job), ref, policy_path=path)
         assert not (workspace_env / "ledger.db").exists(), "plan must not touch the ledger"
     accepted = stages.plan(str(smoke_job), ref, policy_path=policy_accepting_inconclusive(tmp_path))
-    ceiling, _ = audit.planned_ceiling(10, 0, sample_rate=accepted["sample_rate"], steps=accepted["steps"], delta=accepted["delta"])
+    ceiling, _ = bounds.planned_ceiling(10, 0, sample_rate=accepted["sample_rate"], steps=accepted["steps"], delta=accepted["delta"])
     message = str(err.value)
     for part in (str(smoke_job), "field 'audit.canaries' (10)", "field 'audit.gradient_canaries' (0)", "field 'dp.target_epsilon' is 1", f"claim epsilon {accepted['epsilon']:.3f}",
                  f"refute at most epsilon {ceiling:.3f}", "INCONCLUSIVE", "accept_inconclusive", "Nothing was charged"):
@@ -430,5 +430,5 @@ def test_a_claim_the_canaries_cannot_test_is_refused_at_plan_before_any_charge(w
     # enough canaries for the claim: planned under the strict policy
     edit_yaml(smoke_job, lambda d: d["audit"].update(canaries=100, gradient_canaries=2000))
     strict = stages.plan(str(smoke_job), ref, policy_path=str(policy))
-    assert strict["epsilon"] < audit.planned_ceiling(100, 2000, sample_rate=strict["sample_rate"], steps=strict["steps"],
+    assert strict["epsilon"] < bounds.planned_ceiling(100, 2000, sample_rate=strict["sample_rate"], steps=strict["steps"],
                                                      delta=strict["delta"])[0]

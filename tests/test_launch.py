@@ -51,7 +51,7 @@ def test_the_command_line_holds_references_only(tmp_path):
 
 
 def test_nproc_per_node_is_validated_naming_file_and_field(smoke_job):
-    from dpops.config import schema as config
+    from dpops.config import loading as config
 
     edit_yaml(smoke_job, lambda d: d.update(training={"nproc_per_node": 0}))
     with pytest.raises(ConfigError) as err:

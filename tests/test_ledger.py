@@ -9,7 +9,7 @@ from dpops.errors import BudgetExceededError, ConfigError, LedgerError, LedgerSc
 from dpops.ledger import schema as ledger_schema
 from dpops.ledger.states import COMMITTED, FAILED_CHARGED, RELEASED, RUNNING
 from dpops.ledger.store import Ledger
-from dpops.privacy import accounting
+from dpops.privacy import accounting, filters
 from dpops.privacy.accounting import SubsampledGaussian
 from tests.helpers import tamper
 
@@ -19,12 +19,12 @@ DELTA = 1e-5
 
 def _cap_for(k: int) -> float:
     """A cap that admits exactly k copies of RUN."""
-    lo = accounting.filter_epsilon([RUN] * k, delta=DELTA)
-    hi = accounting.filter_epsilon([RUN] * (k + 1), delta=DELTA)
+    lo = filters.filter_epsilon([RUN] * k, delta=DELTA)
+    hi = filters.filter_epsilon([RUN] * (k + 1), delta=DELTA)
     return (lo + hi) / 2
 
 
-def _ledger(url: str, k: int = 3, privacy_filter=accounting.GRID_FILTER) -> Ledger:
+def _ledger(url: str, k: int = 3, privacy_filter=filters.GRID_FILTER) -> Ledger:
     ledger = Ledger(url)
     ledger.register_dataset(name="notes", unit="record", delta=DELTA, epsilon_cap=_cap_for(k), privacy_filter=privacy_filter)
     return ledger
@@ -45,7 +45,7 @@ def test_admits_until_cap_then_refuses_naming_dataset_spent_requested_cap(ledger
     assert "'notes'" in msg and "spent" in msg and "requests" in msg and "cap" in msg
     after = ledger.budget("notes")
     assert after.charges == before.charges == {"reserved": 3}
-    assert after.spent == pytest.approx(accounting.filter_epsilon([RUN] * 3, delta=DELTA))
+    assert after.spent == pytest.approx(filters.filter_epsilon([RUN] * 3, delta=DELTA))
 
 
 def test_spent_is_recomputed_by_composition_not_summed(ledger_url):
@@ -53,8 +53,8 @@ def test_spent_is_recomputed_by_composition_not_summed(ledger_url):
     for _ in range(2):
         _reserve(ledger)
     b = ledger.budget("notes")
-    assert b.spent == pytest.approx(accounting.filter_epsilon([RUN, RUN], delta=DELTA))
-    assert b.spent < 2 * accounting.filter_epsilon([RUN], delta=DELTA)
+    assert b.spent == pytest.approx(filters.filter_epsilon([RUN, RUN], delta=DELTA))
+    assert b.spent < 2 * filters.filter_epsilon([RUN], delta=DELTA)
 
 
 def test_state_machine_and_what_is_charged(ledger_url):
@@ -76,7 +76,7 @@ def test_state_machine_and_what_is_charged(ledger_url):
     ledger.fail(failed.id, reason="worker died")
     assert ledger.charge(failed.id).state == FAILED_CHARGED
 
-    expected = accounting.filter_epsilon([SubsampledGaussian(1.0, 0.01, 200), RUN], delta=DELTA)
+    expected = filters.filter_epsilon([SubsampledGaussian(1.0, 0.01, 200), RUN], delta=DELTA)
     assert ledger.budget("notes").spent == pytest.approx(expected)
 
 
@@ -260,7 +260,7 @@ def test_killed_run_stays_charged_in_full(ledger_url, tmp_path):
     charge_id = proc.stdout.strip()
     ledger = Ledger(ledger_url, create=False)
     assert ledger.charge(charge_id).state == RUNNING
-    assert ledger.budget("notes").spent == pytest.approx(accounting.filter_epsilon([RUN], delta=DELTA))
+    assert ledger.budget("notes").spent == pytest.approx(filters.filter_epsilon([RUN], delta=DELTA))
     with pytest.raises(LedgerError):
         ledger.release(charge_id, reason="it died")
 
@@ -325,7 +325,7 @@ def _naive_worker(url: str, barrier, out) -> None:
         out.put(f"error: {type(exc).__name__}: {str(exc)[:200]}")
         return
     spent = [SubsampledGaussian(*r) for r in rows]
-    if accounting.filter_epsilon(spent + [RUN], delta=DELTA) > _cap_for(K):
+    if filters.filter_epsilon(spent + [RUN], delta=DELTA) > _cap_for(K):
         out.put("refused")
         return
     time.sleep(0.5)  # the window in which another client reads the same state
@@ -401,8 +401,8 @@ def test_blocks_compose_in_parallel_and_recurring_runs_move_to_fresh_blocks(ledg
 
     b = ledger.budget("tickets")
     spent = {x.name: x.spent for x in b.blocks}
-    two = accounting.filter_epsilon([RUN, RUN], delta=DELTA)
-    assert spent == pytest.approx({"2026-09": two, "2026-10": two, "2026-11": accounting.filter_epsilon([RUN], delta=DELTA)})
+    two = filters.filter_epsilon([RUN, RUN], delta=DELTA)
+    assert spent == pytest.approx({"2026-09": two, "2026-10": two, "2026-11": filters.filter_epsilon([RUN], delta=DELTA)})
     assert b.spent == pytest.approx(two)
     assert ledger.charges("tickets")[1].blocks == ("2026-09", "2026-10")
     assert ledger.verify() == []
@@ -425,7 +425,7 @@ def test_partitioned_dataset_needs_named_blocks(ledger_url):
         ledger.add_block("notes", name="2026-11", n_records=5)
 
 
-def _exercise(ledger: Ledger, privacy_filter=accounting.GRID_FILTER) -> None:
+def _exercise(ledger: Ledger, privacy_filter=filters.GRID_FILTER) -> None:
     """Charges in every state, on a plain and on a partitioned dataset."""
     done = _reserve(ledger)
     ledger.start(done.id)
@@ -452,7 +452,7 @@ def test_spend_index_matches_the_charges_in_every_state(ledger_url):
     ledger = _ledger(ledger_url, k=6)
     _exercise(ledger)
     assert ledger.verify() == []
-    expected = accounting.filter_epsilon(
+    expected = filters.filter_epsilon(
         [SubsampledGaussian(1.0, 0.01, 123), SubsampledGaussian(2.0, 0.01, 300), SubsampledGaussian(2.0, 0.01, 300)],
         delta=DELTA,
     )
@@ -462,7 +462,7 @@ def test_spend_index_matches_the_charges_in_every_state(ledger_url):
     for block in ledger.budget("tickets").blocks:
         read = [c.charged for c in charges if c.charged is not None and block.name in c.blocks]
         assert len(read) == {"2026-09": 2, "2026-10": 1}[block.name]
-        assert block.spent == pytest.approx(accounting.filter_epsilon(read, delta=DELTA), rel=1e-12)
+        assert block.spent == pytest.approx(filters.filter_epsilon(read, delta=DELTA), rel=1e-12)
     with ledger.engine.connect() as conn:
         totals = dict(conn.execute(text(
             "SELECT t.scope || ':' || CAST(t.noise_multiplier AS TEXT), t.steps FROM spend_totals t "
@@ -482,7 +482,7 @@ def test_verify_detects_a_tampered_spend_index(ledger_url):
     before = {b.name: b.spent for b in ledger.budget("tickets").blocks}
     # lowering a stored one-step RDP curve would make room just as well
     tamper(ledger, "UPDATE spend_totals SET rdp_per_step = :c WHERE scope = '2026-10'",
-           {"c": "[" + ", ".join(["0.0"] * len(accounting.FILTER_ORDERS)) + "]"})
+           {"c": "[" + ", ".join(["0.0"] * len(filters.FILTER_ORDERS)) + "]"})
     assert {b.name: b.spent for b in ledger.budget("tickets").blocks}["2026-10"] < before["2026-10"]  # admission sees it
     assert any("stored RDP curve for scope '2026-10'" in p for p in ledger.verify())  # and verify catches it
 
@@ -504,8 +504,8 @@ def test_upgrading_an_old_ledger_backfills_the_spend_index(ledger_url):
 
     from dpops.ledger.schema import MIGRATIONS
 
-    ledger = _ledger(ledger_url, k=2, privacy_filter=accounting.V1_FILTER)  # as the old code registered them
-    _exercise(ledger, privacy_filter=accounting.V1_FILTER)
+    ledger = _ledger(ledger_url, k=2, privacy_filter=filters.V1_FILTER)  # as the old code registered them
+    _exercise(ledger, privacy_filter=filters.V1_FILTER)
     before = {name: ledger.budget(name).spent for name in ("notes", "tickets")}
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
@@ -522,7 +522,7 @@ def test_upgrading_an_old_ledger_backfills_the_spend_index(ledger_url):
     assert {name: upgraded.budget(name).spent for name in ("notes", "tickets")} == before
     # Admission sees the old spend: it grants exactly what the cap leaves beside it.
     old = [c.charged for c in upgraded.charges("notes") if c.charged is not None]
-    room = next(k for k in range(10) if accounting.filter_epsilon(old + [RUN] * (k + 1), delta=DELTA) > _cap_for(2))
+    room = next(k for k in range(10) if filters.filter_epsilon(old + [RUN] * (k + 1), delta=DELTA) > _cap_for(2))
     for _ in range(room):
         _reserve(upgraded)
     with pytest.raises(BudgetExceededError):

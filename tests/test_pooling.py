@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from scipy.stats import beta
 
-from dpops.assess import audit
+from dpops.assess import bounds
 from dpops.assess.pooling import bayes_interval, dataset_pool, pool, same_mechanism
 from dpops.errors import LedgerError
 from dpops.ledger.store import Ledger
@@ -23,14 +23,14 @@ MECH = {"noise_multiplier": 1.0, "sample_rate": 0.01, "steps": 100, "max_grad_no
 
 
 def _record(rng: np.random.Generator, m: int, shift: float) -> dict:
-    """One run's outcome record: cells as :func:`dpops.audit.canary_audit` guesses, confusion at the
+    """One run's outcome record: cells as :func:`dpops.assess.audit.canary_audit` guesses, confusion at the
     median (top half "in")."""
     inc = rng.random(m) < 0.5
     scores = rng.normal(size=m) + shift * inc
     order = np.argsort(-scores, kind="mergesort")
     cells = []
-    for r in audit._guess_counts(m):
-        for split in audit.SPLITS:
+    for r in bounds._guess_counts(m):
+        for split in bounds.SPLITS:
             k_in = int(round(r * split))
             guessed_in, guessed_out = order[:k_in], order[m - (r - k_in):]
             cells.append([r, int(inc[guessed_in].sum() + (~inc[guessed_out]).sum())])
@@ -55,13 +55,13 @@ def test_the_pooled_bound_is_the_one_run_bound_on_the_summed_counts():
     n_cells = len(records[0]["cells"])
     level = 1 - 0.05 / n_cells
     summed = [(sum(rec["cells"][c][0] for rec in records), sum(rec["cells"][c][1] for rec in records)) for c in range(n_cells)]
-    expected = max(audit.one_run_epsilon_lower_bound(m=3000, r=r, v=v, delta=1e-6, confidence=level) for r, v in summed)
+    expected = max(bounds.one_run_epsilon_lower_bound(m=3000, r=r, v=v, delta=1e-6, confidence=level) for r, v in summed)
     assert got.runs == 3 and got.canaries == 3000 and list(got.cells) == summed
     assert got.epsilon_lower_bound == pytest.approx(expected, rel=1e-12) and expected > 0
     assert got.confusion == {k: sum(rec["confusion"][k] for rec in records) for k in ("TP", "FP", "TN", "FN")}
     # one run pooled alone is exactly that run's one-run audit (same grid, same correction)
     single = pool(records[:1], claimed_epsilon=1.0, delta=1e-6)
-    assert single.ceiling == pytest.approx(audit.one_run_ceiling(1000, delta=1e-6), rel=1e-12)
+    assert single.ceiling == pytest.approx(bounds.one_run_ceiling(1000, delta=1e-6), rel=1e-12)
 
 
 def test_pooling_five_runs_refutes_a_claim_no_single_run_can():

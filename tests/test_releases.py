@@ -182,7 +182,7 @@ def _released_by_ledger(url: str) -> tuple[list[tuple[str, str]], list[str]]:
 
 @pytest.mark.slow
 def test_a_smoke_run_releases_only_what_the_inventory_lists(prefect_harness, workspace_env, tmp_path, project_root, monkeypatch):
-    from dpops.config import schema as config
+    from dpops.config import loading as config
     from flows.private_finetune import private_finetune
 
     # as `dpops run` does: dpops's own log lines then reach Prefect's logs

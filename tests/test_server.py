@@ -34,7 +34,7 @@ from prefect.client.schemas.filters import (
     FlowRunFilterStateType,
 )
 
-from dpops.config import schema as config
+from dpops.config import loading as config
 from dpops.config.workspace import QUIET_ENV
 from dpops.ledger.states import COMMITTED
 from dpops.ledger.store import Ledger

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from dpops.ledger.chain import CURVE_DRIFT_RTOL
 from dpops.ledger.store import Ledger
-from dpops.privacy import accounting
+from dpops.privacy import filters
 from dpops.privacy.accounting import SubsampledGaussian
 from tests.helpers import forge_event, rehash_chain, tamper
 
@@ -200,7 +200,7 @@ def test_a_filter_the_code_does_not_implement_is_reported(ledger_url):
     ledger = _ledger(ledger_url)
     tamper(ledger, "UPDATE datasets SET accountant = 'rdp-filter-v0' WHERE name = 'notes'")
     tamper(ledger, "UPDATE events SET payload = REPLACE(payload, :a, 'rdp-filter-v0') WHERE kind = 'registered'",
-           {"a": accounting.FILTER_NAME})
+           {"a": filters.FILTER_NAME})
     rehash_chain(ledger, "notes")
     problems = ledger.verify()
     assert _no_hash_problem(problems), problems

@@ -357,7 +357,7 @@ def test_device_resolution_on_this_machine():
     ({"optim": {"ema_decay": 1.0}}, "optim.ema_decay"),
 ])
 def test_job_file_refuses_unsupported_training_settings(tmp_path, project_root, change, field):
-    from dpops.config.schema import load_job_config
+    from dpops.config.loading import load_job_config
 
     data = {**yaml.safe_load((project_root / "configs/jobs/sst2_smoke.yaml").read_text()), **change}
     path = tmp_path / "job.yaml"

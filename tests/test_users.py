@@ -18,6 +18,7 @@ from torch.utils.data import TensorDataset
 from dpops.assess import canaries
 from dpops.config.schema import DatasetConfig
 from dpops.data import source as data
+from dpops.data import validation
 from dpops.errors import DataValidationError
 from dpops.ledger.states import COMMITTED
 from dpops.ledger.store import Ledger
@@ -188,7 +189,7 @@ def test_validation_names_a_missing_user_column_and_repeated_user_records(tmp_pa
     rows = _user_rows(4, 2)
     repo = make_repo(tmp_path / "repo", _files(rows[:3] + rows[2:3] + rows[3:]))  # row 4 repeats row 3
     with pytest.raises(DataValidationError, match=r"expect_compound_columns_to_be_unique\. First offending rows") as err:
-        data.validate(data.resolve(cfg, repo=repo), cfg)
+        validation.validate(data.resolve(cfg, repo=repo), cfg)
     assert "row 4" not in str(err.value)
     assert "expect_compound_columns_to_be_unique: first offending row 4" in steward_file(str(err.value)).read_text()
     no_user = {k: "\n".join(line.split("\t", 1)[1] for line in v.splitlines()) + "\n" for k, v in _files(rows).items()}
@@ -196,7 +197,7 @@ def test_validation_names_a_missing_user_column_and_repeated_user_records(tmp_pa
     ref = data.resolve(cfg, repo=repo)
     assert ref.n_users is None
     with pytest.raises(DataValidationError, match=r"expect_column_to_exist\(user\).*the header has 2 field\(s\) separated by '\\t' and no column 'user' \(field 'user_column'\)"):
-        data.validate(ref, cfg)
+        validation.validate(ref, cfg)
 
 
 def _job_files(repo):

@@ -4,4 +4,4 @@ The modules are imported on use (``from dpops.assess import audit``), so that on
 load what the others need (the budget report needs no torch, the gate no MLflow client).
 """
 
-__all__ = ["audit", "audit_report", "canaries", "evaluation", "pooling"]
+__all__ = ["audit", "audit_report", "bounds", "canaries", "evaluation", "pooling"]

@@ -1,6 +1,6 @@
 """Pooled audit evidence across the recurring runs of one mechanism.
 
-One run's canaries can refute only a claim below its ceiling (:func:`dpops.audit.one_run_ceiling`):
+One run's canaries can refute only a claim below its ceiling (:func:`dpops.assess.bounds.one_run_ceiling`):
 with a few thousand canaries, a claim of eps = 8 is never refutable, however broken the run. The
 runs of a recurring job repeat the same mechanism, so their canaries can be pooled:
 
@@ -43,7 +43,7 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, Optional, Sequence
 
-from dpops.assess.audit import one_run_epsilon_lower_bound
+from dpops.assess.bounds import one_run_epsilon_lower_bound
 
 #: Keys of a "mechanism" dict (the evidence's audit dict, issue 17).
 MECHANISM_KEYS: tuple[str, ...] = ("noise_multiplier", "sample_rate", "steps", "max_grad_norm", "delta")

@@ -10,6 +10,7 @@ import typer
 
 from dpops.cli.common import fail, open_ledger_or_exit
 from dpops.errors import DpopsError
+from dpops.privacy import filters
 
 dataset_app = typer.Typer(no_args_is_help=True, help="Datasets in the ledger.")
 
@@ -20,9 +21,8 @@ def dataset_register(
 ) -> None:
     """Register a dataset's unit, delta, cap and privacy filter in the ledger (no-op if registered with
     the same terms). The filter is the config's ``privacy.filter_orders``, else the grid
-    (:data:`dpops.privacy.accounting.GRID_FILTER`): a job's first run chooses a sharper one from its mechanism."""
+    (:data:`dpops.privacy.filters.GRID_FILTER`): a job's first run chooses a sharper one from its mechanism."""
     from dpops.config.schema import load_dataset_config
-    from dpops.privacy import accounting
 
     try:
         cfg = load_dataset_config(config)
@@ -30,7 +30,7 @@ def dataset_register(
         ledger.register_dataset(name=cfg.ledger_name, unit=cfg.unit, delta=cfg.privacy.delta, epsilon_cap=cfg.privacy.epsilon_cap,
                                 contribution_bound=cfg.contribution_bound, source=cfg.source,
                                 linked_from=cfg.name if cfg.budget_of else None,
-                                privacy_filter=cfg.privacy.privacy_filter or accounting.GRID_FILTER,
+                                privacy_filter=cfg.privacy.privacy_filter or filters.GRID_FILTER,
                                 filter_from_config=cfg.privacy.filter_orders is not None)
     except DpopsError as exc:
         fail(exc)

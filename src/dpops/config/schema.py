@@ -1,6 +1,7 @@
-"""Validated configuration: datasets, jobs and the promotion policy.
+"""Validated configuration: the dataset and job models.
 
-YAML files in ``configs/`` load into the pydantic models below. Every field has a description,
+YAML files in ``configs/`` load into the pydantic models below (:mod:`dpops.config.loading` reads
+them; the promotion policy is :mod:`dpops.config.policy`). Every field has a description,
 cross-field rules are checked on load, and a bad file raises :class:`~dpops.errors.ConfigError`
 naming the file and the field.
 """
@@ -8,13 +9,11 @@ naming the file and the field.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional
+from typing import Any, Literal, Optional
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from dpops.errors import ConfigError
-from dpops.privacy import accounting
+from dpops.privacy import filters
 
 #: The largest epsilon a config may name (a dataset's cap, a block's cap, a run's target): the
 #: ledger's own ceiling, :data:`dpops.ledger.MAX_EPSILON_CAP` (a test keeps the two equal).
@@ -54,20 +53,20 @@ class PrivacyBudget(_Strict):
         default=None, min_length=1, max_length=64,
         description="RDP orders of the dataset's privacy filter, delta split evenly across them; fixed when the dataset "
         "is registered (the ledger refuses a different list later). None: the first job chooses the single order "
-        "that admits the most runs of its mechanism (dpops.accounting.choose_filter).",
+        "that admits the most runs of its mechanism (dpops.filters.choose_filter).",
     )
 
     @field_validator("filter_orders")
     @classmethod
     def _orders(cls, v: Optional[list[float]]) -> Optional[list[float]]:
         if v is not None:
-            accounting.filter_of_orders(v)  # the filter's own checks: orders in (1, 10000], distinct
+            filters.filter_of_orders(v)  # the filter's own checks: orders in (1, 10000], distinct
         return v
 
     @property
-    def privacy_filter(self) -> Optional[accounting.PrivacyFilter]:
+    def privacy_filter(self) -> Optional[filters.PrivacyFilter]:
         """The filter the config names (``filter_orders``), or None when the first job chooses it."""
-        return None if self.filter_orders is None else accounting.filter_of_orders(self.filter_orders)
+        return None if self.filter_orders is None else filters.filter_of_orders(self.filter_orders)
 
 
 class SplitFiles(_Strict):
@@ -375,195 +374,3 @@ class JobConfig(_Strict):
     def grad_sample_mode(self) -> str:
         """The per-sample gradient mode this job trains with: the one it names, else its method's default."""
         return self.training.grad_sample_mode or DEFAULT_GRAD_SAMPLE_MODE[self.method]
-
-
-def check_training(job: JobConfig, dataset: DatasetConfig, job_path: str | Path) -> None:
-    """Refuse, on load and so before anything is charged, training settings the trainer refuses for ``dataset``.
-
-    Unit 'user' sums each sampled user's per-record gradients before clipping, which needs every
-    per-example gradient of a batch in one process (:mod:`dpops.train.user_level`).
-
-    Raises:
-        ConfigError: naming the job file and the field.
-    """
-    if dataset.unit != "user":
-        return
-    if job.training.nproc_per_node > 1:
-        raise ConfigError(
-            f"{job_path}: field 'training.nproc_per_node' is {job.training.nproc_per_node}, but dataset {dataset.name!r} "
-            "has unit 'user', which trains in one process (a user's records are clipped together). Use 1."
-        )
-    if job.grad_sample_mode != "hooks":
-        raise ConfigError(
-            f"{job_path}: field 'training.grad_sample_mode' is {job.grad_sample_mode!r} (method {job.method!r}), but dataset "
-            f"{dataset.name!r} has unit 'user', which needs per-example gradients. Set 'hooks'."
-        )
-
-
-# --------------------------------------------------------------------------- policy
-
-
-class UtilityPolicy(_Strict):
-    """What a model must reach on its dataset's eval split; each task is judged by its own figures."""
-
-    min_accuracy: Optional[float] = Field(
-        default=None, ge=0, le=1, description="Task 'classification': eval accuracy at or above this."
-    )
-    max_eval_loss: Optional[float] = Field(
-        default=None, gt=0,
-        description="Task 'causal_lm': mean next-token cross-entropy (nats per token, each text weighted equally) on the "
-        "eval split at or below this.",
-    )
-    max_perplexity: Optional[float] = Field(
-        default=None, ge=1, description="Task 'causal_lm': eval perplexity (exp of the eval loss) at or below this."
-    )
-
-
-#: The policy fields that judge each task.
-TASK_UTILITY = {"classification": ("min_accuracy",), "causal_lm": ("max_eval_loss", "max_perplexity")}
-
-
-class PolicyConfig(UtilityPolicy):
-    datasets: dict[Annotated[str, StringConstraints(pattern=NAME_PATTERN, max_length=MAX_NAME_CHARS)], UtilityPolicy] = Field(
-        default_factory=dict,
-        description="Per-dataset utility thresholds (keys: ledger dataset names); a field set here replaces the "
-        "global one for that dataset (e.g. a five-class dataset cannot reach a two-class accuracy). Only utility: "
-        "the budget, audit and ledger conditions hold for every dataset.",
-    )
-    require_audit_pass: bool = Field(default=True, description="Promotion needs the audit to pass.")
-    accept_inconclusive: bool = Field(
-        default=False,
-        description="With `require_audit_pass`, also promote a model whose audit is INCONCLUSIVE: its epsilon is at or "
-        "above the most its canaries can refute, so the audit tested nothing. false: the plan stage refuses such a "
-        "job before anything is charged (it could never be promoted), naming `audit.canaries` and `dp.target_epsilon`.",
-    )
-    require_ledger_verified: bool = Field(default=True, description="Promotion needs the ledger's hash chain to verify.")
-    alias: str = Field(default="production", pattern=MODEL_NAME_PATTERN, max_length=MAX_NAME_CHARS,
-                       description="MLflow alias set on promotion.")
-
-    def utility(self, dataset: str, task: str) -> dict[str, float]:
-        """The thresholds that judge a ``task`` model of ``dataset``: policy field -> limit (only those set).
-
-        A field set under ``datasets.<dataset>`` replaces the global one.
-        """
-        limits = {}
-        for name in TASK_UTILITY.get(task, ()):
-            value = getattr(self.datasets[dataset] if self.overridden(dataset, name) else self, name)
-            if value is not None:
-                limits[name] = value
-        return limits
-
-    def overridden(self, dataset: str, name: str) -> bool:
-        """Whether ``name`` comes from this dataset's override."""
-        override = self.datasets.get(dataset)
-        return override is not None and getattr(override, name) is not None
-
-
-# --------------------------------------------------------------------------- loading
-
-
-class _DuplicateKey(yaml.YAMLError):
-    """A mapping names one key twice (PyYAML would silently keep the last value)."""
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, refusing a key repeated in one mapping at any depth.
-
-    A repeated key is most often an edit that did not take (a second ``epsilon_cap:`` further
-    down): silently keeping the last value would register or train on a term nobody reviewed.
-    """
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: dict[Any, int] = {}
-        for key_node, _value_node in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may be overridden, as YAML allows
-                continue
-            key = self.construct_object(key_node, deep=True)
-            try:
-                first = seen.setdefault(key, key_node.start_mark.line + 1)
-            except TypeError:  # an unhashable key: let PyYAML report it
-                continue
-            if first != key_node.start_mark.line + 1:
-                raise _DuplicateKey(f"key {str(key)[:100]!r} appears twice in one mapping (lines {first} and "
-                                    f"{key_node.start_mark.line + 1}); keep one")
-        return super().construct_mapping(node, deep=deep)
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    """The mapping in a YAML config file; ConfigError naming the file when it is missing, a
-    directory, not UTF-8, not YAML, repeats a key or is not a mapping."""
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: file not found") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{path}: is a directory, not a YAML config file") from None
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot be read ({exc.strerror or type(exc).__name__})") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = raw[:exc.start].count(b"\n") + 1
-        raise ConfigError(f"{path}: byte {exc.start} (line {line}) is not valid UTF-8; save the file as UTF-8") from None
-    try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
-    except _DuplicateKey as exc:
-        raise ConfigError(f"{path}: {exc}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level, found {type(data).__name__}")
-    return data
-
-
-def _parse(model: type[BaseModel], path: Path) -> Any:
-    data = _read_yaml(path)
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"field '{'.'.join(str(p) for p in err['loc']) or '(root)'}': {err['msg']}" for err in exc.errors()
-        )
-        raise ConfigError(f"{path}: {problems}") from None
-
-
-def load_dataset_config(path: str | Path) -> DatasetConfig:
-    return _parse(DatasetConfig, Path(path))
-
-
-def load_job_config(path: str | Path) -> JobConfig:
-    return _parse(JobConfig, Path(path))
-
-
-def load_policy(path: str | Path) -> PolicyConfig:
-    return _parse(PolicyConfig, Path(path))
-
-
-def configs_root(job_path: str | Path) -> Path:
-    """The ``configs/`` directory of a job file (``configs/jobs/x.yaml`` -> ``configs/``)."""
-    return Path(job_path).resolve().parent.parent
-
-
-def dataset_config_for(job: JobConfig, job_path: str | Path) -> DatasetConfig:
-    path = configs_root(job_path) / "datasets" / f"{job.dataset}.yaml"
-    cfg = load_dataset_config(path)
-    if cfg.name != job.dataset:
-        raise ConfigError(f"{path}: field 'name' is {cfg.name!r} but the job asks for dataset {job.dataset!r}")
-    if job.dp.blocks is not None and cfg.blocks is None:
-        raise ConfigError(
-            f"{job_path}: field 'dp.blocks' is {job.dp.blocks!r}, but dataset {cfg.name!r} is not partitioned into "
-            f"blocks ({path} has no field 'blocks')"
-        )
-    if cfg.blocks is not None and job.train_max_records is not None:
-        raise ConfigError(
-            f"{job_path}: field 'train_max_records' cannot be used with dataset {cfg.name!r}, which is partitioned "
-            f"into blocks ({path}, field 'blocks'): a run reads whole blocks, at the counts the ledger registered"
-        )
-    return cfg
-
-
-def blocks_mode(job: JobConfig, dataset: DatasetConfig) -> Optional[str]:
-    """Which blocks a run reads: 'all' or 'fresh' on a partitioned dataset, None otherwise."""
-    if dataset.blocks is None:
-        return None
-    return job.dp.blocks or "all"

@@ -27,7 +27,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from dpops.config.schema import DatasetConfig, JobConfig, check_training, configs_root, dataset_config_for, load_job_config
+from dpops.config.loading import check_training, configs_root, dataset_config_for, load_job_config
+from dpops.config.schema import DatasetConfig, JobConfig
 from dpops.errors import ConfigError
 
 #: The digest's scheme, stored with it: a later canonical form gets a new name.

@@ -27,7 +27,7 @@ from dpops.ledger.states import (
     UNCHARGED,
     Charge,
 )
-from dpops.privacy import accounting
+from dpops.privacy import accounting, filters
 
 
 def _now(offset_seconds: float = 0.0) -> str:
@@ -310,7 +310,7 @@ def _replay_event(chain: _Chain, seq: int, kind: str, charge_id: Optional[str], 
     return None
 
 
-def _compare_curve(stored: Optional[str], sigma: float, q: float, f: accounting.PrivacyFilter) -> Optional[str]:
+def _compare_curve(stored: Optional[str], sigma: float, q: float, f: filters.PrivacyFilter) -> Optional[str]:
     """How a stored one-step RDP curve compares with the one (sigma, q) gives now at the filter's
     orders: None when equal, ``"drift: ..."`` within :data:`CURVE_DRIFT_RTOL`, else what is wrong."""
     try:

@@ -29,7 +29,7 @@ from dpops.ledger.states import (
     MAX_EPSILON_CAP,
     UNCHARGED,
 )
-from dpops.privacy import accounting
+from dpops.privacy import filters
 from dpops.privacy.accounting import SubsampledGaussian
 
 
@@ -39,14 +39,14 @@ class _Registration:
     def register_dataset(
         self, *, name: str, unit: str, delta: float, epsilon_cap: float, contribution_bound: Optional[int] = None,
         source: Optional[str] = None, linked_from: Optional[str] = None,
-        privacy_filter: accounting.PrivacyFilter = accounting.GRID_FILTER, filter_from_config: bool = False,
+        privacy_filter: filters.PrivacyFilter = filters.GRID_FILTER, filter_from_config: bool = False,
     ) -> None:
         """Register a dataset, or check that the registered one has the same terms.
 
         ``privacy_filter`` (its orders and delta shares) is fixed here, for the life of the
         dataset, and stored in the ``registered`` event: the pipeline passes the one chosen from
-        the registering job's mechanism (:func:`dpops.accounting.choose_filter`) or the config's
-        ``privacy.filter_orders``; the default is :data:`dpops.privacy.accounting.GRID_FILTER`. For a dataset
+        the registering job's mechanism (:func:`dpops.filters.choose_filter`) or the config's
+        ``privacy.filter_orders``; the default is :data:`dpops.privacy.filters.GRID_FILTER`. For a dataset
         already registered it is ignored, unless ``filter_from_config`` (the config names orders):
         then a different registered filter is refused like a different cap.
 
@@ -215,7 +215,7 @@ class _Registration:
                 if _epsilon(f, self._scope_rdp(conn, ds.id, f, name), mechanism, ds.delta) <= cap
             ]
 
-    def filter_of(self, dataset: str) -> Optional[accounting.PrivacyFilter]:
+    def filter_of(self, dataset: str) -> Optional[filters.PrivacyFilter]:
         """The privacy filter ``dataset`` was registered with; None when it is not registered."""
         with self.engine.connect() as conn:
             d = _DATASETS.c

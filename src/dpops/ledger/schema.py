@@ -30,7 +30,7 @@ from dpops.ledger.spend import _filter
 from dpops.ledger.states import (
     GENESIS,
 )
-from dpops.privacy import accounting
+from dpops.privacy import filters
 
 #: PostgreSQL advisory lock serialising model bindings across datasets (one charge per model version).
 _PG_BINDING_LOCK = 7_274_002
@@ -362,7 +362,7 @@ class _Locked:
     filter_spec: Optional[str] = None
 
     @property
-    def privacy_filter(self) -> accounting.PrivacyFilter:
+    def privacy_filter(self) -> filters.PrivacyFilter:
         """The dataset's filter, as its row names it (admission checks the row against the chain)."""
         return _filter(self.accountant, self.filter_spec)
 

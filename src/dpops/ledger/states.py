@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
-from dpops.privacy import accounting
+from dpops.privacy import filters
 from dpops.privacy.accounting import SubsampledGaussian
 
 RESERVED = "reserved"
@@ -122,7 +122,7 @@ class DatasetBudget:
     #: Per-block budgets when the dataset is partitioned; ``spent`` is then their maximum.
     blocks: list["BlockBudget"] = field(default_factory=list)
     #: The dataset's privacy filter, fixed at registration (its orders and delta shares).
-    privacy_filter: accounting.PrivacyFilter = accounting.GRID_FILTER
+    privacy_filter: filters.PrivacyFilter = filters.GRID_FILTER
     #: The mechanism of the dataset's last charge (sigma, q, steps planned), if any.
     last_mechanism: Optional[SubsampledGaussian] = None
     #: How many more runs of ``last_mechanism`` the filter admits (partitioned: the most any block admits).

@@ -80,7 +80,7 @@ from dpops.ledger.states import (
     Charge,
 )
 from dpops.ledger.verify import _Verification
-from dpops.privacy import accounting
+from dpops.privacy import filters
 from dpops.privacy.accounting import SubsampledGaussian
 
 if TYPE_CHECKING:
@@ -340,7 +340,7 @@ class Ledger(_Registration, _Admission, _Lifecycle, _Reads, _Verification):
         return [_mechanism(sigma, q, steps) for sigma, q, steps, _curve in cls._scope_rows(conn, dataset_id, block)]
 
     @classmethod
-    def _scope_rdp(cls, conn: Session | Connection, dataset_id: int, f: accounting.PrivacyFilter,
+    def _scope_rdp(cls, conn: Session | Connection, dataset_id: int, f: filters.PrivacyFilter,
                    block: Optional[str] = None) -> np.ndarray:
         """The filter state of the dataset (or ``block``): its counted RDP at the filter's orders,
         ``sum(steps * RDP_one_step)`` over the same rows as :meth:`_scope_totals`, from the curves

@@ -14,12 +14,12 @@ from dpops.config.schema import DatasetConfig, DPSettings
 from dpops.errors import BlockExistsError, BudgetExceededError, ConfigError, DataValidationError
 from dpops.ledger.states import Charge
 from dpops.ledger.store import Ledger
-from dpops.privacy import accounting
+from dpops.privacy import accounting, filters
 from dpops.privacy.accounting import SubsampledGaussian
 from dpops.privacy.plan import Plan, sample_rate_for
 
 
-def filter_for(dataset: DatasetConfig, mechanism: SubsampledGaussian, ledger: Optional[Ledger]) -> accounting.PrivacyFilter:
+def filter_for(dataset: DatasetConfig, mechanism: SubsampledGaussian, ledger: Optional[Ledger]) -> filters.PrivacyFilter:
     """The dataset's privacy filter: the one the ``ledger`` registered it with; for a dataset not
     registered yet (or no ledger given), the one registration will fix: the config's
     ``privacy.filter_orders``, else the single order that admits the most runs of ``mechanism``
@@ -31,10 +31,10 @@ def filter_for(dataset: DatasetConfig, mechanism: SubsampledGaussian, ledger: Op
     if dataset.privacy.privacy_filter is not None:
         return dataset.privacy.privacy_filter
     cap = dataset.block_cap if dataset.blocks is not None else dataset.privacy.epsilon_cap
-    return accounting.choose_filter(mechanism, cap=cap, delta=dataset.privacy.delta)
+    return filters.choose_filter(mechanism, cap=cap, delta=dataset.privacy.delta)
 
 
-def _filter_dict(f: accounting.PrivacyFilter) -> dict[str, Any]:
+def _filter_dict(f: filters.PrivacyFilter) -> dict[str, Any]:
     return {"name": f.name, "orders": list(f.orders), "delta_shares": list(f.delta_shares)}
 
 
@@ -78,7 +78,7 @@ def _calibrated(dataset: DatasetConfig, dp: DPSettings, n_records: int) -> tuple
 
 
 def _plan(dataset: DatasetConfig, dp: DPSettings, *, n_records: int, sample_rate: float, sigma: float, runs: Optional[int],
-          privacy_filter: accounting.PrivacyFilter, blocks: Optional[list[str]] = None) -> Plan:
+          privacy_filter: filters.PrivacyFilter, blocks: Optional[list[str]] = None) -> Plan:
     delta = dataset.privacy.delta
     eps = accounting.epsilon([SubsampledGaussian(sigma, sample_rate, dp.steps)], delta=delta)
     return Plan(
@@ -90,12 +90,12 @@ def _plan(dataset: DatasetConfig, dp: DPSettings, *, n_records: int, sample_rate
 
 
 def _fit_sigma(spent: list[SubsampledGaussian], cap: float, *, dataset: DatasetConfig, dp: DPSettings, sample_rate: float,
-               where: str, privacy_filter: accounting.PrivacyFilter) -> float:
+               where: str, privacy_filter: filters.PrivacyFilter) -> float:
     """The noise that lets ``dp.fit_to_budget.planned_runs`` runs pass a filter that counts ``spent``."""
     fit = dp.fit_to_budget
     runs, steps, sigma_max = fit.planned_runs, dp.steps, fit.max_noise_multiplier
     try:
-        return accounting.calibrate_noise_to_filter(
+        return filters.calibrate_noise_to_filter(
             spent=spent, cap=cap, runs=runs, sample_rate=sample_rate, steps=steps, delta=dataset.privacy.delta,
             sigma_max=sigma_max, privacy_filter=privacy_filter,
         )
@@ -181,7 +181,7 @@ def _scope(ledger: Ledger, dataset: DatasetConfig, block: Block) -> list[Subsamp
 
 
 def _admitting(ledger: Ledger, dataset: DatasetConfig, blocks: list[Block], mechanism: SubsampledGaussian,
-               privacy_filter: accounting.PrivacyFilter) -> set[str]:
+               privacy_filter: filters.PrivacyFilter) -> set[str]:
     """Names of ``blocks`` that can still admit ``mechanism`` (registered ones: the ledger's
     :meth:`~dpops.ledger.store.Ledger.fresh_blocks`)."""
     fresh = set(ledger.fresh_blocks(dataset.name, mechanism)) if any(b.registered for b in blocks) else set()
@@ -255,7 +255,7 @@ def plan_blocks(
         chosen = keep
 
 
-def _no_fresh_block(ledger: Ledger, dataset: DatasetConfig, blocks: list[Block], p: Plan, f: accounting.PrivacyFilter,
+def _no_fresh_block(ledger: Ledger, dataset: DatasetConfig, blocks: list[Block], p: Plan, f: filters.PrivacyFilter,
                     shown: int = 10) -> str:
     delta = dataset.privacy.delta
     spent = [f"block {b.name!r} spent {f.epsilon(_scope(ledger, dataset, b), delta=delta):.3f} of cap "

@@ -16,18 +16,21 @@ import numpy as np
 import pandas as pd
 
 from dpops.assess import audit as auditing
-from dpops.assess import audit_report, canaries, evaluation
+from dpops.assess import audit_report, bounds, canaries, evaluation
 from dpops.config import schema as cfgmod
+from dpops.config.loading import blocks_mode, configs_root, load_policy
+from dpops.config.policy import PolicyConfig
 from dpops.config.spec import RunSpec
 from dpops.config.workspace import Workspace, workspace
 from dpops.data import source as datamod
-from dpops.errors import ChargeNotFoundError, DataValidationError, PrivacyError
+from dpops.data import validation
+from dpops.errors import ChargeNotFoundError, ConfigError, DataValidationError, PrivacyError
 from dpops.ledger.states import RESERVED, Charge, DatasetBudget
 from dpops.ledger.store import Ledger
 from dpops.models import hf as modeling
 from dpops.pipeline import context, report
 from dpops.pipeline import planning as privacy
-from dpops.privacy import accounting
+from dpops.privacy import filters
 from dpops.privacy.accounting import SubsampledGaussian
 from dpops.privacy.plan import Plan, charge_differences, filter_from_dict
 from dpops.registry import gate, tracking
@@ -43,8 +46,8 @@ def _spec(job_path: str) -> RunSpec:
     job = spec.job
     try:
         clipping.check_grad_sample_mode(job.task, job.method, job.grad_sample_mode, job.model, job.lora)
-    except cfgmod.ConfigError as exc:
-        raise cfgmod.ConfigError(f"{job_path}: {exc}. Nothing was charged or trained.") from None
+    except ConfigError as exc:
+        raise ConfigError(f"{job_path}: {exc}. Nothing was charged or trained.") from None
     return spec
 
 
@@ -58,7 +61,7 @@ def _check_config_file(path: str, what: str) -> None:
     p = Path(path)
     if not p.is_file():
         why = "is a directory" if p.is_dir() else "no such file"
-        raise cfgmod.ConfigError(f"{path}: {why}; expected a {what} (YAML). Nothing was charged or trained.")
+        raise ConfigError(f"{path}: {why}; expected a {what} (YAML). Nothing was charged or trained.")
 
 
 def preflight(job_path: str, *, policy_path: Optional[str] = None, repo: Optional[str] = None) -> dict[str, Any]:
@@ -80,11 +83,11 @@ def preflight(job_path: str, *, policy_path: Optional[str] = None, repo: Optiona
     job, ds = _load(job_path)
     if policy_path is not None:
         _check_config_file(policy_path, "policy file")
-        cfgmod.load_policy(policy_path)
+        load_policy(policy_path)
     try:
         modeling.check_model(job.task, job.method, job.model, job.lora, n_labels=len(ds.labels))
-    except cfgmod.ConfigError as exc:
-        raise cfgmod.ConfigError(f"{job_path}: {exc}. Nothing was charged or trained.") from None
+    except ConfigError as exc:
+        raise ConfigError(f"{job_path}: {exc}. Nothing was charged or trained.") from None
     root = datamod.find_repo_root(repo or Path(job_path).resolve().parent)
     datamod.check_split_headers(ds, repo=root, rev=job.data_rev,
                                 config_file=_dataset_file(job_path, ds))
@@ -97,7 +100,7 @@ def _ref(ref: dict[str, Any]) -> datamod.DataRef:
 
 
 def _dataset_file(job_path: str, ds: cfgmod.DatasetConfig) -> Path:
-    return cfgmod.configs_root(job_path) / "datasets" / f"{ds.name}.yaml"
+    return configs_root(job_path) / "datasets" / f"{ds.name}.yaml"
 
 
 def _budget_view(b: DatasetBudget, read: Optional[list[str]] = None) -> dict[str, Any]:
@@ -135,7 +138,7 @@ def resolve(job_path: str, repo: Optional[str] = None) -> dict[str, Any]:
 def validate(job_path: str, ref: dict[str, Any]) -> dict[str, Any]:
     """Stage 2: the dataset's expectation suite; raises before any budget is touched."""
     _, ds = _load(job_path)
-    report = datamod.validate(_ref(ref), ds)
+    report = validation.validate(_ref(ref), ds)
     return {"success": report.success, "n_records": report.n_records, "checks": len(report.checks)}
 
 
@@ -155,17 +158,17 @@ def plan(job_path: str, ref: dict[str, Any], *, policy_path: Optional[str] = Non
     data_ref = _ref(ref)
     preflight(job_path, policy_path=policy_path, repo=data_ref.repo)  # a typo found after reserve costs the charge
     if ds.unit == "user" and data_ref.n_users is None:
-        raise cfgmod.ConfigError(
+        raise ConfigError(
             f"dataset {ds.name!r}: unit 'user' but {data_ref.path} has no column {ds.user_column!r} to count users. "
             "Nothing was charged or trained."
         )
-    mode = cfgmod.blocks_mode(job, ds)
+    mode = blocks_mode(job, ds)
     if mode is not None and data_ref.blocks is None:
         raise DataValidationError(
             f"{data_ref.path}: dataset {ds.name!r} is partitioned into blocks, but column {ds.blocks.column!r} is missing "
             "or holds a value that is not a block name. Nothing was charged or trained."
         )
-    policy = cfgmod.load_policy(policy_path) if policy_path else cfgmod.PolicyConfig()
+    policy = load_policy(policy_path) if policy_path else PolicyConfig()
     ledger = _ledger() if job.dp.fit_to_budget is not None or mode is not None else None
     named, ds = ds, _charged_as(ds)  # the ledger's figures are those of the budget charged
     try:
@@ -177,8 +180,8 @@ def plan(job_path: str, ref: dict[str, Any], *, policy_path: Optional[str] = Non
                                           ledger=ledger, mode=mode)
             if ds.unit == "user":  # read-only here; reserve checks again under the lock
                 ledger.check_user_blocks(ds.name, datamod.keyed_user_blocks(data_ref, ds, list(planned.blocks)))
-    except cfgmod.ConfigError as exc:  # name the file that holds the field (e.g. privacy.delta)
-        raise cfgmod.ConfigError(f"{_dataset_file(job_path, named)}: {exc}") from None
+    except ConfigError as exc:  # name the file that holds the field (e.g. privacy.delta)
+        raise ConfigError(f"{_dataset_file(job_path, named)}: {exc}") from None
     finally:
         if ledger is not None:
             ledger.dispose()
@@ -192,22 +195,22 @@ def audit_units(job: cfgmod.JobConfig) -> int:
 
 
 def _check_auditable(
-    job_path: str, job: cfgmod.JobConfig, planned: Plan, policy: cfgmod.PolicyConfig, policy_path: Optional[str]
+    job_path: str, job: cfgmod.JobConfig, planned: Plan, policy: PolicyConfig, policy_path: Optional[str]
 ) -> None:
     """Refuse a plan the audit could only call INCONCLUSIVE when the policy never promotes that verdict.
 
-    The ceiling is what the audit could reach given the plan (:func:`dpops.assess.audit.planned_ceiling`:
+    The ceiling is what the audit could reach given the plan (:func:`dpops.assess.bounds.planned_ceiling`:
     its q, steps, canaries and delta); the audit's claim is the epsilon of the steps run, at most
     the plan's, and fewer steps lower its ceiling too, so the audit stage judges again.
     """
     if not policy.require_audit_pass or policy.accept_inconclusive:
         return
-    ceiling, strongest = auditing.planned_ceiling(job.audit.canaries, job.audit.gradient_canaries, sample_rate=planned.sample_rate,
+    ceiling, strongest = bounds.planned_ceiling(job.audit.canaries, job.audit.gradient_canaries, sample_rate=planned.sample_rate,
                                                   steps=planned.steps, delta=planned.delta)
     if planned.epsilon < ceiling:
         return
     source = policy_path or "the policy defaults (no policy file given)"
-    raise cfgmod.ConfigError(
+    raise ConfigError(
         f"{job_path}: the run would claim epsilon {planned.epsilon:.3f} (field 'dp.target_epsilon' is "
         f"{job.dp.target_epsilon:g}), but its canaries (field 'audit.canaries' ({job.audit.canaries}), field "
         f"'audit.gradient_canaries' ({job.audit.gradient_canaries})) can refute at most epsilon {ceiling:.3f} at delta "
@@ -235,19 +238,19 @@ def reserve(job_path: str, ref: dict[str, Any], p: dict[str, Any], *, flow_run_i
         ledger.register_dataset(name=ds.name, unit=ds.unit, delta=ds.privacy.delta, epsilon_cap=ds.privacy.epsilon_cap,
                                 contribution_bound=ds.contribution_bound, source=ds.source,
                                 linked_from=named.name if named.budget_of else None,
-                                privacy_filter=proposed or ds.privacy.privacy_filter or accounting.GRID_FILTER,
+                                privacy_filter=proposed or ds.privacy.privacy_filter or filters.GRID_FILTER,
                                 filter_from_config=ds.privacy.filter_orders is not None)
         if ds.blocks is not None:
             if not p.get("blocks"):
-                raise cfgmod.ConfigError(f"{_dataset_file(job_path, named)}: dataset {ds.name!r} is partitioned into blocks "
+                raise ConfigError(f"{_dataset_file(job_path, named)}: dataset {ds.name!r} is partitioned into blocks "
                                          "but the plan names none; plan again")
             data_ref = _ref(ref)
             try:
                 privacy.register_blocks(ledger, ds, privacy.blocks_in(ledger, ds, data_ref.blocks, source=data_ref.path))
                 # again: a block another run registered in between must have this version's count
                 privacy.blocks_in(ledger, ds, data_ref.blocks, source=data_ref.path)
-            except cfgmod.ConfigError as exc:
-                raise cfgmod.ConfigError(f"{_dataset_file(job_path, named)}: {exc}") from None
+            except ConfigError as exc:
+                raise ConfigError(f"{_dataset_file(job_path, named)}: {exc}") from None
         mapped = (datamod.keyed_user_blocks(_ref(ref), ds, list(p["blocks"]))
                   if ds.blocks is not None and ds.unit == "user" else None)
         charge = privacy.reserve(
@@ -344,7 +347,7 @@ def _check_spec(ledger: Ledger, spec: RunSpec, charge_id: str) -> None:
         return
     if charge.state == RESERVED:
         ledger.release(charge_id, reason=f"refused before training: {why}")
-    raise cfgmod.ConfigError(f"{why}. Nothing was read or trained"
+    raise ConfigError(f"{why}. Nothing was read or trained"
                              + ("; the reservation was released." if charge.state == RESERVED else "."))
 
 
@@ -352,10 +355,10 @@ def _check_machine(ledger: Ledger, job: cfgmod.JobConfig, job_path: str, charge_
     """Refuse, before the charge starts, a job this machine cannot train; release its reservation."""
     try:
         launch.check_machine(job)
-    except cfgmod.ConfigError as exc:
+    except ConfigError as exc:
         if ledger.charge(charge_id).state == RESERVED:
             ledger.release(charge_id, reason=f"refused before training: {exc}")
-        raise cfgmod.ConfigError(f"{job_path}: {exc}. Nothing was read or trained.") from None
+        raise ConfigError(f"{job_path}: {exc}. Nothing was read or trained.") from None
 
 
 def _check_plan(ledger: Ledger, ds: cfgmod.DatasetConfig, p: dict[str, Any], job_path: str, charge_id: str) -> None:
@@ -559,7 +562,7 @@ def promote(policy_path: str, model_name: str, version: str, *, alias: Optional[
     then re-read from the ledger (see :mod:`dpops.registry.gate`). The decision is recorded both ways: a
     ``gate_decision`` ledger event and model version tags (plus the alias when promoted).
     """
-    policy = cfgmod.load_policy(policy_path)
+    policy = load_policy(policy_path)
     alias = alias or policy.alias
     ws = workspace()
     model = f"{model_name}/{version}"

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
 from dpops.errors import ConfigError
-from dpops.privacy import accounting
+from dpops.privacy import accounting, filters
 from dpops.privacy.accounting import SubsampledGaussian
 
 if TYPE_CHECKING:  # the ledger's record of a charge, read by attribute only
@@ -51,20 +51,20 @@ class Plan:
         return SubsampledGaussian(self.noise_multiplier, self.sample_rate, self.steps)
 
     @property
-    def filter(self) -> Optional[accounting.PrivacyFilter]:
-        """:attr:`privacy_filter` as a :class:`~dpops.privacy.accounting.PrivacyFilter` (None if absent)."""
+    def filter(self) -> Optional[filters.PrivacyFilter]:
+        """:attr:`privacy_filter` as a :class:`~dpops.privacy.filters.PrivacyFilter` (None if absent)."""
         return filter_from_dict(self.privacy_filter)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def filter_from_dict(f: Optional[dict[str, Any]]) -> Optional[accounting.PrivacyFilter]:
+def filter_from_dict(f: Optional[dict[str, Any]]) -> Optional[filters.PrivacyFilter]:
     """A plan's ``privacy_filter`` field as a filter (None if absent). Raises ConfigError if it is not a valid one."""
     if f is None:
         return None
     try:
-        return accounting.PrivacyFilter(f["name"], tuple(f["orders"]), tuple(f["delta_shares"]))
+        return filters.PrivacyFilter(f["name"], tuple(f["orders"]), tuple(f["delta_shares"]))
     except (KeyError, TypeError, ValueError) as exc:
         raise ConfigError(f"the plan's field 'privacy_filter' is not a valid privacy filter ({exc}); plan again") from None
 

@@ -28,13 +28,13 @@ depends_on = None
 
 def upgrade() -> None:
     op.add_column("spend_totals", sa.Column("rdp_per_step", sa.Text, nullable=True))
-    from dpops.privacy import accounting
+    from dpops.privacy import filters
 
     conn = op.get_bind()
     rows = conn.execute(sa.text("SELECT id, noise_multiplier, sample_rate FROM spend_totals")).all()
     for row_id, sigma, q in rows:
         conn.execute(sa.text("UPDATE spend_totals SET rdp_per_step = :r WHERE id = :i"),
-                     {"r": json.dumps(accounting.filter_rdp_one_step(sigma, q)), "i": row_id})
+                     {"r": json.dumps(filters.filter_rdp_one_step(sigma, q)), "i": row_id})
 
 
 def downgrade() -> None:

@@ -58,17 +58,17 @@ def _protect(terms: tuple[str, ...]) -> None:
 def upgrade() -> None:
     op.add_column("datasets", sa.Column("filter_spec", sa.Text, nullable=True))
     _protect(TERMS)
-    from dpops.privacy import accounting
+    from dpops.privacy import filters
 
     conn = op.get_bind()
     rows = conn.execute(sa.text(
         "SELECT t.id, t.noise_multiplier, t.sample_rate, d.accountant FROM spend_totals t JOIN datasets d ON d.id = t.dataset_id"
     )).all()
     for row_id, sigma, q, accountant in rows:
-        if accountant != accounting.FILTER_V1:
+        if accountant != filters.FILTER_V1:
             continue  # only v1 datasets exist before this revision; anything else is left for verify to report
         conn.execute(sa.text("UPDATE spend_totals SET rdp_per_step = :r WHERE id = :i"),
-                     {"r": json.dumps(accounting.V1_FILTER.one_step(sigma, q)), "i": row_id})
+                     {"r": json.dumps(filters.V1_FILTER.one_step(sigma, q)), "i": row_id})
 
 
 def downgrade() -> None:
