@@ -22,7 +22,7 @@ def dataset_register(
     """Register a dataset's unit, delta, cap and privacy filter in the ledger (no-op if registered with
     the same terms). The filter is the config's ``privacy.filter_orders``, else the grid
     (:data:`dpops.privacy.filters.GRID_FILTER`): a job's first run chooses a sharper one from its mechanism."""
-    from dpops.config.schema import load_dataset_config
+    from dpops.config.loading import load_dataset_config
 
     try:
         cfg = load_dataset_config(config)

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from dpops.assess.audit import INCONCLUSIVE, PASS
-from dpops.config.schema import TASK_UTILITY, PolicyConfig
+from dpops.config.policy import TASK_UTILITY, PolicyConfig
 from dpops.ledger.states import COMMITTED, EVIDENCE, GATE_KEYS, MODEL_BOUND, Charge
 from dpops.ledger.store import Ledger
 
