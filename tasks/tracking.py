@@ -3,7 +3,7 @@ from typing import Any, Optional
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 
-from dpops.pipeline import report, stages
+from dpops.pipeline import publish, report
 from tasks import TASK_OPTIONS
 
 
@@ -12,12 +12,12 @@ def record(
     job_path: str, ref: dict[str, Any], plan: dict[str, Any], charge_id: str, train: dict[str, Any],
     metrics: dict[str, float], audit: dict[str, Any], flow_run_id: Optional[str] = None,
 ) -> dict[str, Any]:
-    return stages.record(job_path, ref, plan, charge_id, train, metrics, audit, flow_run_id=flow_run_id)
+    return publish.record(job_path, ref, plan, charge_id, train, metrics, audit, flow_run_id=flow_run_id)
 
 
 @task(name="gate", **TASK_OPTIONS)
 def gate(policy_path: str, rec: dict[str, Any]) -> dict[str, Any]:
-    return stages.gate_decision(policy_path, rec)
+    return publish.gate_decision(policy_path, rec)
 
 
 @task(name="summary-artifact", **TASK_OPTIONS)
@@ -34,7 +34,7 @@ def refusal_artifact(reason: str) -> None:
 
 @task(name="budgets", **TASK_OPTIONS)
 def budgets() -> dict[str, Any]:
-    return stages.budget_report()
+    return publish.budget_report()
 
 
 @task(name="budget-artifact", **TASK_OPTIONS)

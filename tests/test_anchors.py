@@ -273,7 +273,7 @@ def test_the_stages_tag_mlflow_with_the_chain_heads(workspace_env, smoke_job, tm
     version with ``dpops.gate_chain_head`` (after its decision), each the head the anchor signs."""
     import mlflow
 
-    from dpops.pipeline import stages
+    from dpops.pipeline import publish
     from dpops.registry import tracking
 
     workspace_env.mkdir(parents=True)
@@ -297,8 +297,8 @@ def test_the_stages_tag_mlflow_with_the_chain_heads(workspace_env, smoke_job, tm
                  "ceiling": 3.0, "canary_epsilon_lower_bound": 0.1, "canary_ceiling": 3.0, "white_box_epsilon_lower_bound": 0.0,
                  "white_box_ceiling": 0.0, "noise_multiplier_upper": None, "mia_epsilon_lower_bound": 0.0,
                  "cross_check_ok": True, "accountant_epsilon": 1.0, "outcomes": {}, "mechanism": {}}
-    stages.record(str(smoke_job), ref, {"delta": 1e-5}, c.id, train_out, {"accuracy": 0.9}, audit_out)
-    stages.promote(str(project_root / "configs/policy.yaml"), "m", str(version))
+    publish.record(str(smoke_job), ref, {"delta": 1e-5}, c.id, train_out, {"accuracy": 0.9}, audit_out)
+    publish.promote(str(project_root / "configs/policy.yaml"), "m", str(version))
 
     evidence, decision = _anchors(AnchorLog.for_workspace())[-2:]
     assert (evidence["kind"], decision["kind"]) == ("evidence", "gate_decision")

@@ -357,7 +357,7 @@ def test_a_language_model_run_is_recorded_and_gated_on_its_eval_loss(workspace_e
 
     import yaml
 
-    from dpops.pipeline import stages
+    from dpops.pipeline import publish, stages
     from dpops.registry import tracking
     from tests.tiny_models import tiny_llama
 
@@ -375,7 +375,7 @@ def test_a_language_model_run_is_recorded_and_gated_on_its_eval_loss(workspace_e
     stages.settle(charge_id, trained["steps_run"])
     metrics = stages.evaluate(str(job), ref, trained["model_dir"])
     audit = stages.audit(str(job), plan, trained["model_dir"], trained["steps_run"], trained["canaries_path"])
-    rec = stages.record(str(job), ref, plan, charge_id, trained, metrics, audit)
+    rec = publish.record(str(job), ref, plan, charge_id, trained, metrics, audit)
 
     ledger = Ledger(f"sqlite:///{workspace_env / 'ledger.db'}")
     ev = gate.evidence(ledger, charge_id)
@@ -387,12 +387,12 @@ def test_a_language_model_run_is_recorded_and_gated_on_its_eval_loss(workspace_e
     assert notes["eval_loss"] == pytest.approx(metrics["eval_loss"]) and notes["perplexity"] == pytest.approx(metrics["perplexity"])
 
     policies = tmp_path / "configs"
-    refused = stages.promote(str(policies / "policy.yaml"), rec["model_name"], rec["model_version"])  # no causal-LM threshold
+    refused = publish.promote(str(policies / "policy.yaml"), rec["model_name"], rec["model_version"])  # no causal-LM threshold
     assert refused["decision"] == "REFUSED" and any("no utility threshold for task 'causal_lm'" in r for r in refused["reasons"])
     (policies / "loose.yaml").write_text(yaml.safe_dump({"min_accuracy": 0.99, "max_eval_loss": 1000.0, "require_audit_pass": False}))
-    assert stages.promote(str(policies / "loose.yaml"), rec["model_name"], rec["model_version"])["decision"] == "PROMOTED"
+    assert publish.promote(str(policies / "loose.yaml"), rec["model_name"], rec["model_version"])["decision"] == "PROMOTED"
     (policies / "strict.yaml").write_text(yaml.safe_dump({"datasets": {"sst2": {"max_eval_loss": 0.01}}, "require_audit_pass": False}))
-    strict = stages.promote(str(policies / "strict.yaml"), rec["model_name"], rec["model_version"])
+    strict = publish.promote(str(policies / "strict.yaml"), rec["model_name"], rec["model_version"])
     assert strict["reasons"] == [f"eval_loss {metrics['eval_loss']:.4f} > policy max_eval_loss 0.01 (dataset 'sst2')"]
 
 

@@ -22,7 +22,7 @@ from dpops.errors import (
 from dpops.ledger import schema as ledger_schema
 from dpops.ledger.store import Ledger
 from dpops.pipeline import planning as privacy
-from dpops.pipeline import stages
+from dpops.pipeline import publish
 from dpops.privacy.accounting import SubsampledGaussian
 from tests.helpers import tamper
 
@@ -224,15 +224,15 @@ def test_the_gate_names_a_missing_charge_and_propagates_any_other_ledger_fault(l
     """Fails on the old code: any LedgerError of ledger.charge, a broken record too, became the
     gate's 'no charge to check' reason."""
     ledger = Ledger(ledger_url)
-    dataset, why = stages._charge_dataset(ledger, "nope", "m/1")
+    dataset, why = publish._charge_dataset(ledger, "nope", "m/1")
     assert dataset is None and why == "model m/1: charge 'nope' does not exist"
     _register(ledger)
     c = _reserve(ledger)
-    assert stages._charge_dataset(ledger, c.id, "m/1") == ("notes", None)
+    assert publish._charge_dataset(ledger, c.id, "m/1") == ("notes", None)
 
     def broken(charge_id):
         raise LedgerError(f"charge {charge_id}: a broken record")
 
     monkeypatch.setattr(ledger, "charge", broken)
     with pytest.raises(LedgerError, match="a broken record"):
-        stages._charge_dataset(ledger, c.id, "m/1")
+        publish._charge_dataset(ledger, c.id, "m/1")

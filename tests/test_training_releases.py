@@ -14,7 +14,7 @@ import pytest
 
 from dpops.config.workspace import workspace
 from dpops.models import hf as modeling
-from dpops.pipeline import stages
+from dpops.pipeline import publish, stages
 from dpops.registry import tracking
 from tests.helpers import edit_yaml, policy_accepting_inconclusive
 from tests.tiny_models import tiny_bert
@@ -68,7 +68,7 @@ def test_a_real_run_releases_no_loss_of_a_private_batch(workspace_env, smoke_job
     stages.settle(charge_id, trained["steps_run"])
     metrics = stages.evaluate(str(smoke_job), ref, trained["model_dir"])
     audit = stages.audit(str(smoke_job), plan, trained["model_dir"], trained["steps_run"], trained["canaries_path"])
-    rec = stages.record(str(smoke_job), ref, plan, charge_id, trained, metrics, audit)
+    rec = publish.record(str(smoke_job), ref, plan, charge_id, trained, metrics, audit)
 
     # The train stage's result (what dp-train persists): no loss, under any name or as any number.
     assert not [k for k in trained if "loss" in k or "batch" in k], sorted(trained)

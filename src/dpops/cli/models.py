@@ -26,10 +26,10 @@ def promote(
     """
     from mlflow.exceptions import MlflowException
 
-    from dpops.pipeline import stages
+    from dpops.pipeline import publish
 
     try:
-        out = stages.promote(str(policy), model, version, alias=alias)
+        out = publish.promote(str(policy), model, version, alias=alias)
     except (DpopsError, MlflowException) as exc:
         fail(exc)
         return
