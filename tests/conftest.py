@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import uuid
 from pathlib import Path
 
@@ -16,6 +15,8 @@ PG_URL = os.environ.get("DPOPS_TEST_PG_URL", "postgresql+psycopg://postgres@127.
 
 apply_quiet_env()
 
+pytest_plugins = ["tests.fixtures.ledgers", "tests.fixtures.configs"]
+
 
 @pytest.fixture
 def project_root() -> Path:
@@ -23,10 +24,9 @@ def project_root() -> Path:
 
 
 @pytest.fixture
-def smoke_job(tmp_path, project_root) -> Path:
+def smoke_job(configs_dir) -> Path:
     """A copy of configs/ in a temporary directory; its sst2 smoke job (seconds-long), to edit freely."""
-    shutil.copytree(project_root / "configs", tmp_path / "configs")
-    return tmp_path / "configs" / "jobs" / "sst2_smoke.yaml"
+    return configs_dir / "jobs" / "sst2_smoke.yaml"
 
 
 @pytest.fixture(autouse=True)

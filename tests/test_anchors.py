@@ -268,7 +268,8 @@ def test_cli_verify_checks_the_workspace_anchors_and_another_log(ledger_url, wor
 # ----------------------------------------------------------------- MLflow copies (the stages)
 
 
-def test_the_stages_tag_mlflow_with_the_chain_heads(workspace_env, smoke_job, tmp_path, project_root, monkeypatch):
+def test_the_stages_tag_mlflow_with_the_chain_heads(workspace_env, workspace_ledger, smoke_job, tmp_path, project_root,
+                                                   monkeypatch):
     """The record stage tags the run with ``dpops.chain_head`` (after the evidence) and the gate tags the
     version with ``dpops.gate_chain_head`` (after its decision), each the head the anchor signs."""
     import mlflow
@@ -279,8 +280,7 @@ def test_the_stages_tag_mlflow_with_the_chain_heads(workspace_env, smoke_job, tm
     workspace_env.mkdir(parents=True)
     uri = f"sqlite:///{workspace_env / 'mlflow.db'}"
     client = mlflow.MlflowClient(tracking_uri=uri)
-    ledger = Ledger(f"sqlite:///{workspace_env / 'ledger.db'}")
-    ledger.register_dataset(name="notes", unit="record", delta=1e-5, epsilon_cap=14.0)
+    ledger = workspace_ledger(dataset="notes", unit="record", delta=1e-5, epsilon_cap=14.0)
     c = _committed(ledger)
     exp = client.create_experiment("e", artifact_location=(tmp_path / "art").as_uri())
     run_id = client.create_run(exp).info.run_id

@@ -34,9 +34,9 @@ def _cycle(ledger: Ledger) -> None:
 
 
 @pytest.mark.parametrize("statement", REFUSED)
-def test_the_database_refuses_to_rewrite_the_record(ledger_url, statement):
+def test_the_database_refuses_to_rewrite_the_record(make_ledger, ledger_url, statement):
     """Fails on the old code (no triggers: every statement goes through)."""
-    ledger = Ledger(ledger_url)
+    ledger = make_ledger(ledger_url)
     _cycle(ledger)
     with pytest.raises(exc.DatabaseError, match="append-only"):
         with ledger.engine.begin() as conn:

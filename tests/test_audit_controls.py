@@ -6,7 +6,6 @@ above the claimed epsilon; a correct DP run must PASS. The bugs are planted by r
 optimizer in the test only, never through a production flag.
 """
 
-import shutil
 
 import pytest
 import yaml
@@ -43,10 +42,9 @@ def tiny_model_dir(tmp_path_factory):
     return tiny_bert(tmp_path_factory.mktemp("tiny-bert"), hidden_size=256, layers=1, intermediate_size=512)
 
 
-def _job(tmp_path, project_root, tiny_model_dir, *, records: int, dp: dict, audit: dict):
+def _job(configs_dir, tiny_model_dir, *, records: int, dp: dict, audit: dict):
     """The project's sst2 smoke job in a copy of configs/, on the tiny model, with these records, DP and audit settings."""
-    shutil.copytree(project_root / "configs", tmp_path / "configs")
-    job = tmp_path / "configs" / "jobs" / "sst2_smoke.yaml"
+    job = configs_dir / "jobs" / "sst2_smoke.yaml"
     data = yaml.safe_load(job.read_text())
     data.update(
         train_max_records=records, model={"path": str(tiny_model_dir), "max_length": 16}, dp={**dp, "max_grad_norm": 1.0},
@@ -57,11 +55,11 @@ def _job(tmp_path, project_root, tiny_model_dir, *, records: int, dp: dict, audi
 
 
 @pytest.fixture
-def control_job(tmp_path, project_root, tiny_model_dir):
+def control_job(configs_dir, tiny_model_dir):
     # q = 1 (expected batch above n): every step sees every record, so memorising is quick. 60 steps:
     # at 40 the noise-ignored run once memorised too few canaries (bound 0.92, 84/100 guesses right)
     # for the 2x margin; at 60 it guessed 40/40 right (bound 1.84) in each of 4 runs.
-    return _job(tmp_path, project_root, tiny_model_dir, records=100,
+    return _job(configs_dir, tiny_model_dir, records=100,
                 dp={"target_epsilon": CLAIM, "expected_batch_size": 512, "steps": 60}, audit={"canaries": 200})
 
 
@@ -99,10 +97,10 @@ SMALL_Q_CLAIM = 1.0
 
 
 @pytest.fixture
-def small_q_job(tmp_path, project_root, tiny_model_dir):
+def small_q_job(configs_dir, tiny_model_dir):
     """q = 1 / ceil(2400 / 24) = 0.01 over 60 steps: an included canary is ever sampled with
     probability 0.45, far from q = 1, where every included canary is seen."""
-    return _job(tmp_path, project_root, tiny_model_dir, records=300,
+    return _job(configs_dir, tiny_model_dir, records=300,
                 dp={"target_epsilon": SMALL_Q_CLAIM, "expected_batch_size": 24, "steps": 60},
                 audit={"canaries": 100, "gradient_canaries": 2000})
 

@@ -128,10 +128,9 @@ LEDGER_CASES = {
 
 
 @pytest.mark.parametrize("case", list(LEDGER_CASES))
-def test_the_ledger_refuses_what_its_columns_cannot_hold(case, ledger_url):
+def test_the_ledger_refuses_what_its_columns_cannot_hold(case, make_ledger, ledger_url):
     """Before any SQL, on both backends (PostgreSQL raised a raw psycopg error for steps 2^31; SQLite stored it)."""
-    ledger = Ledger(ledger_url)
-    ledger.register_dataset(name="d", unit="record", delta=1e-6, epsilon_cap=4.0)
+    ledger = make_ledger(ledger_url, dataset="d", unit="record", delta=1e-6, epsilon_cap=4.0)
     change, match = LEDGER_CASES[case]
     with pytest.raises(ConfigError, match=match):
         ledger.reserve(**{"mechanism": MECH, **RESERVE, **change})
@@ -140,8 +139,8 @@ def test_the_ledger_refuses_what_its_columns_cannot_hold(case, ledger_url):
     ledger.reserve(mechanism=MECH, **RESERVE)  # the ledger still works
 
 
-def test_the_ledger_refuses_a_dataset_name_longer_than_its_column(ledger_url):
-    ledger = Ledger(ledger_url)
+def test_the_ledger_refuses_a_dataset_name_longer_than_its_column(make_ledger, ledger_url):
+    ledger = make_ledger(ledger_url)
     with pytest.raises(ConfigError, match=r"field 'name' must be a non-empty name of at most 200 characters \(found 201\)"):
         ledger.register_dataset(name="d" * 201, unit="record", delta=1e-6, epsilon_cap=4.0)
     with pytest.raises(ConfigError, match=r"field 'block' must be .* at most 200"):
@@ -213,19 +212,17 @@ def test_a_bad_lock_timeout_setting_is_named(workspace_env, monkeypatch):
     assert result.output.strip() == "dpops: environment variable DPOPS_LEDGER_LOCK_TIMEOUT must be a number of seconds in (0, 86400]"
 
 
-def test_a_postgresql_row_lock_held_past_the_timeout_refuses_the_reservation(pg_database, monkeypatch):
+def test_a_postgresql_row_lock_held_past_the_timeout_refuses_the_reservation(make_ledger, pg_database, monkeypatch):
     """Another connection holds the dataset's row (SELECT ... FOR UPDATE); a reservation waits
     DPOPS_LEDGER_LOCK_TIMEOUT seconds, then raises LedgerUnavailableError and charges nothing. (The
     holder lets go after 15 s whatever happens, so code without a timeout fails instead of hanging.)"""
     import psycopg
 
     url = pg_database
-    fresh = Ledger(url)
     name = f"locked-{time.monotonic_ns()}"  # other tests of the session share this database
-    fresh.register_dataset(name=name, unit="record", delta=1e-6, epsilon_cap=4.0)
-    fresh.dispose()
+    make_ledger(url, dataset=name, unit="record", delta=1e-6, epsilon_cap=4.0).dispose()
     monkeypatch.setenv("DPOPS_LEDGER_LOCK_TIMEOUT", "1")
-    ledger = Ledger(url)
+    ledger = make_ledger(url)
     holder = psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://"))
     holder.execute("SELECT id FROM datasets WHERE name = %s FOR UPDATE", (name,))
     release = threading.Timer(15, holder.rollback)

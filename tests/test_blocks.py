@@ -195,10 +195,9 @@ def _reserve(ledger: Ledger, mechanism, blocks=None) -> None:
                    blocks=blocks)
 
 
-def test_fit_to_budget_is_per_block(tmp_path):
+def test_fit_to_budget_is_per_block(make_ledger):
     ds = _tickets(cap=3.0)
-    ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.db'}")
-    ledger.register_dataset(name="tickets", unit="record", delta=1e-5, epsilon_cap=3.0)
+    ledger = make_ledger(dataset="tickets", unit="record", delta=1e-5, epsilon_cap=3.0)
     for month in ("a", "b"):
         ledger.add_block("tickets", name=month, n_records=1000)
     blocks = [privacy.Block(m, 1000, 3.0, True) for m in ("a", "b")]
@@ -231,14 +230,13 @@ def test_fit_to_budget_is_per_block(tmp_path):
     assert filters.filter_epsilon(ledger.counted("tickets", "b") + [fresh.mechanism] * 5, delta=1e-5) <= 3.0
 
 
-def test_a_block_not_yet_registered_counts_the_charges_that_read_the_whole_dataset(tmp_path):
+def test_a_block_not_yet_registered_counts_the_charges_that_read_the_whole_dataset(make_ledger):
     """A charge that read the whole dataset (before it had blocks) counts against every block, new ones too."""
     dp = DPSettings(target_epsilon=0.5, expected_batch_size=100, steps=50)
     mechanism = privacy.plan(dataset=_tickets(cap=1.0), dp=dp, n_records=1000).mechanism
     one, two = (filters.filter_epsilon([mechanism] * k, delta=1e-5) for k in (1, 2))
     ds = _tickets(cap=(one + two) / 2)  # one run fits, two do not
-    ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.db'}")
-    ledger.register_dataset(name="tickets", unit="record", delta=1e-5, epsilon_cap=ds.privacy.epsilon_cap)
+    ledger = make_ledger(dataset="tickets", unit="record", delta=1e-5, epsilon_cap=ds.privacy.epsilon_cap)
     new = [privacy.Block("c", 1000, ds.privacy.epsilon_cap, False)]
     p = privacy.plan_blocks(dataset=ds, dp=dp, blocks=new, extra_units=0, ledger=ledger, mode="fresh")
     assert p.blocks == ["c"] and p.mechanism == mechanism

@@ -50,11 +50,9 @@ def no_model(monkeypatch):
 
 
 @pytest.fixture
-def ledger(tmp_path):
-    led = Ledger(f"sqlite:///{tmp_path / 'ledger.db'}")
-    led.register_dataset(name="d", unit="record", delta=1e-3, epsilon_cap=100.0, contribution_bound=None)
-    yield led
-    led.dispose()
+def ledger(make_ledger):
+    """Dataset ``d`` (record, delta 1e-3, cap 100; overrides the shared ``ledger``)."""
+    return make_ledger(dataset="d", unit="record", delta=1e-3, epsilon_cap=100.0, contribution_bound=None)
 
 
 def _charge(ledger: Ledger, *, start: bool = True):
@@ -153,8 +151,8 @@ def _tamper(p: dict, how: str) -> dict:
 
 
 @pytest.mark.parametrize("how", ["sigma halved", "q doubled", "steps raised", "delta raised"])
-def test_the_train_stage_refuses_a_plan_it_was_not_charged_for_and_releases_it(workspace_env, smoke_job, project_root,
-                                                                                 forbid_reading, how):
+def test_the_train_stage_refuses_a_plan_it_was_not_charged_for_and_releases_it(workspace_env, workspace_ledger, smoke_job,
+                                                                                 project_root, forbid_reading, how):
     ref = stages.resolve(str(smoke_job), str(project_root))
     plan = stages.plan(str(smoke_job), ref)
     charge_id = stages.reserve(str(smoke_job), ref, plan)
@@ -162,7 +160,7 @@ def test_the_train_stage_refuses_a_plan_it_was_not_charged_for_and_releases_it(w
     with pytest.raises(PrivacyError, match=rf"not what charge {charge_id} admitted: .*Nothing was read or trained; "
                                            "the reservation was released"):
         stages.train(str(smoke_job), ref, _tamper(plan, how), charge_id)
-    ledger = Ledger(f"sqlite:///{workspace_env / 'ledger.db'}")
+    ledger = workspace_ledger()
     charge = ledger.charge(charge_id)
     assert charge.state == RELEASED and charge.charged is None
     assert all(c.state != RUNNING for c in ledger.charges("sst2"))
@@ -178,8 +176,9 @@ def _request(job_path, ref, plan, charge_id, tmp_path) -> dict:
 
 
 @pytest.mark.parametrize("how", ["sigma halved", "q doubled", "steps raised", "delta raised"])
-def test_a_worker_refuses_a_request_whose_plan_is_not_the_running_charge(workspace_env, smoke_job, project_root, tmp_path,
-                                                                          monkeypatch, forbid_reading, how):
+def test_a_worker_refuses_a_request_whose_plan_is_not_the_running_charge(workspace_env, workspace_ledger, smoke_job,
+                                                                          project_root, tmp_path, monkeypatch, forbid_reading,
+                                                                          how):
     import torch
 
     joined = []
@@ -187,7 +186,7 @@ def test_a_worker_refuses_a_request_whose_plan_is_not_the_running_charge(workspa
     ref = stages.resolve(str(smoke_job), str(project_root))
     plan = stages.plan(str(smoke_job), ref)
     charge_id = stages.reserve(str(smoke_job), ref, plan)
-    ledger = Ledger(f"sqlite:///{workspace_env / 'ledger.db'}")
+    ledger = workspace_ledger()
     ledger.start(charge_id)  # what the parent does before it starts torchrun
     forbid_reading()
     request = json.loads(json.dumps(_request(smoke_job, ref, _tamper(plan, how), charge_id, tmp_path)))

@@ -5,7 +5,6 @@ import json
 from typer.testing import CliRunner
 
 from dpops.cli.app import app
-from dpops.ledger.store import Ledger
 from dpops.privacy.accounting import SubsampledGaussian
 from tests.helpers import tamper
 
@@ -17,10 +16,9 @@ def test_budget_without_a_ledger(workspace_env):
     assert result.exit_code == 0 and "no ledger yet" in result.output
 
 
-def test_budget_prints_cap_spent_remaining_and_charges(workspace_env):
+def test_budget_prints_cap_spent_remaining_and_charges(workspace_env, workspace_ledger):
     workspace_env.mkdir(parents=True)
-    ledger = Ledger(f"sqlite:///{workspace_env / 'ledger.db'}")
-    ledger.register_dataset(name="notes", unit="record", delta=1e-6, epsilon_cap=8.0)
+    ledger = workspace_ledger(dataset="notes", unit="record", delta=1e-6, epsilon_cap=8.0)
     c = ledger.reserve(dataset="notes", mechanism=SubsampledGaussian(1.0, 0.01, 100), max_grad_norm=1.0,
                        n_records=50_000, job="j", data_version="sha256:x")
     ledger.start(c.id)
@@ -40,10 +38,10 @@ def test_budget_prints_cap_spent_remaining_and_charges(workspace_env):
     assert unknown.exit_code == 3 and "'nope' is not registered" in unknown.output
 
 
-def test_register_history_verify_release(workspace_env, project_root):
+def test_register_history_verify_release(workspace_env, workspace_ledger, project_root):
     reg = runner.invoke(app, ["dataset", "register", str(project_root / "configs/datasets/sst2.yaml")])
     assert reg.exit_code == 0, reg.output
-    ledger = Ledger(f"sqlite:///{workspace_env / 'ledger.db'}")
+    ledger = workspace_ledger()
     mech = SubsampledGaussian(1.0, 0.001, 100)
     unused = ledger.reserve(dataset="sst2", mechanism=mech, max_grad_norm=1.0, n_records=60_000, job="j", data_version="v")
     read = ledger.reserve(dataset="sst2", mechanism=mech, max_grad_norm=1.0, n_records=60_000, job="j", data_version="v")
@@ -68,11 +66,10 @@ def test_register_history_verify_release(workspace_env, project_root):
     assert "pld estimate" in budget.output and "guaranteed" in budget.output
 
 
-def test_ledger_fail_closes_a_dead_running_charge_charged_in_full(workspace_env):
+def test_ledger_fail_closes_a_dead_running_charge_charged_in_full(workspace_env, workspace_ledger):
     """Issue 16: a charge whose process died stayed `running` for ever, with no command to close it."""
     workspace_env.mkdir(parents=True)
-    ledger = Ledger(f"sqlite:///{workspace_env / 'ledger.db'}")
-    ledger.register_dataset(name="notes", unit="record", delta=1e-5, epsilon_cap=8.0)
+    ledger = workspace_ledger(dataset="notes", unit="record", delta=1e-5, epsilon_cap=8.0)
     mech = SubsampledGaussian(1.0, 0.01, 100)
     c = ledger.reserve(dataset="notes", mechanism=mech, max_grad_norm=1.0, n_records=10_000, job="j", data_version="v")
     reserved = runner.invoke(app, ["ledger", "fail", c.id, "--reason", "worker lost"])

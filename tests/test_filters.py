@@ -172,10 +172,9 @@ def _reserve(ledger: Ledger, m: SubsampledGaussian = REF, name: str = "notes"):
     return ledger.reserve(dataset=name, mechanism=m, max_grad_norm=1.0, n_records=10_000, job="j", data_version="sha256:x")
 
 
-def test_the_ledger_admits_what_the_registered_filter_admits_and_stores_it_in_the_chain(ledger_url):
-    ledger = Ledger(ledger_url)
+def test_the_ledger_admits_what_the_registered_filter_admits_and_stores_it_in_the_chain(make_ledger, ledger_url):
     f = filters.choose_filter(REF, cap=8.0, delta=1e-5)
-    _register(ledger, f)
+    ledger = make_ledger(ledger_url, dataset="notes", delta=1e-5, epsilon_cap=8.0, privacy_filter=f)
     assert ledger.budget("notes").spent == 0.0 and ledger.budget("notes").runs_left is None  # nothing charged yet
     n = 0
     with pytest.raises(BudgetExceededError):
@@ -195,9 +194,8 @@ def test_the_ledger_admits_what_the_registered_filter_admits_and_stores_it_in_th
     assert ledger.filter_of("notes") == f
 
 
-def test_an_edited_filter_row_is_caught_and_refuses_admission(ledger_url):
-    ledger = Ledger(ledger_url)
-    _register(ledger, _one_order(4.0))
+def test_an_edited_filter_row_is_caught_and_refuses_admission(make_ledger, ledger_url):
+    ledger = make_ledger(ledger_url, dataset="notes", delta=1e-5, epsilon_cap=8.0, privacy_filter=_one_order(4.0))
     _reserve(ledger)
     # the database refuses an UPDATE of a term (migration 0007 extends 0005's trigger) ...
     with pytest.raises(Exception, match="append-only"):
@@ -210,8 +208,8 @@ def test_an_edited_filter_row_is_caught_and_refuses_admission(ledger_url):
         _reserve(Ledger(ledger_url, create=False))
 
 
-def test_a_filter_from_the_config_is_honoured_and_a_different_one_later_refused(ledger_url):
-    ledger = Ledger(ledger_url)
+def test_a_filter_from_the_config_is_honoured_and_a_different_one_later_refused(make_ledger, ledger_url):
+    ledger = make_ledger(ledger_url)
     grid = filters.filter_of_orders([2, 4, 8, 16])
     ledger.register_dataset(name="notes", unit="record", delta=1e-5, epsilon_cap=8.0, privacy_filter=grid, filter_from_config=True)
     assert ledger.filter_of("notes").orders == (2.0, 4.0, 8.0, 16.0)
@@ -231,7 +229,7 @@ def _dataset_fields() -> dict:
             "label_column": "label", "labels": ["0", "1"], "unit": "record"}
 
 
-def test_the_plan_chooses_the_filter_a_new_dataset_is_registered_with(ledger_url):
+def test_the_plan_chooses_the_filter_a_new_dataset_is_registered_with(make_ledger, ledger_url):
     ds = DatasetConfig.model_validate({**_dataset_fields(), "privacy": {"epsilon_cap": 8.0, "delta": 1e-5}})
     dp = DPSettings(target_epsilon=2.0, max_grad_norm=1.0, expected_batch_size=100, steps=1000)
     p = privacy.plan(dataset=ds, dp=dp, n_records=10_000)
@@ -239,15 +237,14 @@ def test_the_plan_chooses_the_filter_a_new_dataset_is_registered_with(ledger_url
     # a config that names orders wins; a registered dataset's filter wins over both
     named = ds.model_copy(update={"privacy": ds.privacy.model_copy(update={"filter_orders": [3.0, 6.0]})})
     assert privacy.plan(dataset=named, dp=dp, n_records=10_000).filter.orders == (3.0, 6.0)
-    ledger = Ledger(ledger_url)
-    _register(ledger, filters.GRID_FILTER)
+    ledger = make_ledger(ledger_url, dataset="notes", delta=1e-5, epsilon_cap=8.0, privacy_filter=filters.GRID_FILTER)
     assert privacy.filter_for(ds, p.mechanism, ledger) == filters.GRID_FILTER
 
 
 # ----------------------------------------------------------------- existing ledgers keep v1
 
 
-def test_a_v1_ledger_keeps_its_filter_and_its_dead_orders_come_back_on_upgrade(ledger_url):
+def test_a_v1_ledger_keeps_its_filter_and_its_dead_orders_come_back_on_upgrade(make_ledger, ledger_url):
     """A ledger written before per-dataset filters (schema 0006, curves with the infinities
     dp_accounting reported at non-converging orders) opens at rdp-filter-v1: same orders, same
     even split of delta; the upgrade recomputes the stored curves, which are then finite."""
@@ -256,8 +253,7 @@ def test_a_v1_ledger_keeps_its_filter_and_its_dead_orders_come_back_on_upgrade(l
 
     from dpops.ledger.schema import MIGRATIONS
 
-    ledger = Ledger(ledger_url)
-    _register(ledger, filters.V1_FILTER, cap=50.0)
+    ledger = make_ledger(ledger_url, dataset="notes", delta=1e-5, epsilon_cap=50.0, privacy_filter=filters.V1_FILTER)
     big_q = SubsampledGaussian(1.0, 0.5, 20)
     _reserve(ledger, big_q)
     cfg = Config()
@@ -283,16 +279,15 @@ def test_a_v1_ledger_keeps_its_filter_and_its_dead_orders_come_back_on_upgrade(l
     assert upgraded.verify() == []
 
 
-def test_dpops_budget_shows_the_filter_and_the_runs_left(workspace_env):
+def test_dpops_budget_shows_the_filter_and_the_runs_left(make_ledger, workspace_env):
     from typer.testing import CliRunner
 
     from dpops.cli.app import app
     from dpops.config.workspace import workspace
 
     workspace_env.mkdir(parents=True)
-    ledger = Ledger(workspace().ledger_url)
     f = filters.choose_filter(REF, cap=8.0, delta=1e-5)
-    _register(ledger, f)
+    ledger = make_ledger(workspace().ledger_url, dataset="notes", delta=1e-5, epsilon_cap=8.0, privacy_filter=f)
     _reserve(ledger)
     out = CliRunner().invoke(app, ["budget"])
     assert out.exit_code == 0, out.output

@@ -3,7 +3,6 @@ Great Expectations and Opacus. Nothing mocked."""
 
 import hashlib
 import json
-import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -30,12 +29,10 @@ def prefect_harness():
 
 
 @pytest.fixture
-def configs(tmp_path, project_root):
+def configs(configs_dir, project_root):
     if not (project_root / "data/prepared/sst2/train.tsv").exists():
         pytest.fail("data/prepared/sst2 is missing: run `make data` (dvc pull + dvc repro) first")
-    dst = tmp_path / "configs"
-    shutil.copytree(project_root / "configs", dst)
-    return dst
+    return configs_dir
 
 
 def _run(configs, project_root):

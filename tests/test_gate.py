@@ -53,8 +53,9 @@ def _model(ledger: Ledger, charge_id: str) -> str:
 
 
 @pytest.fixture
-def ledger(tmp_path):
-    return Ledger(f"sqlite:///{tmp_path / 'ledger.db'}")
+def ledger(make_ledger):
+    """An empty SQLite ledger: ``_charge`` registers each test's datasets (overrides the shared ``ledger``)."""
+    return make_ledger()
 
 
 def test_promotes_when_every_condition_holds(ledger):
@@ -125,11 +126,11 @@ def _register_version(tracking_uri, tmp_path, charge_id=None) -> str:
     return str(version.version)
 
 
-def test_cli_promote_rechecks_the_ledger_and_records_every_decision(workspace_env, tmp_path, project_root):
+def test_cli_promote_rechecks_the_ledger_and_records_every_decision(workspace_env, workspace_ledger, tmp_path, project_root):
     import mlflow
 
     workspace_env.mkdir(parents=True)
-    ledger = Ledger(f"sqlite:///{workspace_env / 'ledger.db'}")
+    ledger = workspace_ledger()
     uri = f"sqlite:///{workspace_env / 'mlflow.db'}"
     policy = str(project_root / "configs/policy.yaml")
     client = mlflow.MlflowClient(tracking_uri=uri)
@@ -211,8 +212,8 @@ def test_annotate_cannot_forge_a_refused_models_accuracy(ledger_url, workspace_e
     assert ledger.verify() == []
 
 
-def test_a_binding_and_evidence_are_written_once_and_a_version_has_one_charge(ledger_url):
-    ledger = Ledger(ledger_url)
+def test_a_binding_and_evidence_are_written_once_and_a_version_has_one_charge(make_ledger, ledger_url):
+    ledger = make_ledger(ledger_url)
     a = _charge(ledger, model="m/1")
     assert ledger.charge(a).mlflow_run_id == "run-" + a[:8]  # from the binding
     with pytest.raises(LedgerError, match=f"charge {a} is already bound to model m/1; a binding is written once"):
@@ -252,11 +253,10 @@ def test_a_charge_with_only_old_annotated_notes_is_refused(ledger):
     assert reasons == [f"charge {charge_id}: {gate.LEGACY_EVIDENCE}"]
 
 
-def test_the_gate_compares_a_partitioned_dataset_block_by_block(ledger_url):
+def test_the_gate_compares_a_partitioned_dataset_block_by_block(make_ledger, ledger_url):
     """A block over its own cap refuses, by name, though the largest spend is below the largest cap
     (the old check, max spent against max cap, promoted)."""
-    ledger = Ledger(ledger_url)
-    ledger.register_dataset(name="monthly", unit="record", delta=1e-6, epsilon_cap=8.0)
+    ledger = make_ledger(ledger_url, dataset="monthly", unit="record", delta=1e-6, epsilon_cap=8.0)
     for block in ("jan", "feb"):
         ledger.add_block("monthly", name=block, n_records=30_000, epsilon_cap=8.0)
     charges = {}
@@ -350,19 +350,17 @@ def test_the_project_policy_lowers_the_bar_for_the_five_class_dataset_only(proje
 
 
 @pytest.mark.slow
-def test_a_language_model_run_is_recorded_and_gated_on_its_eval_loss(workspace_env, tmp_path, project_root):
+def test_a_language_model_run_is_recorded_and_gated_on_its_eval_loss(workspace_env, workspace_ledger, configs_dir, tmp_path,
+                                                                   project_root):
     """The stages end to end for task causal_lm (tiny Llama, sst2 smoke data): the record stage notes
     the task and eval figures on the charge, and the gate judges the model by them."""
-    import shutil
-
     import yaml
 
     from dpops.pipeline import publish, stages
     from dpops.registry import tracking
     from tests.tiny_models import tiny_llama
 
-    shutil.copytree(project_root / "configs", tmp_path / "configs")
-    job = tmp_path / "configs/jobs/sst2_smoke.yaml"
+    job = configs_dir / "jobs/sst2_smoke.yaml"
     data = yaml.safe_load(job.read_text())
     data.update(task="causal_lm", model={"path": str(tiny_llama(tmp_path / "llama")), "max_length": 16},
                 lora={"target_modules": ["q_proj", "v_proj"]}, train_max_records=64, eval_max_records=40,
@@ -377,7 +375,7 @@ def test_a_language_model_run_is_recorded_and_gated_on_its_eval_loss(workspace_e
     audit = stages.audit(str(job), plan, trained["model_dir"], trained["steps_run"], trained["canaries_path"])
     rec = publish.record(str(job), ref, plan, charge_id, trained, metrics, audit)
 
-    ledger = Ledger(f"sqlite:///{workspace_env / 'ledger.db'}")
+    ledger = workspace_ledger()
     ev = gate.evidence(ledger, charge_id)
     assert ev.model == f"{rec['model_name']}/{rec['model_version']}" and ev.binding["mlflow_run_id"] == rec["run_id"]
     assert ev.binding["artifact_sha256"] == tracking.weights_sha256(trained["model_dir"])

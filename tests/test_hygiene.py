@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from dpops.config import schema as config
+from dpops.config import loading as config
 from dpops.ledger.states import COMMITTED
 from dpops.ledger.store import Ledger
 

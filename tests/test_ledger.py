@@ -224,9 +224,8 @@ def test_verify_detects_reordered_events(ledger_url):
     assert any("link" in p or "edited" in p for p in ledger.verify())
 
 
-def test_reservation_expires_after_its_lease_and_then_counts_nothing(ledger_url):
-    ledger = Ledger(ledger_url, lease_seconds=0.0)
-    ledger.register_dataset(name="notes", unit="record", delta=DELTA, epsilon_cap=_cap_for(1))
+def test_reservation_expires_after_its_lease_and_then_counts_nothing(make_ledger, ledger_url):
+    ledger = make_ledger(ledger_url, lease_seconds=0.0, dataset="notes", unit="record", delta=DELTA, epsilon_cap=_cap_for(1))
     stale = _reserve(ledger)
     fresh_ledger = Ledger(ledger_url, create=False)  # default lease
     fresh = _reserve(fresh_ledger)  # admitted only because the stale one expired
@@ -276,8 +275,8 @@ def test_postgres_columns_are_double_precision(pg_database):
     assert set(types.values()) == {"double precision"}, types
 
 
-def test_user_unit_needs_a_contribution_bound(ledger_url):
-    ledger = Ledger(ledger_url)
+def test_user_unit_needs_a_contribution_bound(make_ledger, ledger_url):
+    ledger = make_ledger(ledger_url)
     with pytest.raises(ConfigError, match="contribution_bound"):
         ledger.register_dataset(name="visits", unit="user", delta=DELTA, epsilon_cap=3.0)
     ledger.register_dataset(name="visits", unit="user", delta=DELTA, epsilon_cap=3.0, contribution_bound=5)
@@ -376,11 +375,10 @@ def test_negative_control_naive_read_check_write_overspends(ledger_url):
     assert results.count("granted") > K, results
 
 
-def test_blocks_compose_in_parallel_and_recurring_runs_move_to_fresh_blocks(ledger_url):
+def test_blocks_compose_in_parallel_and_recurring_runs_move_to_fresh_blocks(make_ledger, ledger_url):
     """Sage-style blocks: each block has its own filter; a run is charged to the blocks it reads."""
-    ledger = Ledger(ledger_url)
     cap = _cap_for(2)
-    ledger.register_dataset(name="tickets", unit="record", delta=DELTA, epsilon_cap=cap)
+    ledger = make_ledger(ledger_url, dataset="tickets", unit="record", delta=DELTA, epsilon_cap=cap)
     for month in ("2026-09", "2026-10"):
         ledger.add_block("tickets", name=month, n_records=10_000)
 

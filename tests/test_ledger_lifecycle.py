@@ -78,7 +78,7 @@ def test_opening_a_ledger_behind_head_refuses_and_leaves_its_schema_as_it_is(led
     assert _revision(ledger_url) == OLD  # unchanged: no DDL ran
 
 
-def test_dpops_ledger_upgrade_brings_it_to_head_then_it_opens(ledger_url, workspace_env, monkeypatch):
+def test_dpops_ledger_upgrade_brings_it_to_head_then_it_opens(make_ledger, ledger_url, workspace_env, monkeypatch):
     """Fails on the old code (no `dpops ledger upgrade` command)."""
     _at_revision(ledger_url, OLD)
     monkeypatch.setenv("DPOPS_LEDGER_URL", ledger_url)
@@ -91,8 +91,7 @@ def test_dpops_ledger_upgrade_brings_it_to_head_then_it_opens(ledger_url, worksp
     assert first.exit_code == 0, first.output
     assert f"from revision {OLD} to {ledger_schema.head_revision()}" in first.output
     assert _revision(ledger_url) == ledger_schema.head_revision()
-    ledger = Ledger(ledger_url)
-    _register(ledger)
+    ledger = make_ledger(ledger_url, dataset="notes")
     _reserve(ledger)
     assert ledger.verify() == []
     ledger.dispose()
@@ -135,11 +134,10 @@ def test_a_schema_ahead_of_this_code_is_refused_on_open_and_by_upgrade(ledger_ur
     assert _revision(ledger_url) == "9999_newer"
 
 
-def test_opening_at_head_takes_no_database_wide_lock(tmp_path):
+def test_opening_at_head_takes_no_database_wide_lock(tmp_path, make_ledger):
     """Fails on the old code: the schema check began SQLite's BEGIN IMMEDIATE, so an open waited for
     (and, past the lock timeout, failed on) any other process's write transaction."""
-    url = f"sqlite:///{tmp_path / 'ledger.db'}"
-    _register(Ledger(url))
+    url = make_ledger(tmp_path / "ledger.db", dataset="notes").url
     writer = sqlite3.connect(tmp_path / "ledger.db", isolation_level=None)
     writer.execute("BEGIN IMMEDIATE")  # another process holds the write lock
     try:
@@ -154,9 +152,9 @@ def test_opening_at_head_takes_no_database_wide_lock(tmp_path):
 # ----------------------------------------------------------------- specific refusals
 
 
-def test_each_refusal_is_its_own_ledger_error(ledger_url):
+def test_each_refusal_is_its_own_ledger_error(make_ledger, ledger_url):
     """Fails on the old code (every refusal was a plain LedgerError)."""
-    ledger = Ledger(ledger_url)
+    ledger = make_ledger(ledger_url)
     with pytest.raises(ChargeNotFoundError, match="charge 'nope' does not exist"):
         ledger.charge("nope")
     with pytest.raises(DatasetNotRegisteredError, match="dataset 'ghost' is not registered in the ledger"):
@@ -195,16 +193,14 @@ def _tickets() -> DatasetConfig:
                          privacy={"epsilon_cap": 50.0, "delta": 1e-5})
 
 
-def test_register_blocks_skips_only_a_block_added_in_between(ledger_url):
+def test_register_blocks_skips_only_a_block_added_in_between(make_ledger, ledger_url):
     """Fails on the old code: it swallowed every LedgerError of add_block, so the refusal to
     partition a dataset whole-dataset runs had read was silently dropped."""
-    ledger = Ledger(ledger_url)
-    _register(ledger)
+    ledger = make_ledger(ledger_url, dataset="notes")
     ledger.add_block("notes", name="jan", n_records=100)  # another run added it in between
     new = [privacy.Block("jan", 100, 50.0, registered=False), privacy.Block("feb", 100, 50.0, registered=False)]
     assert privacy.register_blocks(ledger, _tickets(), new) == ["feb"]
-    other = Ledger(ledger_url)
-    _register(other, "whole")
+    other = make_ledger(ledger_url, dataset="whole")
     _reserve(other, "whole")  # read the whole dataset: it may not be partitioned now
     cfg = _tickets().model_copy(update={"name": "whole"})
     with pytest.raises(LedgerError, match="already read the whole dataset"):
@@ -212,18 +208,18 @@ def test_register_blocks_skips_only_a_block_added_in_between(ledger_url):
     assert other.budget("whole").blocks == []
 
 
-def test_counted_is_empty_only_for_an_unregistered_dataset(ledger_url):
-    ledger = Ledger(ledger_url)
+def test_counted_is_empty_only_for_an_unregistered_dataset(make_ledger, ledger_url):
+    ledger = make_ledger(ledger_url)
     assert ledger.counted("ghost") == []
     _register(ledger)
     _reserve(ledger)
     assert ledger.counted("notes") == [RUN]
 
 
-def test_the_gate_names_a_missing_charge_and_propagates_any_other_ledger_fault(ledger_url, monkeypatch):
+def test_the_gate_names_a_missing_charge_and_propagates_any_other_ledger_fault(make_ledger, ledger_url, monkeypatch):
     """Fails on the old code: any LedgerError of ledger.charge, a broken record too, became the
     gate's 'no charge to check' reason."""
-    ledger = Ledger(ledger_url)
+    ledger = make_ledger(ledger_url)
     dataset, why = publish._charge_dataset(ledger, "nope", "m/1")
     assert dataset is None and why == "model m/1: charge 'nope' does not exist"
     _register(ledger)

@@ -185,10 +185,9 @@ def test_no_interval_without_members_or_non_members():
 
 
 @pytest.fixture
-def ledger(tmp_path):
-    led = Ledger(f"sqlite:///{tmp_path / 'ledger.db'}")
-    yield led
-    led.dispose()
+def ledger(make_ledger):
+    """An empty SQLite ledger: each test registers its datasets (overrides the shared ``ledger``)."""
+    return make_ledger()
 
 
 def _charge_with_evidence(ledger: Ledger, dataset: str, version: int, audit_dict, *, evidence=True) -> str:

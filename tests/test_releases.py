@@ -14,7 +14,6 @@ import fnmatch
 import hashlib
 import logging
 import re
-import shutil
 from pathlib import Path
 
 import pytest
@@ -181,14 +180,14 @@ def _released_by_ledger(url: str) -> tuple[list[tuple[str, str]], list[str]]:
 
 
 @pytest.mark.slow
-def test_a_smoke_run_releases_only_what_the_inventory_lists(prefect_harness, workspace_env, tmp_path, project_root, monkeypatch):
+def test_a_smoke_run_releases_only_what_the_inventory_lists(prefect_harness, workspace_env, configs_dir, tmp_path, project_root,
+                                                            monkeypatch):
     from dpops.config import loading as config
     from flows.private_finetune import private_finetune
 
     # as `dpops run` does: dpops's own log lines then reach Prefect's logs
     monkeypatch.setattr(logging.getLogger("dpops"), "level", logging.INFO)
-    configs = tmp_path / "configs"
-    shutil.copytree(project_root / "configs", configs)
+    configs = configs_dir
     job_path = configs / "jobs/sst2_smoke.yaml"
     summary = private_finetune(job_path=str(job_path), policy_path=str(configs / "policy.yaml"), repo=str(project_root))
 

@@ -12,7 +12,6 @@ from pydantic import ValidationError
 from dpops.config.spec import RunSpec
 from dpops.errors import ConfigError, PrivacyError
 from dpops.ledger.states import RELEASED, RESERVED, RUNNING
-from dpops.ledger.store import Ledger
 from dpops.pipeline import stages, worker
 from dpops.privacy.accounting import SubsampledGaussian
 from tests.helpers import edit_yaml
@@ -44,9 +43,8 @@ def test_a_missing_job_file_is_named(tmp_path):
         RunSpec.load(tmp_path / "nope.yaml")
 
 
-def test_the_ledger_keeps_the_digest_on_the_charge_and_in_its_reserved_event(tmp_path):
-    ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.db'}")
-    ledger.register_dataset(name="d", unit="record", delta=1e-5, epsilon_cap=10.0, contribution_bound=None)
+def test_the_ledger_keeps_the_digest_on_the_charge_and_in_its_reserved_event(make_ledger):
+    ledger = make_ledger(dataset="d", unit="record", delta=1e-5, epsilon_cap=10.0, contribution_bound=None)
     digest = "sha256:" + "ab" * 32
     charge = ledger.reserve(dataset="d", mechanism=SubsampledGaussian(1.0, 0.01, 10), max_grad_norm=1.0,
                             n_records=1000, job="j", data_version="v", spec_hash=digest)
@@ -67,12 +65,12 @@ EDITS = {
 
 
 @pytest.mark.parametrize("edit", EDITS.values(), ids=EDITS.keys())
-def test_the_train_stage_refuses_a_job_edited_after_the_reservation_and_releases_it(workspace_env, smoke_job, project_root,
-                                                                                   forbid_reading, edit):
+def test_the_train_stage_refuses_a_job_edited_after_the_reservation_and_releases_it(workspace_env, workspace_ledger, smoke_job,
+                                                                                   project_root, forbid_reading, edit):
     ref = stages.resolve(str(smoke_job), str(project_root))
     plan = stages.plan(str(smoke_job), ref)
     charge_id = stages.reserve(str(smoke_job), ref, plan)
-    ledger = Ledger(f"sqlite:///{workspace_env / 'ledger.db'}")
+    ledger = workspace_ledger()
     assert ledger.charge(charge_id).spec_hash == RunSpec.load(smoke_job).digest
     edit_yaml(smoke_job, edit)  # between plan/reserve and train: what a later edit, or another checkout, does
     forbid_reading()
@@ -84,8 +82,8 @@ def test_the_train_stage_refuses_a_job_edited_after_the_reservation_and_releases
     assert ledger.verify() == [] and not (workspace_env / "runs").exists()
 
 
-def test_a_worker_refuses_configs_edited_after_the_reservation(workspace_env, smoke_job, project_root, tmp_path,
-                                                               monkeypatch, forbid_reading):
+def test_a_worker_refuses_configs_edited_after_the_reservation(workspace_env, workspace_ledger, smoke_job, project_root,
+                                                               tmp_path, monkeypatch, forbid_reading):
     import torch
 
     joined = []
@@ -93,7 +91,7 @@ def test_a_worker_refuses_configs_edited_after_the_reservation(workspace_env, sm
     ref = stages.resolve(str(smoke_job), str(project_root))
     plan = stages.plan(str(smoke_job), ref)
     charge_id = stages.reserve(str(smoke_job), ref, plan)
-    ledger = Ledger(f"sqlite:///{workspace_env / 'ledger.db'}")
+    ledger = workspace_ledger()
     ledger.start(charge_id)
     edit_yaml(smoke_job, EDITS["learning rate"])
     forbid_reading()

@@ -5,12 +5,11 @@ import pytest
 
 from dpops.errors import ConfigError, DataValidationError
 from dpops.ledger.states import FAILED_CHARGED
-from dpops.ledger.store import Ledger
 from dpops.pipeline import stages
 from tests.helpers import edit_yaml, policy_accepting_inconclusive
 
 
-def test_run_that_dies_after_reading_data_stays_charged(workspace_env, smoke_job, project_root, monkeypatch):
+def test_run_that_dies_after_reading_data_stays_charged(workspace_env, workspace_ledger, smoke_job, project_root, monkeypatch):
     from dpops.models import hf
 
     ref = stages.resolve(str(smoke_job), str(project_root))
@@ -27,12 +26,13 @@ def test_run_that_dies_after_reading_data_stays_charged(workspace_env, smoke_job
     with pytest.raises(ValueError, match="no_such_module"):
         stages.train(str(smoke_job), ref, plan, charge_id)
     assert read == [1], "the records were read before the model failed"
-    ledger = Ledger(f"sqlite:///{workspace_env / 'ledger.db'}")
+    ledger = workspace_ledger()
     assert ledger.charge(charge_id).state == FAILED_CHARGED
     assert ledger.budget("sst2").spent > 0
 
 
-def test_progress_is_recorded_and_a_run_dying_mid_way_stays_charged_in_full(workspace_env, smoke_job, project_root, monkeypatch):
+def test_progress_is_recorded_and_a_run_dying_mid_way_stays_charged_in_full(workspace_env, workspace_ledger, smoke_job,
+                                                                            project_root, monkeypatch):
     from dpops.train import private_step
 
     monkeypatch.setattr(stages, "PROGRESS_EVERY", 2)
@@ -50,7 +50,7 @@ def test_progress_is_recorded_and_a_run_dying_mid_way_stays_charged_in_full(work
     charge_id = stages.reserve(str(smoke_job), ref, plan)
     with pytest.raises(RuntimeError, match="worker lost"):
         stages.train(str(smoke_job), ref, plan, charge_id)
-    ledger = Ledger(f"sqlite:///{workspace_env / 'ledger.db'}")
+    ledger = workspace_ledger()
     events = [e for e in ledger.history("sst2") if e["charge"] == charge_id]
     assert [e["event"] for e in events] == ["reserved", "running", "progress", "progress", "failed_charged"]
     assert [e["payload"] for e in events[2:4]] == [{"steps_done": 2}, {"steps_done": 4}]  # before steps 1 and 3
@@ -97,7 +97,7 @@ def test_same_job_seed_still_draws_fresh_noise_each_run(workspace_env, smoke_job
     assert any(not (weights[0][k] == weights[1][k]).all() for k in weights[0])
 
 
-def test_second_attempt_on_a_started_charge_is_refused_before_reading(workspace_env, smoke_job, project_root):
+def test_second_attempt_on_a_started_charge_is_refused_before_reading(workspace_env, workspace_ledger, smoke_job, project_root):
     """What an automatic retry or a rescheduled training pod would do: refused, nothing read or trained."""
     from dpops.errors import LedgerError
     from dpops.ledger.states import RUNNING
@@ -105,7 +105,7 @@ def test_second_attempt_on_a_started_charge_is_refused_before_reading(workspace_
     ref = stages.resolve(str(smoke_job), str(project_root))
     plan = stages.plan(str(smoke_job), ref)
     charge_id = stages.reserve(str(smoke_job), ref, plan)
-    ledger = Ledger(f"sqlite:///{workspace_env / 'ledger.db'}")
+    ledger = workspace_ledger()
     ledger.start(charge_id)  # the first attempt started reading, then its process died
     with pytest.raises(LedgerError, match="cannot go from 'running' to 'running'"):
         stages.train(str(smoke_job), ref, plan, charge_id)

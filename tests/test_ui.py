@@ -87,7 +87,7 @@ def _assert_no_training_text(text: str, project_root: Path) -> None:
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (.ci/run installs it)")
 def test_reviewer_sees_epsilon_cumulative_epsilon_and_gate_decision(
-    mlflow_server, workspace_env, tmp_path, project_root, monkeypatch
+    mlflow_server, workspace_env, configs_dir, tmp_path, project_root, monkeypatch
 ):
     from prefect.testing.utilities import prefect_test_harness
 
@@ -95,8 +95,7 @@ def test_reviewer_sees_epsilon_cumulative_epsilon_and_gate_decision(
 
     if not (project_root / "data/prepared/sst2/train.tsv").exists():
         pytest.fail("data/prepared/sst2 is missing: run `make data` (dvc pull + dvc repro) first")
-    configs = tmp_path / "configs"
-    shutil.copytree(project_root / "configs", configs)
+    configs = configs_dir
     policy = yaml.safe_load((configs / "policy.yaml").read_text())
     (configs / "policy.yaml").write_text(yaml.safe_dump({**policy, "min_accuracy": 0.0}))  # 5 steps: utility is not the point
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
