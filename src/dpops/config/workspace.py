@@ -28,6 +28,7 @@ import secrets
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 #: What every dpops process sets unless already set: telemetry off, no downloads, quiet progress output.
 QUIET_ENV = {
@@ -108,6 +109,26 @@ FINGERPRINT_KEY_ENV = "DPOPS_FINGERPRINT_KEY"
 FINGERPRINT_KEY_BYTES = 32
 
 
+def key_from_env(name: str, n_bytes: int) -> Optional[bytes]:
+    """The key an environment variable holds as hex (None when it is unset).
+
+    Raises:
+        ConfigError: the variable is not ``2 * n_bytes`` hex digits (its value is never shown).
+    """
+    from dpops.errors import ConfigError
+
+    value = os.environ.get(name)
+    if value is None:
+        return None
+    try:
+        key = bytes.fromhex(value.strip())
+    except ValueError:
+        key = b""
+    if len(key) != n_bytes:
+        raise ConfigError(f"environment variable {name} must be {2 * n_bytes} hex digits (e.g. from `openssl rand -hex 32`)")
+    return key
+
+
 def fingerprint_key(ws: Workspace | None = None) -> bytes:
     """The workspace's secret key for data fingerprints: ``DPOPS_FINGERPRINT_KEY`` (hex) when set,
     else ``$DPOPS_HOME/fingerprint.key``, created (32 random bytes, mode 0600) on first use.
@@ -118,15 +139,8 @@ def fingerprint_key(ws: Workspace | None = None) -> bytes:
     """
     from dpops.errors import ConfigError
 
-    value = os.environ.get(FINGERPRINT_KEY_ENV)
-    if value is not None:
-        try:
-            key = bytes.fromhex(value.strip())
-        except ValueError:
-            key = b""
-        if len(key) != FINGERPRINT_KEY_BYTES:
-            raise ConfigError(f"environment variable {FINGERPRINT_KEY_ENV} must be {2 * FINGERPRINT_KEY_BYTES} hex digits "
-                              "(e.g. from `openssl rand -hex 32`)")
+    key = key_from_env(FINGERPRINT_KEY_ENV, FINGERPRINT_KEY_BYTES)
+    if key is not None:
         return key
     path = (ws or workspace()).fingerprint_key_file
     if not path.exists():

@@ -68,17 +68,10 @@ def anchor_key(ws: Optional["Workspace"] = None, *, create: bool = True) -> byte
         ConfigError: the variable is not 64 hex digits, or the key file is missing (``create``
             false), malformed or readable by others (its value is never shown).
     """
-    from dpops.config.workspace import _create_key_file, workspace
+    from dpops.config.workspace import _create_key_file, key_from_env, workspace
 
-    value = os.environ.get(ANCHOR_KEY_ENV)
-    if value is not None:
-        try:
-            key = bytes.fromhex(value.strip())
-        except ValueError:
-            key = b""
-        if len(key) != ANCHOR_KEY_BYTES:
-            raise ConfigError(f"environment variable {ANCHOR_KEY_ENV} must be {2 * ANCHOR_KEY_BYTES} hex digits "
-                              "(e.g. from `openssl rand -hex 32`)")
+    key = key_from_env(ANCHOR_KEY_ENV, ANCHOR_KEY_BYTES)
+    if key is not None:
         return key
     path = (ws or workspace()).anchor_key_file
     if not path.exists():
