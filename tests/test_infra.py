@@ -184,3 +184,14 @@ def test_runner_image_pins_what_the_tests_run():
     assert "asyncpg" in pins and "prefect-kubernetes" in pins  # Prefect on PostgreSQL; the Kubernetes worker
 
 
+
+
+def test_every_code_path_the_dvc_pipeline_depends_on_exists():
+    """`dvc repro` fails on a dependency that moved (a stage's deps name the code it runs)."""
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    stages = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
+    deps = {d for stage in stages.values() for d in stage.get("do", stage).get("deps", []) if not d.startswith(("data/", "${"))}
+    assert deps, "dvc.yaml names no code dependency: was it parsed?"
+    assert not sorted(d for d in deps if not (root / d).exists()), "dvc.yaml depends on paths that do not exist"
